@@ -1,0 +1,1 @@
+"""benchmarks package (filled by later issues; see ../shared/DESIGN.md)."""

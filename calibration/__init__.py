@@ -1,0 +1,1 @@
+"""calibration package (filled by later issues; see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""engines package (filled by later issues; see ../shared/DESIGN.md)."""

@@ -1,0 +1,32 @@
+"""The toolkit's error hierarchy.
+
+Lives in `runtime/` (the torch-free ground floor) so that every package can raise and catch the same
+classes. Every message names the file or tensor, what was found against what was expected, and, where
+there is one, the fix. CLIs catch `ToolkitError` and print its message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ToolkitError(Exception):
+    """Base class: an error the user can act on (bad input, bad files, failed check)."""
+
+
+class CheckpointError(ToolkitError):
+    """A checkpoint file is missing, unreadable, truncated, or does not match the model it should load."""
+
+
+class InputError(ToolkitError):
+    """User input is unusable: unreadable or silent audio, empty text, an invalid emotion vector..."""
+
+
+class ContractError(ToolkitError):
+    """A graph's inputs or outputs do not match its declared contract (names, dtypes, ranks, axes)."""
+
+
+class ParityError(ToolkitError):
+    """Two implementations that must agree (eager vs original, graph vs eager) do not."""
+
+
+class EngineMismatchError(ToolkitError):
+    """An engine artifact was built for another graph, precision, TensorRT version or GPU."""

@@ -1,0 +1,1 @@
+"""Text front-end: CJK splitting, (later) normalization, SentencePiece tokenization, segmentation."""
