@@ -102,6 +102,7 @@ class DiTConfig:
     depth: int = 13
     in_channels: int = 80
     content_dim: int = 512
+    content_codebook_size: int = 1024  # rows of the unused cond_embedder (kept in checkpoints)
     style_condition: bool = True
     final_layer_type: str = "wavenet"
     long_skip_connection: bool = True

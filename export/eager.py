@@ -1,0 +1,140 @@
+"""The eager IndexTTS2 models loaded from one checkpoint directory, and the stages around the GPT.
+
+upstream: indextts/infer_v2.py:IndexTTS2.__init__ (loading), infer_generator (speaker preparation,
+the s2mel + vocoder part of each segment) — UPSTREAM.md §2.0, §2.3, §2.7 step 5-7.
+
+`EagerModels.load` reads every submodel through its loader; `prepare_speaker` turns a reference file
+into the cached conditioning upstream keeps per speaker; `codes_to_wav` is the per-segment tail:
+gpt_layer(latent) + vq2emb(codes) → length regulator → CFM (prompt + target) → BigVGAN. The GPT
+(codes and latent) is the next stage and plugs in front of `codes_to_wav`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.audio import check_not_silent, load_audio
+from runtime.errors import CheckpointError
+from runtime.features import campplus_features, seamless_features
+from runtime.mel import s2mel_mel
+from runtime.resample import resample_sinc
+
+from .checkpoint import as_state_dict, read_torch_file
+from .layout import CheckpointLayout
+from .models.bigvgan import load_bigvgan
+from .models.campplus import campplus_config_from_state, load_campplus
+from .models.cfm import cfm_inference
+from .models.s2mel import load_s2mel
+from .models.semantic_codec import load_semantic_codec
+from .models.w2v_bert import load_semantic_encoder
+
+log = logging.getLogger(__name__)
+
+SPEAKER_SR = 22050      # librosa.load default rate for the speaker prompt
+SEMANTIC_SR = 16000     # w2v-BERT and CAMPPlus rate
+MEL_FRAMES_PER_CODE = 1.72  # upstream: target_lengths = (code_lens * 1.72).long(), float32
+
+
+@dataclass
+class EagerModels:
+    """Every submodel except the GPT, in eval mode, from one checkpoint directory."""
+
+    layout: CheckpointLayout
+    semantic_encoder: nn.Module
+    semantic_codec: nn.Module
+    campplus: nn.Module
+    s2mel: nn.Module
+    bigvgan: nn.Module
+
+    @classmethod
+    def load(cls, checkpoints: str | Path) -> "EagerModels":
+        layout = CheckpointLayout.open(checkpoints)
+        cfg = layout.config
+        for section in ("s2mel", "semantic_codec"):
+            if getattr(cfg, section) is None:
+                raise CheckpointError(f"{layout.root / 'config.yaml'}: section '{section}' is missing")
+        assert cfg.s2mel is not None and cfg.semantic_codec is not None
+        gpt_dim = cfg.gpt.model_dim if cfg.gpt is not None else 1280
+        t0 = time.perf_counter()
+        models = cls(
+            layout=layout,
+            semantic_encoder=load_semantic_encoder(layout.require("w2v_bert"), layout.require("w2v_stats")),
+            semantic_codec=load_semantic_codec(layout.require("semantic_codec"), cfg.semantic_codec),
+            campplus=_load_campplus(layout.require("campplus")),
+            s2mel=load_s2mel(layout.require("s2mel"), cfg.s2mel, gpt_dim=gpt_dim),
+            bigvgan=load_bigvgan(layout.require("bigvgan")),
+        )
+        log.info("loaded models from %s in %.1f s", layout.root, time.perf_counter() - t0)
+        return models
+
+
+def _load_campplus(path: Path) -> nn.Module:
+    """CAMPPlus has no config file; its sizes are read off the weights (the real file gives the
+    3D-Speaker defaults infer_v2 uses)."""
+    cfg = campplus_config_from_state(as_state_dict(read_torch_file(path), path), path)
+    return load_campplus(path, cfg)
+
+
+@dataclass
+class SpeakerPrompt:
+    """What upstream caches per speaker reference (UPSTREAM §2.3 step 9)."""
+
+    spk_cond_emb: torch.Tensor      # (1, T, D) normalized w2v-BERT layer-17 features
+    style: torch.Tensor             # (1, 192) CAMPPlus embedding
+    prompt_condition: torch.Tensor  # (1, T_ref, C) length-regulated quantized semantic features
+    ref_mel: torch.Tensor           # (1, 80, T_ref) 22.05 kHz log-mel of the reference
+
+
+def semantic_features(models: EagerModels, audio_16k: np.ndarray) -> torch.Tensor:
+    """16 kHz audio (1, N) -> normalized layer-17 w2v-BERT features (1, T, D)."""
+    feats, mask = seamless_features(audio_16k[0])
+    return models.semantic_encoder(torch.from_numpy(feats), torch.from_numpy(mask.astype(np.int64)))
+
+
+@torch.inference_mode()
+def prepare_speaker(models: EagerModels, path: str | Path) -> SpeakerPrompt:
+    """Speaker reference file -> SpeakerPrompt, as upstream's infer_v2 prepares it."""
+    audio_22k = load_audio(path, SPEAKER_SR)                                 # (1, N22)
+    check_not_silent(audio_22k, path)
+    audio_16k = resample_sinc(audio_22k, SPEAKER_SR, SEMANTIC_SR)           # (1, N16)
+    spk_cond_emb = semantic_features(models, audio_16k)                     # (1, T, D)
+    _, s_ref = models.semantic_codec.quantize(spk_cond_emb)                 # (1, T, D)
+    ref_mel = torch.from_numpy(s2mel_mel(audio_22k))                        # (1, 80, T_ref)
+    fbank = torch.from_numpy(campplus_features(audio_16k[0]))[None]         # (1, F, 80)
+    style = models.campplus(fbank)                                          # (1, 192)
+    t_ref = torch.tensor([ref_mel.shape[-1]], dtype=torch.int64)
+    prompt_condition, _ = models.s2mel.length_regulator(s_ref, t_ref)       # (1, T_ref, C)
+    return SpeakerPrompt(spk_cond_emb, style, prompt_condition, ref_mel)
+
+
+def mel_length(n_codes: int) -> int:
+    """Target mel frames for n codes: upstream's `(code_lens * 1.72).long()` in float32."""
+    return int(np.float32(n_codes) * np.float32(MEL_FRAMES_PER_CODE))
+
+
+@torch.inference_mode()
+def codes_to_mel(models: EagerModels, prompt: SpeakerPrompt, codes: torch.Tensor, latent: torch.Tensor,
+                 noise: torch.Tensor, steps: int = 25, cfg_rate: float = 0.7) -> torch.Tensor:
+    """codes (1, N) int64, latent (1, N, gpt_dim), noise (1, 80, T_ref + T_gen) -> mel (1, 80, T_gen)."""
+    s2mel = models.s2mel
+    s_infer = models.semantic_codec.vq2emb(codes).transpose(1, 2) + s2mel.gpt_layer(latent)  # (1, N, D)
+    target = torch.tensor([mel_length(codes.shape[1])], dtype=torch.int64)
+    cond, _ = s2mel.length_regulator(s_infer, target)                       # (1, T_gen, C)
+    cat_condition = torch.cat([prompt.prompt_condition, cond], dim=1)       # (1, T_ref + T_gen, C)
+    x_lens = torch.tensor([cat_condition.shape[1]], dtype=torch.int64)
+    mel = cfm_inference(s2mel.cfm, cat_condition, x_lens, prompt.ref_mel, prompt.style, noise,
+                        n_timesteps=steps, cfg_rate=cfg_rate)               # (1, 80, T_ref + T_gen)
+    return mel[:, :, prompt.ref_mel.shape[-1]:]                             # (1, 80, T_gen)
+
+
+@torch.inference_mode()
+def vocode(models: EagerModels, mel: torch.Tensor) -> np.ndarray:
+    """mel (1, 80, T) -> float waveform (S,) in [-1, 1] at 22.05 kHz."""
+    return models.bigvgan(mel.float())[0, 0].numpy()
