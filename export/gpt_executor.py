@@ -1,0 +1,67 @@
+"""The eager executor of the two GPT step graphs: runtime.gpt_steps.GptSteps over a UnifiedVoice.
+
+upstream: the KV-cached GPT2InferenceModel calls of indextts/gpt/model_v2.py:inference_speech,
+expressed as the `gpt_prefill` / `gpt_decode` contracts of DESIGN.md §3 (UPSTREAM.md §3.1.6).
+
+The decode loop (runtime/generate.py) is torch-free and speaks numpy feeds; this adapter lets it drive
+the eager PyTorch model exactly as it will drive ONNX Runtime or TensorRT engines later. Inputs are
+wrapped with `torch.from_numpy` (no copy; the loop's preallocated cache slices are read in place) and
+run under `torch.inference_mode`; outputs come back as numpy arrays sharing the result tensors' memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from runtime.errors import ContractError
+from runtime.gpt_steps import Feed, GptGeometry, kv_cache_name
+
+from .models.unified_voice import UnifiedVoice
+
+
+def geometry_of(model: UnifiedVoice) -> GptGeometry:
+    cfg = model.cfg
+    return GptGeometry(layers=cfg.layers, heads=cfg.heads, head_dim=cfg.model_dim // cfg.heads,
+                       vocab_size=cfg.number_mel_codes, start_mel_token=cfg.start_mel_token,
+                       stop_mel_token=cfg.stop_mel_token, max_mel_tokens=cfg.max_mel_tokens)
+
+
+def _tensor(feed: Feed, name: str, dtype: np.dtype) -> torch.Tensor:
+    """Wrap one feed entry without copying; a wrong dtype or a missing name is a ContractError."""
+    if name not in feed:
+        raise ContractError(f"GPT step feed: input '{name}' is missing (got {sorted(feed)})")
+    value = feed[name]
+    if not isinstance(value, np.ndarray) or value.dtype != dtype:
+        got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+        raise ContractError(f"GPT step feed: '{name}' must be a numpy {np.dtype(dtype)} array, got {got}")
+    return torch.from_numpy(value)
+
+
+class EagerGptSteps:
+    """`prefill` / `decode` on numpy feeds (GptSteps protocol) backed by the eager UnifiedVoice."""
+
+    def __init__(self, model: UnifiedVoice) -> None:
+        self.model = model.eval()
+        self.geometry = geometry_of(model)
+
+    def prefill(self, feed: Feed) -> Feed:
+        """{spk_latent (B,32,D) f32, emovec (B,D) f32, text_ids (B,L) i64}
+        -> {logits (B,V) f32, kv (layers,2,B,H,L+37,hd) f32}."""
+        spk = _tensor(feed, "spk_latent", np.float32)
+        emovec = _tensor(feed, "emovec", np.float32)
+        text_ids = _tensor(feed, "text_ids", np.int64)
+        with torch.inference_mode():
+            logits, kv = self.model.prefill(spk, emovec, text_ids)
+        return {"logits": logits.numpy(), "kv": kv.numpy()}
+
+    def decode(self, feed: Feed) -> Feed:
+        """{mel_ids (B,1) i64, mel_pos (B,1) i64, kv_cache.<i> (2,B,H,S,hd) f32, kv_mask (B,S) f32}
+        -> {logits (B,V) f32, kv_new (layers,2,B,H,1,hd) f32}."""
+        mel_ids = _tensor(feed, "mel_ids", np.int64)
+        mel_pos = _tensor(feed, "mel_pos", np.int64)
+        cache = [_tensor(feed, kv_cache_name(i), np.float32) for i in range(self.geometry.layers)]
+        kv_mask = _tensor(feed, "kv_mask", np.float32)
+        with torch.inference_mode():
+            logits, kv_new = self.model.decode(mel_ids, mel_pos, cache, kv_mask)
+        return {"logits": logits.numpy(), "kv_new": kv_new.numpy()}
