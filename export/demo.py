@@ -8,16 +8,17 @@ tests and the quick start run on a directory written here, read by the SAME load
 `tiny` writes in seconds and is what the tests use; `full` has the real config's sizes (for benchmarks;
 several GB). Random weights give noise, not speech. Layout written (UPSTREAM §1.1):
 
-    DIR/config.yaml  s2mel.pth  bpe.model  wav2vec2bert_stats.pt  feat1.pt  feat2.pt  DEMO.txt
+    DIR/config.yaml  gpt.pth  s2mel.pth  bpe.model  wav2vec2bert_stats.pt  feat1.pt  feat2.pt  DEMO.txt
+    DIR/qwen0.6bemo4-merge/  (a tiny random Qwen3 emotion LM with a byte-level tokenizer)
     DIR/hf_cache/w2v-bert-2.0/{config.json, preprocessor_config.json, model.safetensors}
     DIR/hf_cache/semantic_codec/model.safetensors
     DIR/hf_cache/campplus_cn_common.bin
     DIR/hf_cache/bigvgan/{config.json, bigvgan_generator.pt}
-    DIR/examples/speaker.wav  (a synthetic 24 kHz voice-like reference: harmonics + noise)
+    DIR/examples/speaker.wav, emotion.wav  (synthetic voice-like references at 24 / 16 kHz)
 
 One deliberate generalisation makes `tiny` small: upstream hard-codes the semantic width 1024 (w2v-BERT
 hidden size = codec width = gpt_layer output = conformer input); here it is `semantic_codec.hidden_size`
-of config.yaml, which is 1024 for the real config. (`gpt.pth` joins with the GPT work.)
+of config.yaml, which is 1024 for the real config.
 """
 
 from __future__ import annotations
@@ -163,11 +164,11 @@ def train_bpe(path: Path, vocab_size: int) -> None:
     path.write_bytes(model.getvalue())
 
 
-def synthetic_voice(sr: int = 24000, seconds: float = 3.0, seed: int = 0) -> np.ndarray:
+def synthetic_voice(sr: int = 24000, seconds: float = 3.0, seed: int = 0, f0: float = 140.0) -> np.ndarray:
     """A voice-like test signal: a gliding harmonic tone with syllable-rate amplitude and some noise."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(sr * seconds)) / sr
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    f0 = f0 + 30 * np.sin(2 * np.pi * 0.7 * t)
     phase = 2 * np.pi * np.cumsum(f0) / sr
     voice = sum(np.sin(k * phase) / k for k in range(1, 12))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t)) ** 2
@@ -183,10 +184,13 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a complete demo checkpoint directory; returns `out`."""
     import soundfile as sf
 
+    from .emotion_matrices import write_demo_emotion_matrices
     from .models.bigvgan import write_demo_bigvgan
     from .models.campplus import write_demo_campplus
     from .models.s2mel import write_demo_s2mel
     from .models.semantic_codec import write_demo_semantic_codec
+    from .models.unified_voice import write_demo_gpt
+    from .qwen_emotion import write_demo_qwen_emotion
     from .models.w2v_bert import write_demo_w2v_bert, write_demo_w2v_stats
 
     if size not in SIZES:
@@ -204,7 +208,9 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         ("config.yaml", lambda: (out / "config.yaml").write_text(config_yaml(cfg), encoding="utf-8")),
         ("bpe.model", lambda: train_bpe(out / cfg.bpe_model, spec.bpe_vocab_size)),
         ("wav2vec2bert_stats.pt", lambda: write_demo_w2v_stats(out / cfg.w2v_stat, dim, _generator(seed, 1))),
-        ("feat1.pt / feat2.pt", lambda: _write_emotion_matrices(out, cfg, spec, _generator(seed, 2))),
+        ("feat1.pt / feat2.pt", lambda: write_demo_emotion_matrices(
+            out / cfg.spk_matrix, out / cfg.emo_matrix, _generator(seed, 2), emo_num=cfg.emo_num,
+            model_dim=cfg.gpt.model_dim, style_dim=spec.campplus.embedding_size)),
         ("w2v-bert-2.0", lambda: write_demo_w2v_bert(out / "hf_cache/w2v-bert-2.0", spec.w2v.hidden_size,
                                                      spec.w2v.num_layers, spec.w2v.num_heads,
                                                      spec.w2v.intermediate_size, _generator(seed, 3))),
@@ -215,8 +221,13 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         ("bigvgan", lambda: write_demo_bigvgan(out / "hf_cache/bigvgan", spec.bigvgan, _generator(seed, 6))),
         ("s2mel.pth", lambda: write_demo_s2mel(out / cfg.s2mel_checkpoint, cfg.s2mel, cfg.gpt.model_dim,
                                                _generator(seed, 7))),
+        ("gpt.pth", lambda: write_demo_gpt(out / cfg.gpt_checkpoint, cfg.gpt, dim, _generator(seed, 8))),
+        ("qwen0.6bemo4-merge", lambda: write_demo_qwen_emotion(out / cfg.qwen_emo_path, _generator(seed, 9))),
         ("examples/speaker.wav", lambda: sf.write(out / "examples/speaker.wav", synthetic_voice(seed=seed),
                                                   24000, subtype="PCM_16")),
+        ("examples/emotion.wav", lambda: sf.write(out / "examples/emotion.wav",
+                                                  synthetic_voice(seconds=2.0, seed=seed + 1, f0=220.0),
+                                                  16000, subtype="PCM_16")),
     ]
     for i, (name, step) in enumerate(steps, 1):
         t0 = time.perf_counter()
@@ -226,14 +237,6 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         f"IndexTTS2 DEMO checkpoint, size {size}, seed {seed}: seeded RANDOM weights in the original layout.\n"
         "It exercises the loaders and the pipeline; it produces noise, not speech.\n", encoding="utf-8")
     return out
-
-
-def _write_emotion_matrices(out: Path, cfg: IndexTTS2Config, spec: DemoSpec, gen: torch.Generator) -> None:
-    """feat1.pt (sum(emo_num), 192) CAMPPlus-space prototypes; feat2.pt (sum(emo_num), model_dim)."""
-    assert cfg.gpt is not None
-    n = sum(cfg.emo_num)
-    torch.save(torch.randn(n, spec.campplus.embedding_size, generator=gen), out / cfg.spk_matrix)
-    torch.save(0.3 * torch.randn(n, cfg.gpt.model_dim, generator=gen), out / cfg.emo_matrix)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_layout_is_the_original_one(tiny_ckpt: Path) -> None:
-    for rel in ("config.yaml", "s2mel.pth", "bpe.model", "wav2vec2bert_stats.pt", "feat1.pt", "feat2.pt",
+    for rel in ("config.yaml", "gpt.pth", "qwen0.6bemo4-merge/config.json", "s2mel.pth", "bpe.model", "wav2vec2bert_stats.pt", "feat1.pt", "feat2.pt",
                 "hf_cache/w2v-bert-2.0/config.json", "hf_cache/w2v-bert-2.0/model.safetensors",
                 "hf_cache/w2v-bert-2.0/preprocessor_config.json", "hf_cache/semantic_codec/model.safetensors",
                 "hf_cache/campplus_cn_common.bin", "hf_cache/bigvgan/config.json",
