@@ -33,6 +33,7 @@ from .models.campplus import campplus_config_from_state, load_campplus
 from .models.cfm import cfm_inference
 from .models.s2mel import load_s2mel
 from .models.semantic_codec import load_semantic_codec
+from .models.unified_voice import load_gpt
 from .models.w2v_bert import load_semantic_encoder
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,10 @@ class EagerModels:
     campplus: nn.Module
     s2mel: nn.Module
     bigvgan: nn.Module
+    gpt: nn.Module | None = None
 
     @classmethod
-    def load(cls, checkpoints: str | Path) -> "EagerModels":
+    def load(cls, checkpoints: str | Path, with_gpt: bool = True) -> "EagerModels":
         layout = CheckpointLayout.open(checkpoints)
         cfg = layout.config
         for section in ("s2mel", "semantic_codec"):
@@ -70,9 +72,18 @@ class EagerModels:
             campplus=_load_campplus(layout.require("campplus")),
             s2mel=load_s2mel(layout.require("s2mel"), cfg.s2mel, gpt_dim=gpt_dim),
             bigvgan=load_bigvgan(layout.require("bigvgan")),
+            gpt=_load_gpt(layout) if with_gpt else None,
         )
         log.info("loaded models from %s in %.1f s", layout.root, time.perf_counter() - t0)
         return models
+
+
+def _load_gpt(layout: CheckpointLayout) -> nn.Module:
+    cfg = layout.config
+    if cfg.gpt is None:
+        raise CheckpointError(f"{layout.root / 'config.yaml'}: section 'gpt' is missing")
+    assert cfg.semantic_codec is not None
+    return load_gpt(layout.require("gpt"), cfg.gpt, semantic_dim=cfg.semantic_codec.hidden_size)
 
 
 def _load_campplus(path: Path) -> nn.Module:
@@ -96,6 +107,14 @@ def semantic_features(models: EagerModels, audio_16k: np.ndarray) -> torch.Tenso
     """16 kHz audio (1, N) -> normalized layer-17 w2v-BERT features (1, T, D)."""
     feats, mask = seamless_features(audio_16k[0])
     return models.semantic_encoder(torch.from_numpy(feats), torch.from_numpy(mask.astype(np.int64)))
+
+
+@torch.inference_mode()
+def emotion_features(models: EagerModels, path: str | Path) -> torch.Tensor:
+    """Emotion reference file -> (1, T, D): upstream loads it straight at 16 kHz (UPSTREAM §2.4)."""
+    audio_16k = load_audio(path, SEMANTIC_SR)
+    check_not_silent(audio_16k, path)
+    return semantic_features(models, audio_16k)
 
 
 @torch.inference_mode()

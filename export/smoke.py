@@ -32,7 +32,7 @@ def run(checkpoints: Path, speaker: Path, out: Path, n_codes: int, seed: int, st
     """Run the chain; returns per-stage wall times in seconds."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    models = EagerModels.load(checkpoints)
+    models = EagerModels.load(checkpoints, with_gpt=False)
     times["load"] = time.perf_counter() - t0
     cfg = models.layout.config
 

@@ -1,1 +1,2 @@
-"""Text front-end: CJK splitting, (later) normalization, SentencePiece tokenization, segmentation."""
+"""Text front-end (UPSTREAM.md §2.6): normalization (`normalize`, engines in `wetext` / `fallback`),
+CJK splitting (`cjk`), SentencePiece tokenization (`tokenizer`) and segmentation (`segments`)."""
