@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -76,6 +76,7 @@ class SegmentResult:
     stopped: bool               # the GPT emitted the stop token (else max_mel_tokens was hit)
     mel: np.ndarray             # (1, 80, T_gen) float32
     pcm: np.ndarray             # (S,) int16, 22.05 kHz
+    timings: dict[str, float] = field(default_factory=dict)   # wall seconds per stage
 
 
 @dataclass
@@ -197,9 +198,12 @@ class EagerIndexTTS2:
                                       request.emo_vector, request.use_emo_text, request.emo_text,
                                       self._text_to_emotion if request.use_emo_text else None)
         streams = RandomStreams.from_seed(seed, gpt_draws)
+        t0 = time.perf_counter()
         prompt = self.speaker(request.speaker)
+        t1 = time.perf_counter()
         spk_latent, emovec = self.conditioning(request, prompt, plan, streams)
-        log.info("%d segment(s); emotion from %s", len(segments), plan.source)
+        log.info("%d segment(s); emotion from %s; speaker %.2f s, conditioning %.2f s", len(segments),
+                 plan.source, t1 - t0, time.perf_counter() - t1)
         return PreparedRequest(segments, plan, streams, prompt, spk_latent, emovec)
 
     def synthesize_segments(self, request: SynthesisRequest, generation: GenerationConfig = GenerationConfig(),
@@ -213,13 +217,22 @@ class EagerIndexTTS2:
     @torch.inference_mode()
     def _segment(self, index: int, prep: PreparedRequest, generation: GenerationConfig,
                  decoder: DecoderSettings) -> SegmentResult:
-        t0 = time.perf_counter()
+        t0 = clock = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = now - clock
+            clock = now
+
         text_ids = np.asarray(prep.segments[index], np.int64)                  # (L,)
         prompt, spk_latent, emovec, streams = prep.prompt, prep.spk_latent, prep.emovec, prep.streams
         result = generate(self.gpt_steps, spk_latent, emovec, text_ids, generation, draws=streams.gpt)
         stop = self.gpt_steps.geometry.stop_mel_token
         hits = np.flatnonzero(result.codes == stop)
         codes = result.codes[: hits[0]] if hits.size else result.codes          # (N,)
+        lap("gpt")
         if not result.stopped:
             log.warning("segment %d: no stop token within max_mel_tokens=%d; the audio is cut there",
                         index + 1, generation.max_mel_tokens)
@@ -233,15 +246,18 @@ class EagerIndexTTS2:
             codes_t = torch.from_numpy(codes)[None]                             # (1, N)
             latent = self.models.gpt.latent(torch.from_numpy(spk_latent), torch.from_numpy(emovec),
                                             torch.from_numpy(text_ids)[None], codes_t)   # (1, N, D)
+            lap("latent")
             mel_t = codes_to_mel(self.models, prompt, codes_t, latent, torch.from_numpy(noise),
                                  steps=decoder.steps, cfg_rate=decoder.cfg_rate)  # (1, 80, T_gen)
             mel = mel_t.numpy()
+            lap("s2mel")
             pcm = to_pcm16(vocode(self.models, mel_t))
-        log.info("segment %d/%d: %d text tokens -> %d codes%s -> %.2f s of audio in %.2f s", index + 1,
-                 len(prep.segments),
-                 text_ids.size, codes.size, "" if result.stopped else " (max)", pcm.size / SAMPLE_RATE,
-                 time.perf_counter() - t0)
-        return SegmentResult(index, text_ids, codes, result.stopped, mel, pcm)
+            lap("bigvgan")
+        log.info("segment %d/%d: %d text tokens -> %d codes%s -> %.2f s of audio in %.2f s (%s)", index + 1,
+                 len(prep.segments), text_ids.size, codes.size, "" if result.stopped else " (max)",
+                 pcm.size / SAMPLE_RATE, time.perf_counter() - t0,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+        return SegmentResult(index, text_ids, codes, result.stopped, mel, pcm, timings)
 
     def synthesize(self, request: SynthesisRequest, generation: GenerationConfig = GenerationConfig(),
                    decoder: DecoderSettings = DecoderSettings(), seed: int | None = None,
