@@ -25,15 +25,12 @@ from typing import Protocol
 
 import numpy as np
 
+from .contracts import kv_cache_name  # noqa: F401  (re-exported: the decode loop's cache input names)
+
 Feed = dict[str, np.ndarray]
 
 CONDITIONING_ROWS = 34      # 32 perceiver latents + 2 speed embeddings in front of the text
 PREFILL_EXTRA_ROWS = 37     # P = L + 37: conditioning (34) + start/stop text (2) + start mel (1)
-
-
-def kv_cache_name(layer: int) -> str:
-    """Name of layer `layer`'s cache input of the decode graph (one template, used everywhere)."""
-    return f"kv_cache.{layer}"
 
 
 @dataclass(frozen=True)

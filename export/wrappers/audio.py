@@ -1,0 +1,2 @@
+"""Export wrappers of the audio-side graphs (in progress)."""
+WRAPPERS: dict = {}

@@ -1,0 +1,2 @@
+"""Export wrappers of the GPT-side graphs (in progress)."""
+WRAPPERS: dict = {}
