@@ -1,0 +1,542 @@
+"""`python -m export.build --checkpoints CKPT --out OUT --precision fp16|fp32 [--graphs a,b] [--force]`
+
+One ONNX graph per contract (DESIGN.md §3) from an IndexTTS2 checkpoint directory, each checked
+(onnx.checker, shape inference, polygraphy lint, I/O against the contract), then TensorRT engines where
+TensorRT and a GPU are present, then `OUT/manifest.json` — last and atomically, so a manifest only ever
+describes files that are complete.
+
+Reuse: a graph is skipped when its ONNX file exists, its sha256 equals the manifest's and its
+fingerprint is unchanged. The fingerprint covers what the graph is made from: the checkpoint files it
+reads (by sha256) and config.yaml, the contract at this checkpoint's sizes, the exporter, the export
+code (export/models, the wrapper's module, the export machinery) and the torch/onnx/onnxscript
+versions. Nothing changed → no model is loaded and nothing is exported.
+
+`--precision` is the engine precision: the ONNX graphs are always float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from runtime.contracts import OPSET, GraphContract, ModelDims
+from runtime.errors import CheckpointError, ContractError, InputError, ToolkitError
+from runtime.manifest import (MANIFEST_NAME, ONNX_DIR, CheckpointFile, CheckpointIdentity, GptTokens, GraphEntry, Manifest,
+                              graph_entry, read_manifest, sha256_file, write_manifest)
+
+from .config import IndexTTS2Config
+from .dims import checkpoint_contracts, model_dims
+from .layout import AUX_CANDIDATES, CheckpointLayout
+from .wrappers.base import WrapperSpec
+
+log = logging.getLogger("export.build")
+
+PRECISIONS = ("fp16", "fp32")
+EXPORT_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = EXPORT_ROOT.parent
+
+#: Checkpoint roles (CheckpointLayout names) each graph reads; a graph not listed depends on all.
+GRAPH_ROLES: dict[str, tuple[str, ...]] = {
+    "semantic_encoder": ("w2v_bert", "w2v_stats"),
+    "semantic_codec": ("semantic_codec",),
+    "campplus": ("campplus",),
+    "speaker_conditioner": ("gpt",),
+    "emotion_conditioner": ("gpt",),
+    "gpt_prefill": ("gpt",),
+    "gpt_decode": ("gpt",),
+    "gpt_latent": ("gpt", "semantic_codec", "s2mel"),   # latent pass, vq2emb, s2mel.gpt_layer
+    "length_regulator": ("s2mel",),
+    "dit_step": ("s2mel",),
+    "bigvgan": ("bigvgan",),
+}
+ALL_ROLES = ("gpt", "s2mel", "w2v_stats", "w2v_bert", "semantic_codec", "campplus", "bigvgan")
+
+#: Sources whose change changes what an export produces (plus each wrapper's own module file).
+CODE_SOURCES = ("export/models/*.py", "export/wrappers/base.py", "export/onnx_export.py", "export/eager.py",
+                "export/checkpoint.py", "export/config.py", "export/layout.py", "export/dims.py",
+                "export/dummy.py", "export/graph_checks.py", "runtime/contracts.py")
+FINGERPRINT_TOOLS = ("torch", "onnx", "onnxscript")
+REPORTED_TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "transformers", "polygraphy",
+                  "onnx-graphsurgeon", "numpy")
+
+ContractsFor = Callable[[ModelDims, IndexTTS2Config], dict[str, GraphContract]]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    checkpoints: Path
+    out: Path
+    precision: str = "fp16"
+    graphs: tuple[str, ...] | None = None      # None: every graph that has a wrapper
+    force: bool = False                        # re-export even when the fingerprint is unchanged
+    lint: bool = True
+
+
+@dataclass
+class BuildReport:
+    manifest: Manifest
+    manifest_path: Path
+    exported: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    engines: str = ""
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """What one graph is made from and where it goes."""
+
+    contract: GraphContract
+    spec: WrapperSpec
+    fingerprint: str
+    checkpoint_sha256: str          # combined hash of the checkpoint files the graph reads
+
+    @property
+    def name(self) -> str:
+        return self.contract.name
+
+    @property
+    def file(self) -> str:
+        return f"{ONNX_DIR}/{self.name}.onnx"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = None,
+          contracts_for: ContractsFor | None = None) -> BuildReport:
+    """Export, check and record every selected graph; engines where possible; then the manifest.
+
+    `wrappers` (default: the registry, export/wrappers) and `contracts_for` (default: the 11 contracts at
+    the checkpoint's sizes) are injectable so the machinery can be tested on a toy graph.
+    """
+    if options.precision not in PRECISIONS:
+        raise InputError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    layout = open_checkpoint(options.checkpoints)
+    out = prepare_out(options.out)
+    if wrappers is None:
+        from .wrappers import all_wrappers
+
+        wrappers = all_wrappers()
+    dims = model_dims(layout)
+    contracts = (contracts_for or checkpoint_contracts)(dims, layout.config)
+    selected = select_graphs(contracts, wrappers, options.graphs)
+    previous = previous_manifest(out)
+    identity = checkpoint_identity(layout, previous.checkpoint if previous else None)
+    plans = {n: make_plan(contracts[n], wrappers[n], dims, layout, identity) for n in contracts if n in wrappers}
+    entries, outcome = _export_all(options, layout, out, dims, plans, selected, previous)
+    _carry_over(entries, previous, plans, selected, out)
+    manifest = Manifest(
+        checkpoint=identity, dims=dims, precision=options.precision,
+        graphs={n: entries[n] for n in contracts if n in entries},
+        tools=tool_versions(), gpt=gpt_tokens(layout.config),
+    )
+    engines_msg = run_engines(manifest, out, options.precision)
+    path = write_manifest(manifest, out)
+    log.info("wrote %s (%d graphs)", path, len(manifest.graphs))
+    return BuildReport(manifest, path, engines=engines_msg, **outcome)
+
+
+def _export_all(options: BuildOptions, layout: CheckpointLayout, out: Path, dims: ModelDims,
+                plans: Mapping[str, GraphPlan], selected: Sequence[str], previous: Manifest | None
+                ) -> tuple[dict[str, GraphEntry], dict]:
+    """Reuse or export each selected graph; one failed graph does not stop the others.
+    -> (entries, {exported, reused, failed})."""
+    entries: dict[str, GraphEntry] = {}
+    exported: list[str] = []
+    reused: list[str] = []
+    failed: dict[str, str] = {}
+    todo = [n for n in selected if options.force or not reusable(previous, plans[n], out)]
+    models = _load_models(layout, todo)
+    for i, name in enumerate(selected, 1):
+        tag = f"[{i}/{len(selected)}] {name}"
+        if name not in todo:
+            assert previous is not None
+            entries[name] = previous.graphs[name]
+            reused.append(name)
+            log.info("%s: unchanged, reused %s", tag, plans[name].file)
+            continue
+        t0 = time.perf_counter()
+        try:
+            entries[name] = produce_graph(plans[name], models, dims, out, options.lint, tag)
+        except Exception as err:  # noqa: BLE001 — reported per graph; the build goes on with the others
+            log.error("%s: FAILED after %.1f s: %s", tag, time.perf_counter() - t0, err,
+                      exc_info=not isinstance(err, ToolkitError))
+            failed[name] = f"{type(err).__name__}: {err}"
+            continue
+        exported.append(name)
+        log.info("%s: done in %.1f s", tag, time.perf_counter() - t0)
+    return entries, {"exported": exported, "reused": reused, "failed": failed}
+
+
+def _load_models(layout: CheckpointLayout, todo: Sequence[str]):
+    """The eager models, once, only when something must be exported."""
+    if not todo:
+        return None
+    from .eager import EagerModels
+
+    with_gpt = any("gpt" in GRAPH_ROLES.get(n, ALL_ROLES) for n in todo)
+    log.info("loading the eager models from %s (%d graph(s) to export)", layout.root, len(todo))
+    return EagerModels.load(layout.root, with_gpt=with_gpt)
+
+
+def _carry_over(entries: dict[str, GraphEntry], previous: Manifest | None, plans: Mapping[str, GraphPlan],
+                selected: Sequence[str], out: Path) -> None:
+    """Graphs not selected this time stay in the manifest if they are still current."""
+    if previous is None:
+        return
+    for name, entry in previous.graphs.items():
+        if name in selected or name in entries:
+            continue
+        if name in plans and reusable(previous, plans[name], out):
+            entries[name] = entry
+        else:
+            log.warning("%s: dropped from the manifest (its checkpoint, contract or export code changed, or its "
+                        "file is gone); rebuild it with --graphs %s", name, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs: checkpoint, output directory, graph selection
+
+
+def open_checkpoint(path: str | Path) -> CheckpointLayout:
+    """The checkpoint layout, after checking that every file the graphs read is there (all problems at once)."""
+    layout = CheckpointLayout.open(path)
+    problems = [f"config.yaml has no '{s}' section" for s in ("gpt", "semantic_codec", "s2mel")
+                if getattr(layout.config, s) is None]
+    for role in ALL_ROLES:
+        try:
+            if not role_files(layout, role):
+                problems.append(f"{role}: {layout.require(role)} holds no files")
+        except CheckpointError as err:
+            problems.append(str(err))
+    if problems:
+        raise CheckpointError(f"{layout.root}: not a usable IndexTTS2 checkpoint directory:\n  - "
+                              + "\n  - ".join(problems))
+    return layout
+
+
+def prepare_out(out: str | Path) -> Path:
+    """Create OUT/onnx and prove it writable before any expensive work."""
+    out = Path(out)
+    try:
+        (out / ONNX_DIR).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out / ONNX_DIR, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot write there ({err.strerror or err}); choose a writable "
+                         "directory") from err
+    return out
+
+
+def select_graphs(contracts: Mapping[str, GraphContract], wrappers: Mapping[str, WrapperSpec],
+                  requested: Sequence[str] | None) -> list[str]:
+    orphans = sorted(set(wrappers) - set(contracts))
+    if orphans:
+        raise ContractError(f"wrappers registered for graphs that have no contract: {orphans}")
+    if requested is None:
+        missing = [n for n in contracts if n not in wrappers]
+        if missing:
+            log.warning("no export wrapper registered for: %s (not exported)", ", ".join(missing))
+        selected = [n for n in contracts if n in wrappers]
+        if not selected:
+            raise InputError("no graph has an export wrapper yet (export/wrappers): nothing to build")
+        return selected
+    unknown = [n for n in requested if n not in contracts]
+    if unknown:
+        raise InputError(f"--graphs: unknown graph(s) {unknown}; known: {', '.join(contracts)}")
+    unwrapped = [n for n in requested if n not in wrappers]
+    if unwrapped:
+        raise InputError(f"--graphs: no export wrapper registered for {unwrapped}")
+    return [n for n in contracts if n in requested]
+
+
+def previous_manifest(out: Path) -> Manifest | None:
+    """The manifest of an earlier build in OUT, if it is readable (else a warning and a full build)."""
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(out, check_files=False)
+    except ToolkitError as err:
+        log.warning("ignoring the existing manifest: %s", err)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity and fingerprints
+
+
+def role_files(layout: CheckpointLayout, role: str) -> list[Path]:
+    """The files of one checkpoint role: the file itself, or the regular files of its directory."""
+    path = layout.require(role)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    return [path]
+
+
+def checkpoint_identity(layout: CheckpointLayout, previous: CheckpointIdentity | None) -> CheckpointIdentity:
+    """sha256 of config.yaml and of every file the graphs read. A file whose size and mtime equal the
+    previous manifest's (same checkpoint path) keeps its recorded hash instead of being re-read."""
+    root = layout.root.resolve()
+    known = previous.files if previous is not None and previous.path == str(root) else {}
+    files: dict[str, CheckpointFile] = {}
+    t0 = time.perf_counter()
+    for role in ALL_ROLES:
+        for path in role_files(layout, role):
+            rel = path.relative_to(layout.root).as_posix()
+            stat = path.stat()
+            old = known.get(rel)
+            if old is not None and old.size == stat.st_size and old.mtime_ns == stat.st_mtime_ns:
+                files[rel] = old
+            else:
+                files[rel] = CheckpointFile(sha256_file(path), stat.st_size, stat.st_mtime_ns)
+    log.info("checkpoint %s: %d files identified in %.1f s", root, len(files), time.perf_counter() - t0)
+    return CheckpointIdentity(str(root), sha256_file(layout.root / "config.yaml"), files)
+
+
+def graph_checkpoint_files(layout: CheckpointLayout, identity: CheckpointIdentity, name: str) -> dict[str, str]:
+    rels = [p.relative_to(layout.root).as_posix() for role in GRAPH_ROLES.get(name, ALL_ROLES)
+            for p in role_files(layout, role)]
+    return {rel: identity.files[rel].sha256 for rel in sorted(rels)}
+
+
+def code_version(spec: WrapperSpec) -> str:
+    """sha256 over the export code that shapes a graph: CODE_SOURCES plus the wrapper's own module."""
+    paths = {p for pattern in CODE_SOURCES for p in REPO_ROOT.glob(pattern)}
+    for fn in (spec.build, spec.feed):
+        try:
+            src = inspect.getsourcefile(fn)
+        except TypeError:
+            src = None
+        if src:
+            paths.add(Path(src).resolve())
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def make_plan(contract: GraphContract, spec: WrapperSpec, dims: ModelDims, layout: CheckpointLayout,
+              identity: CheckpointIdentity) -> GraphPlan:
+    files = graph_checkpoint_files(layout, identity, contract.name)
+    checkpoint_sha = _sha_json({"config": identity.config_sha256, "files": files})
+    versions = tool_versions()
+    facts = {
+        "graph": contract.name,
+        "inputs": [asdict(t) for t in contract.inputs],
+        "outputs": [asdict(t) for t in contract.outputs],
+        "ranges": {a: asdict(r) for a, r in contract.ranges.items()},
+        "dims": asdict(dims),
+        "checkpoint": checkpoint_sha,
+        "code": code_version(spec),
+        "exporter": spec.exporter,
+        "export_sizes": dict(spec.export_sizes),
+        "opset": OPSET,
+        "tools": {t: versions.get(t, "") for t in FINGERPRINT_TOOLS},
+    }
+    return GraphPlan(contract, spec, _sha_json(facts), checkpoint_sha)
+
+
+def reusable(previous: Manifest | None, plan: GraphPlan, out: Path) -> bool:
+    """True when the previous build's file for this graph is intact and made from the same inputs."""
+    if previous is None or plan.name not in previous.graphs:
+        return False
+    entry = previous.graphs[plan.name]
+    if entry.fingerprint != plan.fingerprint or entry.file != plan.file:
+        return False
+    path = out / entry.file
+    if not path.is_file() or sha256_file(path) != entry.sha256:
+        return False
+    return all((path.parent / f).is_file() and sha256_file(path.parent / f) == h
+               for f, h in entry.external_data.items())
+
+
+def _sha_json(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One graph
+
+
+def produce_graph(plan: GraphPlan, models, dims: ModelDims, out: Path, lint: bool, tag: str) -> GraphEntry:
+    """Export -> metadata -> checks -> manifest entry."""
+    from . import graph_checks
+    from .dummy import feed_for
+
+    path = out / plan.file
+    t0 = time.perf_counter()
+    _export_graph(plan, models, dims, path)
+    log.info("%s: exported (%s) in %.1f s", tag, plan.spec.exporter, time.perf_counter() - t0)
+    graph_checks.stamp_metadata(path, {
+        "indextts2.graph": plan.name,
+        "indextts2.contract_version": str(_contract_version()),
+        "indextts2.checkpoint_sha256": plan.checkpoint_sha256,
+        "indextts2.fingerprint": plan.fingerprint,
+        "indextts2.exporter": plan.spec.exporter,
+    })
+    t1 = time.perf_counter()
+    graph_checks.check_model(path, plan.contract, dims)
+    lint_result = "not run (--no-lint)"
+    if lint:
+        lint_result = graph_checks.lint(path, feed_for(plan.contract, plan.spec, dims, "opt", rng=1))
+    log.info("%s: checker, shape inference and I/O check passed; lint: %s (%.1f s)", tag, lint_result,
+             time.perf_counter() - t1)
+    return graph_entry(
+        plan.contract, dims, file=plan.file, sha256=sha256_file(path), opset=OPSET, exporter=plan.spec.exporter,
+        fingerprint=plan.fingerprint, lint=lint_result,
+        external_data={f: sha256_file(path.parent / f) for f in graph_checks.external_data_files(path)},
+    )
+
+
+def _export_graph(plan: GraphPlan, models, dims: ModelDims, path: Path) -> None:
+    """Trace the wrapper at the contract's trace point and write `path` (replacing older files)."""
+    import torch
+
+    from .dummy import feed_for
+    from .graph_checks import external_data_files
+    from .onnx_export import export_onnx
+
+    if path.exists():
+        for f in external_data_files(path):
+            (path.parent / f).unlink(missing_ok=True)
+        path.unlink()
+    feed = feed_for(plan.contract, plan.spec, dims, "trace", rng=0)
+    sample = tuple(torch.from_numpy(feed[n]) for n in plan.contract.input_names)
+    module = plan.spec.build(models).eval()
+    if plan.spec.exporter == "dynamo":
+        export_onnx(module, plan.contract, sample, path)
+    elif plan.spec.exporter == "legacy":
+        export_legacy(module, plan.contract, sample, path)
+    else:
+        raise ContractError(f"graph '{plan.name}': unknown exporter {plan.spec.exporter!r}")
+
+
+def export_legacy(module, contract: GraphContract, sample: tuple, path: Path, opset: int = OPSET) -> Path:
+    """The TorchScript-based exporter, for graphs it exports more correctly (dynamic_axes from the contract)."""
+    import torch
+
+    from runtime.contracts import DERIVED_AXES, DYNAMIC_AXES
+
+    axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str) and (d in DYNAMIC_AXES
+                                                                                    or d in DERIVED_AXES)}
+            for t in contract.inputs + contract.outputs}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)     # chosen on purpose, per graph (WrapperSpec)
+        torch.onnx.export(module, sample, str(path), dynamo=False, opset_version=opset,
+                          input_names=list(contract.input_names), output_names=list(contract.output_names),
+                          dynamic_axes={k: v for k, v in axes.items() if v}, do_constant_folding=True)
+    return path
+
+
+def _contract_version() -> int:
+    from runtime.contracts import CONTRACT_VERSION
+
+    return CONTRACT_VERSION
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest facts, engines
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in REPORTED_TOOLS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def gpt_tokens(cfg: IndexTTS2Config) -> GptTokens:
+    g = cfg.gpt
+    if g is None:
+        return GptTokens()
+    return GptTokens(start_mel_token=g.start_mel_token, stop_mel_token=g.stop_mel_token,
+                     start_text_token=g.start_text_token, stop_text_token=g.stop_text_token,
+                     number_text_tokens=g.number_text_tokens, max_text_tokens=g.max_text_tokens,
+                     max_mel_tokens=g.max_mel_tokens)
+
+
+def run_engines(manifest: Manifest, out: Path, precision: str) -> str:
+    """TensorRT plans where TensorRT and a GPU are present; otherwise say why not, and succeed."""
+    import engines
+
+    ok, reason = engines.available()
+    if not ok:
+        msg = f"engines skipped: {reason}"
+    else:
+        try:
+            built = engines.build_all(manifest, out, precision)
+            msg = f"engines built: {len(built)} ({reason})"
+        except NotImplementedError as err:
+            msg = f"engines skipped: {err}"
+    log.debug(msg)
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[1])
+    p.add_argument("--checkpoints", required=True, type=Path, help="IndexTTS2 checkpoint directory")
+    p.add_argument("--out", required=True, type=Path, help="output directory (onnx/, manifest.json, engines)")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="engine precision (ONNX stays fp32)")
+    p.add_argument("--graphs", default=None, help="comma-separated graph names (default: all)")
+    p.add_argument("--force", action="store_true", help="re-export even if nothing changed")
+    p.add_argument("--no-lint", action="store_true", help="skip polygraphy's lint")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our progress at INFO; the exporter's chatter (onnxscript optimizer, torch.onnx registry, a torch
+    FutureWarning) only with --verbose."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    for name in ("export", "runtime", "engines"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used.*", category=UserWarning)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _configure_logging(args.verbose)
+    graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip()) if args.graphs else None
+    options = BuildOptions(args.checkpoints, args.out, args.precision, graphs, args.force, not args.no_lint)
+    t0 = time.perf_counter()
+    try:
+        report = build(options)
+    except ToolkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported: {', '.join(report.exported) or '-'}")
+    print(f"reused: {', '.join(report.reused) or '-'}")
+    for name, why in report.failed.items():
+        print(f"FAILED {name}: {why}")
+    print(report.engines)
+    print(f"manifest: {report.manifest_path} ({time.perf_counter() - t0:.1f} s)")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

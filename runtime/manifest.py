@@ -1,0 +1,350 @@
+"""The manifest of an export directory: what `export.build` wrote and everything the runtime and the
+engine builder need to use it, as dataclasses with a versioned JSON form.
+
+Why: the runtime never imports `export/` (DESIGN.md §1, STYLE.md practice 6), so every fact it needs
+about the graphs — files and hashes, I/O signatures at this checkpoint's sizes, the shape ranges of
+engine profiles, the KV-cache layout, the GPT's special tokens, the sampling and flow defaults — is
+written here once, by the export side, and read back here. A manifest of another format or contract
+version is refused with a `ContractError` that says to rebuild; a missing or altered graph file is a
+`CheckpointError` naming it. Torch-free (stdlib only).
+
+Layout of `OUT/`: `manifest.json`, `onnx/<graph>.onnx` (+ `<graph>.onnx.data` over 2 GB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .contracts import CONTRACT_VERSION, DERIVED_AXES, DYNAMIC_AXES, AxisRange, GraphContract, ModelDims, TensorSpec
+from .errors import CheckpointError, ContractError
+
+FORMAT = "indextts2-engines/manifest"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ONNX_DIR = "onnx"
+
+Dim = int | str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parts
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """One graph input or output: static dims resolved to ints, dynamic and derived axes by name."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @classmethod
+    def of(cls, spec: TensorSpec, dims: ModelDims) -> "TensorSignature":
+        shape = tuple(d if isinstance(d, int) or d in DYNAMIC_AXES or d in DERIVED_AXES else dims.resolve(d)
+                      for d in spec.shape)
+        return cls(spec.name, spec.dtype, shape)
+
+    def concrete(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape at given dynamic axis sizes (derived axes computed from theirs)."""
+        out = []
+        for d in self.shape:
+            if isinstance(d, int):
+                out.append(d)
+            elif d in DERIVED_AXES:
+                free, scale, offset = DERIVED_AXES[d]
+                out.append(scale * int(sizes[free]) + offset)
+            else:
+                out.append(int(sizes[d]))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One exported graph. `file` and `external_data` are relative to the manifest's directory."""
+
+    name: str
+    file: str
+    sha256: str
+    opset: int
+    exporter: str                                  # "dynamo" or "legacy"
+    inputs: tuple[TensorSignature, ...]
+    outputs: tuple[TensorSignature, ...]
+    ranges: Mapping[str, AxisRange]                # per dynamic axis: engine profile min / opt / max
+    fingerprint: str                               # what the file was built from (export.build reuse key)
+    external_data: Mapping[str, str] = field(default_factory=dict)   # file -> sha256
+    lint: str = ""                                 # polygraphy lint outcome, for the record
+
+    def path(self, root: str | Path) -> Path:
+        return Path(root) / self.file
+
+    def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Per input: (min, opt, max) concrete shapes — an engine optimization profile."""
+        points = [{a: getattr(r, p) for a, r in self.ranges.items()} for p in ("min", "opt", "max")]
+        return {t.name: tuple(t.concrete(s) for s in points) for t in self.inputs}  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    sha256: str
+    size: int
+    mtime_ns: int          # with `size`, lets a re-run skip re-hashing an untouched file
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """Which checkpoint the graphs come from: its path and the hash of every file that was read."""
+
+    path: str
+    config_sha256: str
+    files: Mapping[str, CheckpointFile]            # path relative to the checkpoint directory -> hash
+
+
+@dataclass(frozen=True)
+class GptTokens:
+    """The GPT's special tokens and length limits (the decode loop needs them; DESIGN.md §3)."""
+
+    start_mel_token: int = 8192
+    stop_mel_token: int = 8193
+    start_text_token: int = 0
+    stop_text_token: int = 1
+    number_text_tokens: int = 12000
+    max_text_tokens: int = 600
+    max_mel_tokens: int = 1815
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """How the decode graphs exchange K/V (gpt_prefill `kv`, gpt_decode `kv_cache.<i>` / `kv_new`)."""
+
+    dtype: str = "float32"
+    layout: tuple[str | int, ...] = ("layers", 2, "batch", "heads", "cache_len", "head_dim")
+    input_template: str = "kv_cache.{layer}"       # per-layer decode input: one (2,B,heads,S,head_dim) slice
+    prefill_output: str = "kv"
+    decode_output: str = "kv_new"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """upstream infer_v2 generation defaults (UPSTREAM.md §2.7): beam sampling with 3 beams."""
+
+    do_sample: bool = True
+    num_beams: int = 3
+    top_k: int = 30
+    top_p: float = 0.8
+    temperature: float = 0.8
+    repetition_penalty: float = 10.0
+    length_penalty: float = 0.0
+    max_mel_tokens: int = 1500
+
+
+@dataclass(frozen=True)
+class SynthesisDefaults:
+    sample_rate: int = 22050
+    hop_length: int = 256
+    euler_steps: int = 25
+    cfg_rate: float = 0.7
+
+
+# ---------------------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    checkpoint: CheckpointIdentity
+    dims: ModelDims
+    precision: str                                 # engine precision requested ("fp16" / "fp32"); ONNX is fp32
+    graphs: Mapping[str, GraphEntry]
+    tools: Mapping[str, str]                       # package -> version used to export
+    gpt: GptTokens = GptTokens()
+    kv_cache: KVCacheLayout = KVCacheLayout()
+    sampling: SamplingDefaults = SamplingDefaults()
+    synthesis: SynthesisDefaults = SynthesisDefaults()
+    contract_version: int = CONTRACT_VERSION
+    format_version: int = FORMAT_VERSION
+
+    def graph(self, name: str) -> GraphEntry:
+        if name not in self.graphs:
+            raise ContractError(f"graph '{name}' is not in the manifest (it has: {', '.join(sorted(self.graphs))}); "
+                                f"export it with python -m export.build --graphs {name}")
+        return self.graphs[name]
+
+    def to_json(self) -> dict[str, Any]:
+        data = _plain(dataclasses.asdict(self))
+        data["graphs"] = {n: _graph_json(g) for n, g in self.graphs.items()}
+        data["derived_axes"] = {k: list(v) for k, v in DERIVED_AXES.items()}
+        head = {"format": FORMAT, "format_version": data.pop("format_version"),
+                "contract_version": data.pop("contract_version")}
+        return {**head, **data}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = MANIFEST_NAME) -> "Manifest":
+        _check_versions(data, source)
+        try:
+            return cls(
+                checkpoint=_checkpoint_from(data["checkpoint"]),
+                dims=ModelDims(**{k: int(v) for k, v in data["dims"].items()}),
+                precision=str(data["precision"]),
+                graphs={n: _graph_from(g) for n, g in data["graphs"].items()},
+                tools={str(k): str(v) for k, v in data["tools"].items()},
+                gpt=_flat(GptTokens, data["gpt"]),
+                kv_cache=_flat(KVCacheLayout, data["kv_cache"]),
+                sampling=_flat(SamplingDefaults, data["sampling"]),
+                synthesis=_flat(SynthesisDefaults, data["synthesis"]),
+                contract_version=int(data["contract_version"]),
+                format_version=int(data["format_version"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ContractError(f"{source}: malformed manifest ({type(err).__name__}: {err}); "
+                                "rebuild it with python -m export.build") from err
+
+
+def graph_entry(contract: GraphContract, dims: ModelDims, **facts: Any) -> GraphEntry:
+    """A GraphEntry whose signature and ranges come from `contract` at `dims`; `facts` fill the rest."""
+    return GraphEntry(
+        name=contract.name,
+        inputs=tuple(TensorSignature.of(t, dims) for t in contract.inputs),
+        outputs=tuple(TensorSignature.of(t, dims) for t in contract.outputs),
+        ranges=dict(contract.ranges),
+        **facts,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_manifest(manifest: Manifest, out: str | Path) -> Path:
+    """Write `out/manifest.json` atomically (a reader never sees a half-written file)."""
+    out = Path(out)
+    target = out / MANIFEST_NAME
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(manifest.to_json(), fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_manifest(where: str | Path, check_files: bool = True, check_hashes: bool = False) -> Manifest:
+    """Read `where/manifest.json` (or `where` itself if it is the file).
+
+    `check_files`: every graph file (and external data file) must exist. `check_hashes`: and its sha256
+    must equal the recorded one (reads every file).
+    """
+    path = Path(where)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: manifest not found; create it with "
+                              "python -m export.build --checkpoints CKPT --out DIR")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable manifest ({err}); rebuild it with python -m export.build") from err
+    if not isinstance(data, dict):
+        raise ContractError(f"{path}: not a manifest (top level is {type(data).__name__})")
+    manifest = Manifest.from_json(data, str(path))
+    if check_files or check_hashes:
+        problems = file_problems(manifest, path.parent, check_hashes)
+        if problems:
+            raise CheckpointError(f"{path.parent}: " + "; ".join(problems)
+                                  + "; rebuild with python -m export.build")
+    return manifest
+
+
+def file_problems(manifest: Manifest, root: str | Path, check_hashes: bool = False) -> list[str]:
+    """Missing (or, with `check_hashes`, altered) graph files, one message each."""
+    problems = []
+    for entry in manifest.graphs.values():
+        files = {entry.file: entry.sha256}
+        files.update({str(Path(entry.file).parent / f): h for f, h in entry.external_data.items()})
+        for rel, digest in files.items():
+            p = Path(root) / rel
+            if not p.is_file():
+                problems.append(f"graph '{entry.name}': file {rel} is missing")
+            elif check_hashes and sha256_file(p) != digest:
+                problems.append(f"graph '{entry.name}': {rel} does not match its recorded sha256")
+    return problems
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON helpers
+
+
+def _check_versions(data: Mapping[str, Any], source: str) -> None:
+    if data.get("format") != FORMAT:
+        raise ContractError(f"{source}: not an IndexTTS2 engines manifest (format {data.get('format')!r}, "
+                            f"expected {FORMAT!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ContractError(f"{source}: manifest format version {data.get('format_version')!r}, this toolkit reads "
+                            f"version {FORMAT_VERSION}; rebuild with python -m export.build")
+    if data.get("contract_version") != CONTRACT_VERSION:
+        raise ContractError(f"{source}: graphs were exported for contract version {data.get('contract_version')!r}, "
+                            f"this toolkit expects {CONTRACT_VERSION}; rebuild with python -m export.build --force")
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists, recursively (JSON has no tuples)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _graph_json(g: GraphEntry) -> dict[str, Any]:
+    data = _plain(dataclasses.asdict(g))
+    data["ranges"] = {a: [r.min, r.opt, r.max] for a, r in g.ranges.items()}
+    return data
+
+
+def _signature_from(d: Mapping[str, Any]) -> TensorSignature:
+    return TensorSignature(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+
+
+def _graph_from(d: Mapping[str, Any]) -> GraphEntry:
+    return GraphEntry(
+        name=str(d["name"]), file=str(d["file"]), sha256=str(d["sha256"]), opset=int(d["opset"]),
+        exporter=str(d["exporter"]),
+        inputs=tuple(_signature_from(t) for t in d["inputs"]),
+        outputs=tuple(_signature_from(t) for t in d["outputs"]),
+        ranges={a: AxisRange(*(int(v) for v in r)) for a, r in d["ranges"].items()},
+        fingerprint=str(d["fingerprint"]),
+        external_data={str(k): str(v) for k, v in d.get("external_data", {}).items()},
+        lint=str(d.get("lint", "")),
+    )
+
+
+def _checkpoint_from(d: Mapping[str, Any]) -> CheckpointIdentity:
+    files = {str(k): CheckpointFile(str(v["sha256"]), int(v["size"]), int(v["mtime_ns"]))
+             for k, v in d["files"].items()}
+    return CheckpointIdentity(str(d["path"]), str(d["config_sha256"]), files)
+
+
+def _flat(cls: type, d: Mapping[str, Any]) -> Any:
+    """A flat dataclass from a mapping; list values become tuples, unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise KeyError(f"{cls.__name__}: unknown keys {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
