@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from .contracts import CONTRACT_VERSION, DERIVED_AXES, DYNAMIC_AXES, AxisRange, GraphContract, ModelDims, TensorSpec
 from .errors import CheckpointError, ContractError
+from .generate import GenerationConfig
 
 FORMAT = "indextts2-engines/manifest"
 FORMAT_VERSION = 1
@@ -131,20 +132,6 @@ class KVCacheLayout:
 
 
 @dataclass(frozen=True)
-class SamplingDefaults:
-    """upstream infer_v2 generation defaults (UPSTREAM.md §2.7): beam sampling with 3 beams."""
-
-    do_sample: bool = True
-    num_beams: int = 3
-    top_k: int = 30
-    top_p: float = 0.8
-    temperature: float = 0.8
-    repetition_penalty: float = 10.0
-    length_penalty: float = 0.0
-    max_mel_tokens: int = 1500
-
-
-@dataclass(frozen=True)
 class SynthesisDefaults:
     sample_rate: int = 22050
     hop_length: int = 256
@@ -165,7 +152,7 @@ class Manifest:
     tools: Mapping[str, str]                       # package -> version used to export
     gpt: GptTokens = GptTokens()
     kv_cache: KVCacheLayout = KVCacheLayout()
-    sampling: SamplingDefaults = SamplingDefaults()
+    sampling: GenerationConfig = GenerationConfig()   # upstream infer_v2 defaults (beam sampling, 3 beams)
     synthesis: SynthesisDefaults = SynthesisDefaults()
     contract_version: int = CONTRACT_VERSION
     format_version: int = FORMAT_VERSION
@@ -196,7 +183,7 @@ class Manifest:
                 tools={str(k): str(v) for k, v in data["tools"].items()},
                 gpt=_flat(GptTokens, data["gpt"]),
                 kv_cache=_flat(KVCacheLayout, data["kv_cache"]),
-                sampling=_flat(SamplingDefaults, data["sampling"]),
+                sampling=_flat(GenerationConfig, data["sampling"]),
                 synthesis=_flat(SynthesisDefaults, data["synthesis"]),
                 contract_version=int(data["contract_version"]),
                 format_version=int(data["format_version"]),
