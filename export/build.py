@@ -407,7 +407,7 @@ def _export_graph(plan: GraphPlan, models, dims: ModelDims, path: Path) -> None:
 
     from .dummy import feed_for
     from .graph_checks import external_data_files
-    from .onnx_export import export_onnx
+    from .onnx_export import export_legacy, export_onnx
 
     if path.exists():
         for f in external_data_files(path):
@@ -422,23 +422,6 @@ def _export_graph(plan: GraphPlan, models, dims: ModelDims, path: Path) -> None:
         export_legacy(module, plan.contract, sample, path)
     else:
         raise ContractError(f"graph '{plan.name}': unknown exporter {plan.spec.exporter!r}")
-
-
-def export_legacy(module, contract: GraphContract, sample: tuple, path: Path, opset: int = OPSET) -> Path:
-    """The TorchScript-based exporter, for graphs it exports more correctly (dynamic_axes from the contract)."""
-    import torch
-
-    from runtime.contracts import DERIVED_AXES, DYNAMIC_AXES
-
-    axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str) and (d in DYNAMIC_AXES
-                                                                                    or d in DERIVED_AXES)}
-            for t in contract.inputs + contract.outputs}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)     # chosen on purpose, per graph (WrapperSpec)
-        torch.onnx.export(module, sample, str(path), dynamo=False, opset_version=opset,
-                          input_names=list(contract.input_names), output_names=list(contract.output_names),
-                          dynamic_axes={k: v for k, v in axes.items() if v}, do_constant_folding=True)
-    return path
 
 
 def _contract_version() -> int:

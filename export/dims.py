@@ -69,6 +69,9 @@ def _dims_from(cfg: IndexTTS2Config, campplus: CAMPPlusConfig, feat_dim: int) ->
         mel_bins=cfg.s2mel.preprocess_params.spect_params.n_mels,
         feat_dim=feat_dim,
         fbank_bins=campplus.feat_dim,
+        text_vocab=gpt.number_text_tokens,
+        max_text_tokens=gpt.max_text_tokens,
+        max_mel_tokens=gpt.max_mel_tokens,
     )
 
 

@@ -9,6 +9,7 @@ the sample inputs must not use size 1 on a dynamic axis (torch.export specialize
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.contracts import OPSET, GraphContract
+from runtime.contracts import DERIVED_AXES, DYNAMIC_AXES, OPSET, GraphContract
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,19 @@ def export_onnx(module: nn.Module, contract: GraphContract, sample: Sequence[tor
                if t.const_value is not None) if hasattr(program, "model") else 0
     program.save(str(path), external_data=size > TWO_GB)
     log.debug("exported %s to %s", contract.name, path)
+    return path
+
+
+def export_legacy(module, contract: GraphContract, sample: tuple, path: Path, opset: int = OPSET) -> Path:
+    """The TorchScript-based exporter, for graphs it exports more correctly (dynamic_axes from the contract)."""
+    axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str) and (d in DYNAMIC_AXES
+                                                                                    or d in DERIVED_AXES)}
+            for t in contract.inputs + contract.outputs}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)     # chosen on purpose, per graph (WrapperSpec)
+        torch.onnx.export(module, sample, str(path), dynamo=False, opset_version=opset,
+                          input_names=list(contract.input_names), output_names=list(contract.output_names),
+                          dynamic_axes={k: v for k, v in axes.items() if v}, do_constant_folding=True)
     return path
 
 

@@ -47,6 +47,10 @@ class ModelDims:
     mel_bins: int = 80
     feat_dim: int = 160          # stacked SeamlessM4T features
     fbank_bins: int = 80
+    # Not tensor dimensions, but bounds on valid inputs: the GPT's text vocabulary and position tables.
+    text_vocab: int = 12000      # number_text_tokens (text ids are < this)
+    max_text_tokens: int = 600   # text position table: max_text_tokens + 2 rows
+    max_mel_tokens: int = 1815   # mel position table: max_mel_tokens + 3 rows
 
     def resolve(self, name: str) -> int:
         if name not in STATIC_DIMS:

@@ -41,7 +41,8 @@ pytestmark = [pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSp
               pytest.mark.filterwarnings(r"ignore:.*will not be used, since it shares.*:UserWarning")]
 
 TINY_DIMS = dict(sem_dim=64, model_dim=64, content_dim=48, vocab=258, layers=2, heads=4, head_dim=16,
-                 style_dim=192, n_latents=32, mel_bins=80, feat_dim=160, fbank_bins=80)
+                 style_dim=192, n_latents=32, mel_bins=80, feat_dim=160, fbank_bins=80,
+                 text_vocab=512, max_text_tokens=120, max_mel_tokens=250)
 
 
 @pytest.fixture(scope="session")

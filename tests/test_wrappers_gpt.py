@@ -18,7 +18,7 @@ from export.demo import write_demo
 from export.eager import EagerModels
 from export.gpt_executor import EagerGptSteps, geometry_of
 from export.onnx_export import export_onnx
-from export.wrappers.gpt import WRAPPERS, GptLimits, gpt_axis_limits
+from export.wrappers.gpt import WRAPPERS, GptLimits
 from runtime.contracts import GraphContract, ModelDims, build_contracts
 from runtime.generate import GenerationConfig, generate
 from runtime.gpt_steps import Feed, GptGeometry
@@ -46,10 +46,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> EagerModels:
 
 @pytest.fixture(scope="module")
 def dims(models: EagerModels) -> ModelDims:
-    cfg = models.gpt.cfg
-    return ModelDims(sem_dim=models.semantic_codec.cfg.hidden_size, model_dim=cfg.model_dim,
-                     vocab=cfg.number_mel_codes, layers=cfg.layers, heads=cfg.heads,
-                     head_dim=cfg.model_dim // cfg.heads)
+    from export.dims import model_dims
+
+    return model_dims(models.layout, models)
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +121,8 @@ def test_decode_signature_is_the_contract(models: EagerModels, contracts: dict[s
     assert tuple(names) == contracts["gpt_decode"].input_names
 
 
-def test_axis_limits(models: EagerModels) -> None:
-    cfg = models.gpt.cfg
-    assert gpt_axis_limits(models) == {"text_len": cfg.max_text_tokens, "code_len": cfg.max_mel_tokens + 1}
+def test_limits_from_dims_are_the_checkpoint_config(models: EagerModels, dims: ModelDims) -> None:
+    assert GptLimits.from_dims(dims) == GptLimits.of(models.gpt)
 
 
 @pytest.mark.parametrize("name", GRAPHS)

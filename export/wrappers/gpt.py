@@ -43,9 +43,6 @@ if TYPE_CHECKING:
 #: Scale of the synthetic `spk_latent` / `emovec` / feature inputs: the real ones are O(1) per element
 #: (perceiver RMSNorm output, normalized w2v-BERT features).
 FEED_STD = 1.0
-#: Mel positions fed to the decode graph stay at or below this when the checkpoint's table size is unknown
-#: (`ModelDims` has no `max_mel_tokens`); every IndexTTS2-shaped checkpoint has a larger table.
-FALLBACK_MAX_MEL_POSITION = 200
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,24 +65,7 @@ class GptLimits:
 
     @classmethod
     def from_dims(cls, dims: ModelDims) -> "GptLimits":
-        """From `ModelDims` fields `text_vocab` / `max_text_tokens` / `max_mel_tokens` where it has them.
-
-        Until it does, conservative stand-ins valid for the real config and the tiny demo: text ids below
-        the code count (8192 < 12000, 256 < 512), mel positions <= FALLBACK_MAX_MEL_POSITION.
-        """
-        codebook = dims.vocab - 2
-        return cls(int(getattr(dims, "text_vocab", codebook)), int(getattr(dims, "max_text_tokens", 10**9)),
-                   int(getattr(dims, "max_mel_tokens", FALLBACK_MAX_MEL_POSITION - 2)), codebook)
-
-    def axis_max(self) -> dict[str, int]:
-        """Largest value of each dynamic axis this checkpoint can run (to clamp a contract's ranges)."""
-        return {"text_len": self.max_text_tokens, "code_len": self.max_mel_tokens + 1}
-
-
-def gpt_axis_limits(models: "EagerModels") -> dict[str, int]:
-    """Per-axis maxima of the loaded checkpoint, e.g. {'text_len': 120, 'code_len': 251} for the tiny demo:
-    the contract ranges are the real model's, and a smaller checkpoint's position tables are shorter."""
-    return GptLimits.of(_gpt(models)).axis_max()
+        return cls(dims.text_vocab, dims.max_text_tokens, dims.max_mel_tokens, dims.vocab - 2)
 
 
 def _gpt(models: "EagerModels") -> UnifiedVoice:
