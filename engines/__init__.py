@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,44 +17,13 @@ if TYPE_CHECKING:
 
 
 def available() -> tuple[bool, str]:
-    """(True, description) when TensorRT imports and a CUDA GPU is visible, else (False, reason)."""
-    try:
-        return _probe()
-    except Exception as err:  # noqa: BLE001 — a probe reports, it never crashes the caller
-        return False, f"the TensorRT/GPU probe failed: {type(err).__name__}: {err}"
+    """(True, description) when TensorRT imports and a CUDA GPU is visible, else (False, reason).
 
+    The probe itself is runtime.gpu's, shared with the runtime's backend choice."""
+    from runtime.gpu import tensorrt
 
-def _probe() -> tuple[bool, str]:
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, "tensorrt is not installed"
-    try:
-        import tensorrt as trt
-    except Exception as err:  # noqa: BLE001 — a broken install (missing libnvinfer) raises anything
-        return False, f"tensorrt cannot be imported ({type(err).__name__}: {err})"
-    count, why = _gpu_count()
-    if count == 0:
-        return False, why
-    return True, f"TensorRT {getattr(trt, '__version__', '?')}, {count} CUDA device(s)"
-
-
-def _gpu_count() -> tuple[int, str]:
-    """Number of CUDA devices via cuda-python (13: `cuda.bindings.runtime`; older: `cuda.cudart`).
-
-    cudaGetDeviceCount returns an error code instead of raising when there is no GPU (DESIGN.md §3).
-    """
-    try:
-        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[import-not-found,no-redef]
-        except ImportError:
-            return 0, "cuda-python is not installed (needed to find a GPU)"
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0:
-        return 0, f"no CUDA GPU ({getattr(err, 'name', err)})"
-    if count == 0:
-        return 0, "no CUDA GPU"
-    return int(count), ""
+    probe = tensorrt()
+    return probe.ok, probe.detail
 
 
 def build_all(manifest: "Manifest", out: str | Path, precision: str) -> list[Path]:

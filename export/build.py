@@ -2,7 +2,8 @@
 
 One ONNX graph per contract (DESIGN.md §3) from an IndexTTS2 checkpoint directory, each checked
 (onnx.checker, shape inference, polygraphy lint, I/O against the contract), then TensorRT engines where
-TensorRT and a GPU are present, then `OUT/manifest.json` — last and atomically, so a manifest only ever
+TensorRT and a GPU are present, the runtime's non-graph files (`OUT/assets/`: bpe.model, glossary,
+emotion matrices as .npz), then `OUT/manifest.json` — last and atomically, so a manifest only ever
 describes files that are complete.
 
 Reuse: a graph is skipped when its ONNX file exists, its sha256 equals the manifest's and its
@@ -34,9 +35,10 @@ from runtime.errors import CheckpointError, ContractError, InputError, ToolkitEr
 from runtime.manifest import (MANIFEST_NAME, ONNX_DIR, CheckpointFile, CheckpointIdentity, GptTokens, GraphEntry, Manifest,
                               graph_entry, read_manifest, sha256_file, write_manifest)
 
+from .assets import write_assets
 from .config import IndexTTS2Config
 from .dims import checkpoint_contracts, model_dims
-from .layout import AUX_CANDIDATES, CheckpointLayout
+from .layout import CheckpointLayout
 from .wrappers.base import WrapperSpec
 
 log = logging.getLogger("export.build")
@@ -60,6 +62,7 @@ GRAPH_ROLES: dict[str, tuple[str, ...]] = {
     "bigvgan": ("bigvgan",),
 }
 ALL_ROLES = ("gpt", "s2mel", "w2v_stats", "w2v_bert", "semantic_codec", "campplus", "bigvgan")
+ASSET_ROLES = ("bpe", "feat1", "feat2")     # read by export.assets for the runtime
 
 #: Sources whose change changes what an export produces (plus each wrapper's own module file).
 CODE_SOURCES = ("export/models/*.py", "export/wrappers/base.py", "export/onnx_export.py", "export/eager.py",
@@ -140,7 +143,7 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
     manifest = Manifest(
         checkpoint=identity, dims=dims, precision=options.precision,
         graphs={n: entries[n] for n in contracts if n in entries},
-        tools=tool_versions(), gpt=gpt_tokens(layout.config),
+        tools=tool_versions(), gpt=gpt_tokens(layout.config), assets=write_assets(layout, out),
     )
     engines_msg = run_engines(manifest, out, options.precision)
     path = write_manifest(manifest, out)
@@ -211,10 +214,16 @@ def _carry_over(entries: dict[str, GraphEntry], previous: Manifest | None, plans
 
 
 def open_checkpoint(path: str | Path) -> CheckpointLayout:
-    """The checkpoint layout, after checking that every file the graphs read is there (all problems at once)."""
+    """The checkpoint layout, after checking that every file the graphs and the runtime assets read is there
+    (all problems at once)."""
     layout = CheckpointLayout.open(path)
     problems = [f"config.yaml has no '{s}' section" for s in ("gpt", "semantic_codec", "s2mel")
                 if getattr(layout.config, s) is None]
+    for role in ASSET_ROLES:
+        try:
+            layout.require(role)
+        except CheckpointError as err:
+            problems.append(str(err))
     for role in ALL_ROLES:
         try:
             if not role_files(layout, role):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from runtime.audio import check_not_silent, load_audio
+from runtime.cfm import mel_length
 from runtime.errors import CheckpointError
 from runtime.features import campplus_features, seamless_features
 from runtime.mel import s2mel_mel
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 SPEAKER_SR = 22050      # librosa.load default rate for the speaker prompt
 SEMANTIC_SR = 16000     # w2v-BERT and CAMPPlus rate
-MEL_FRAMES_PER_CODE = 1.72  # upstream: target_lengths = (code_lens * 1.72).long(), float32
 
 
 @dataclass
@@ -131,11 +131,6 @@ def prepare_speaker(models: EagerModels, path: str | Path) -> SpeakerPrompt:
     t_ref = torch.tensor([ref_mel.shape[-1]], dtype=torch.int64)
     prompt_condition, _ = models.s2mel.length_regulator(s_ref, t_ref)       # (1, T_ref, C)
     return SpeakerPrompt(spk_cond_emb, style, prompt_condition, ref_mel)
-
-
-def mel_length(n_codes: int) -> int:
-    """Target mel frames for n codes: upstream's `(code_lens * 1.72).long()` in float32."""
-    return int(np.float32(n_codes) * np.float32(MEL_FRAMES_PER_CODE))
 
 
 @torch.inference_mode()

@@ -3,7 +3,7 @@
 upstream: indextts/infer_v2.py — `IndexTTS2.infer_generator` (emotion-source order, alpha truncation,
 emotion-vector matrix), `IndexTTS2.normalize_emo_vec`, module-level `find_most_similar_cosine`,
 `QwenEmotion.inference`/`convert` (the response parsing half; the LLM itself is in
-export/qwen_emotion.py); indextts/gpt/model_v2.py:`UnifiedVoice.merge_emovec` (the final combine).
+runtime/emotion_llm.py); indextts/gpt/model_v2.py:`UnifiedVoice.merge_emovec` (the final combine).
 UPSTREAM.md §2.2, §2.5, §2.7 step 1, §2.11.
 
 Torch-free on purpose: the runtime resolves emotions without PyTorch. The user-facing emotion vector is

@@ -30,3 +30,8 @@ class ParityError(ToolkitError):
 
 class EngineMismatchError(ToolkitError):
     """An engine artifact was built for another graph, precision, TensorRT version or GPU."""
+
+
+class BackendError(ToolkitError):
+    """A backend cannot run here or failed while running: unknown name, missing package or GPU,
+    an execution provider that did not activate, a runtime failure inside the backend."""

@@ -8,7 +8,9 @@ written here once, by the export side, and read back here. A manifest of another
 version is refused with a `ContractError` that says to rebuild; a missing or altered graph file is a
 `CheckpointError` naming it. Torch-free (stdlib only).
 
-Layout of `OUT/`: `manifest.json`, `onnx/<graph>.onnx` (+ `<graph>.onnx.data` over 2 GB).
+Layout of `OUT/`: `manifest.json`, `onnx/<graph>.onnx` (+ `<graph>.onnx.data` over 2 GB), `assets/` (what
+the runtime needs besides the graphs, torch-free: `bpe.model`, `glossary.yaml` when the checkpoint has
+one, `emotion_matrices.npz` = feat1.pt / feat2.pt as float32 arrays).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .contracts import CONTRACT_VERSION, DERIVED_AXES, DYNAMIC_AXES, AxisRange, GraphContract, ModelDims, TensorSpec
+from .emotion import DEFAULT_EMO_NUM
 from .errors import CheckpointError, ContractError
 from .generate import GenerationConfig
 
@@ -30,6 +33,7 @@ FORMAT = "indextts2-engines/manifest"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ONNX_DIR = "onnx"
+ASSETS_DIR = "assets"
 
 Dim = int | str
 
@@ -139,6 +143,34 @@ class SynthesisDefaults:
     cfg_rate: float = 0.7
 
 
+@dataclass(frozen=True)
+class AssetFile:
+    """A non-graph file the runtime reads; `file` is relative to the manifest's directory."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RuntimeAssets:
+    """What the runtime needs from the checkpoint besides the graphs, copied into the export directory so
+    the runtime never reads the checkpoint (and never needs torch to read `.pt` files).
+
+    `emotion_llm`: absolute path of the checkpoint's emotion LLM directory (qwen0.6bemo4-merge), not
+    copied (1.2 GB); "" when the checkpoint has none. Emotion from text is the one runtime feature that
+    needs transformers + torch on the host (UPSTREAM §2.11: it is an LLM, not an exported graph)."""
+
+    bpe: AssetFile | None = None
+    glossary: AssetFile | None = None
+    emotion_matrices: AssetFile | None = None      # npz: feat1 (sum(emo_num), 192), feat2 (sum(emo_num), D)
+    emo_num: tuple[int, ...] = DEFAULT_EMO_NUM
+    emotion_llm: str = ""
+
+    def files(self) -> dict[str, AssetFile]:
+        return {k: v for k, v in (("bpe", self.bpe), ("glossary", self.glossary),
+                                  ("emotion_matrices", self.emotion_matrices)) if v is not None}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The manifest
 
@@ -154,6 +186,7 @@ class Manifest:
     kv_cache: KVCacheLayout = KVCacheLayout()
     sampling: GenerationConfig = GenerationConfig()   # upstream infer_v2 defaults (beam sampling, 3 beams)
     synthesis: SynthesisDefaults = SynthesisDefaults()
+    assets: RuntimeAssets = RuntimeAssets()
     contract_version: int = CONTRACT_VERSION
     format_version: int = FORMAT_VERSION
 
@@ -185,6 +218,7 @@ class Manifest:
                 kv_cache=_flat(KVCacheLayout, data["kv_cache"]),
                 sampling=_flat(GenerationConfig, data["sampling"]),
                 synthesis=_flat(SynthesisDefaults, data["synthesis"]),
+                assets=_assets_from(data.get("assets", {})),
                 contract_version=int(data["contract_version"]),
                 format_version=int(data["format_version"]),
             )
@@ -263,6 +297,12 @@ def file_problems(manifest: Manifest, root: str | Path, check_hashes: bool = Fal
                 problems.append(f"graph '{entry.name}': file {rel} is missing")
             elif check_hashes and sha256_file(p) != digest:
                 problems.append(f"graph '{entry.name}': {rel} does not match its recorded sha256")
+    for role, asset in manifest.assets.files().items():
+        p = Path(root) / asset.file
+        if not p.is_file():
+            problems.append(f"runtime asset '{role}': file {asset.file} is missing")
+        elif check_hashes and sha256_file(p) != asset.sha256:
+            problems.append(f"runtime asset '{role}': {asset.file} does not match its recorded sha256")
     return problems
 
 
@@ -326,6 +366,16 @@ def _checkpoint_from(d: Mapping[str, Any]) -> CheckpointIdentity:
     files = {str(k): CheckpointFile(str(v["sha256"]), int(v["size"]), int(v["mtime_ns"]))
              for k, v in d["files"].items()}
     return CheckpointIdentity(str(d["path"]), str(d["config_sha256"]), files)
+
+
+def _assets_from(d: Mapping[str, Any]) -> RuntimeAssets:
+    def asset(v: Any) -> AssetFile | None:
+        return None if v is None else AssetFile(str(v["file"]), str(v["sha256"]))
+
+    return RuntimeAssets(bpe=asset(d.get("bpe")), glossary=asset(d.get("glossary")),
+                         emotion_matrices=asset(d.get("emotion_matrices")),
+                         emo_num=tuple(int(n) for n in d.get("emo_num", DEFAULT_EMO_NUM)),
+                         emotion_llm=str(d.get("emotion_llm", "")))
 
 
 def _flat(cls: type, d: Mapping[str, Any]) -> Any:

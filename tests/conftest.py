@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: where the golden fixtures live, and the GPU marker."""
+"""Shared pytest fixtures: where the golden fixtures live, the tiny demo checkpoint and its export."""
 
 from __future__ import annotations
 
@@ -16,6 +16,26 @@ def fixtures_root() -> Path:
     if not (SHARED_FIXTURES / "README.md").is_file():
         pytest.fail(f"golden fixtures not found at {SHARED_FIXTURES} (set INDEXTTS_FIXTURES)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """The tiny demo checkpoint (seed 0), written once per session; tests must not modify it."""
+    from export.demo import write_demo
+
+    return write_demo(tmp_path_factory.mktemp("tiny_ckpt") / "ckpt", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_ckpt, tmp_path_factory):
+    """Every registered graph of the tiny demo exported once per session (a couple of minutes on 2 cores):
+    -> (export directory, BuildReport). Tests must not modify it (copy it first)."""
+    from export.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("export") / "out"
+    report = build(BuildOptions(tiny_ckpt, out, "fp16"))
+    assert not report.failed, report.failed
+    return out, report
 
 
 def run_fixture_calls(fixtures_root: Path, name: str) -> list:

@@ -36,20 +36,10 @@ from runtime.errors import CheckpointError, ContractError
 from runtime.manifest import (FORMAT_VERSION, CheckpointFile, CheckpointIdentity, Manifest, graph_entry,
                               read_manifest, write_manifest)
 
-# the exporter's known noise (torch 2.13): a deprecation inside torch.export, and a note on shared Dims
-pytestmark = [pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\).*:FutureWarning"),
-              pytest.mark.filterwarnings(r"ignore:.*will not be used, since it shares.*:UserWarning")]
 
 TINY_DIMS = dict(sem_dim=64, model_dim=64, content_dim=48, vocab=258, layers=2, heads=4, head_dim=16,
                  style_dim=192, n_latents=32, mel_bins=80, feat_dim=160, fbank_bins=80,
                  text_vocab=512, max_text_tokens=120, max_mel_tokens=250)
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    from export.demo import write_demo
-
-    return write_demo(tmp_path_factory.mktemp("tiny_ckpt") / "ckpt", size="tiny", seed=0)
 
 
 def _copy_ckpt(src: Path, dst: Path) -> Path:
@@ -424,18 +414,11 @@ def test_every_contract_has_a_wrapper_feed_rule_ranges_and_sizes():
 
 
 @pytest.fixture(scope="session")
-def built(tiny_ckpt, tmp_path_factory):
-    from export.wrappers import all_wrappers
-
-    if not all_wrappers():
-        pytest.skip("no export wrappers registered yet")
-    out = tmp_path_factory.mktemp("export") / "out"
-    report = build(BuildOptions(tiny_ckpt, out, "fp16"))
-    assert not report.failed, report.failed
-    return out, report
+def built(tiny_export):
+    return tiny_export
 
 
-def test_build_writes_every_registered_graph(built):
+def test_build_writes_every_registered_graph(built, tiny_ckpt):
     from export.wrappers import all_wrappers
 
     out, report = built
@@ -444,6 +427,12 @@ def test_build_writes_every_registered_graph(built):
     assert manifest.dims == ModelDims(**TINY_DIMS) and manifest.precision == "fp16"
     assert manifest.gpt.max_text_tokens == 120 and manifest.gpt.stop_mel_token == 257
     assert all(e.opset >= 18 for e in manifest.graphs.values())
+    assets = manifest.assets
+    assert assets.bpe is not None and assets.emotion_matrices is not None and assets.emo_num == (3, 17, 2, 8, 4, 5, 10, 24)
+    assert (out / assets.bpe.file).read_bytes() == (tiny_ckpt / "bpe.model").read_bytes()
+    assert Path(assets.emotion_llm) == (tiny_ckpt / "qwen0.6bemo4-merge").resolve()
+    with np.load(out / assets.emotion_matrices.file) as data:
+        np.testing.assert_array_equal(data["feat2"], torch.load(tiny_ckpt / "feat2.pt", weights_only=True).numpy())
 
 
 def test_graph_io_equals_the_contracts(built, tiny_ckpt):

@@ -18,7 +18,7 @@ import torch
 from export.eager import EagerModels
 from export.onnx_export import export_onnx, run_onnx
 from export.wrappers.audio import WRAPPERS
-from runtime.contracts import DYNAMIC_AXES, ModelDims, build_contracts
+from runtime.contracts import ModelDims, build_contracts
 
 GRAPHS = ("semantic_encoder", "semantic_codec", "campplus", "length_regulator", "dit_step", "bigvgan")
 

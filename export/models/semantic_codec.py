@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.errors import CheckpointError
 
 from ..checkpoint import fold_weight_norm, load_into, read_safetensors, unfold_weight_norm
 from ..config import SemanticCodecConfig

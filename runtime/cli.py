@@ -1,0 +1,158 @@
+"""`python -m runtime synthesize|inspect`: the torch-free command line.
+
+    python -m runtime synthesize --engines OUT --speaker ref.wav --text "..." --out out.wav [--stream]
+    python -m runtime inspect OUT [--hashes]
+
+`synthesize` runs every mode of upstream's `infer` (voice cloning, emotion audio + alpha, emotion
+vector, emotion from text) on the graphs of an export directory with the chosen backend, shows progress
+per segment, and writes a 22.05 kHz 16-bit WAV: atomically, or with `--stream` progressively (each
+segment appended as soon as it is ready; the time to first audio is reported). Any failure leaves no
+output file. `inspect` prints the manifest, the graphs and which backends can run them here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .cli_args import add_generation_args, add_input_args, decoder_settings, generation_config, synthesis_request
+from .errors import ToolkitError
+from .executors import BACKENDS, AUTO_ORDER, OrtOptions, backend_status
+from .manifest import file_problems, read_manifest
+from .wav import StreamingWavWriter, check_output_path, write_wav_atomic
+
+log = logging.getLogger("runtime")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description="IndexTTS2 on exported graphs "
+                                     "(ONNX Runtime or TensorRT), without PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    syn = sub.add_parser("synthesize", help="text + speaker reference -> WAV")
+    syn.add_argument("--engines", type=Path, required=True, help="export directory (python -m export.build --out)")
+    add_input_args(syn)
+    add_generation_args(syn)
+    b = syn.add_argument_group("backend")
+    b.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)} (auto: first usable of "
+                   f"{' > '.join(AUTO_ORDER)})")
+    b.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    b.add_argument("--normalizer", default="auto", choices=("auto", "wetext", "fallback"),
+                   help="text normalizer backend")
+    syn.add_argument("--stream", action="store_true", help="write each segment as soon as it is ready")
+    syn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    ins = sub.add_parser("inspect", help="show an export directory: manifest, graphs, usable backends")
+    ins.add_argument("engines", type=Path, help="export directory")
+    ins.add_argument("--hashes", action="store_true", help="also check every file's sha256 (reads them all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("runtime").setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        if args.command == "synthesize":
+            return synthesize(args)
+        return inspect(args)
+    except ToolkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def synthesize(args: argparse.Namespace) -> int:
+    from .synthesizer import Synthesizer
+
+    t0 = time.perf_counter()
+    request = synthesis_request(args)            # every argument checked before anything is loaded
+    generation, decoder = generation_config(args), decoder_settings(args)
+    if args.threads < 0:
+        raise ToolkitError(f"--threads must be >= 0, got {args.threads}")
+    check_output_path(args.out)
+    tts = Synthesizer(args.engines, args.backend, ort_options=OrtOptions(intra_op_threads=args.threads or None),
+                      normalizer=args.normalizer, emo_text_max_new_tokens=args.emo_text_max_tokens)
+    t_loaded = time.perf_counter()
+    segments = []
+    first_audio = None
+    if args.stream:
+        with StreamingWavWriter(args.out, tts.sample_rate) as writer:
+            gap = None
+            for seg in tts.synthesize_segments(request, generation, decoder, seed=args.seed):
+                if segments:
+                    from .request import silence
+
+                    gap = gap if gap is not None else silence(tts.sample_rate, request.interval_silence_ms)
+                    writer.write(gap)
+                writer.write(seg.pcm)
+                segments.append(seg)
+                if first_audio is None:
+                    first_audio = time.perf_counter() - t_loaded
+                    print(f"first audio after {first_audio:.2f} s (segment 1/{seg.count}, "
+                          f"{seg.pcm.size / tts.sample_rate:.2f} s of audio)", flush=True)
+            samples = writer.samples
+        emotion = "streamed"
+    else:
+        result = tts.synthesize(request, generation, decoder, seed=args.seed)
+        write_wav_atomic(args.out, result.pcm, result.sample_rate)
+        segments, samples, emotion = result.segments, result.pcm.size, result.emotion.source
+    wall = time.perf_counter() - t_loaded
+    seconds = samples / tts.sample_rate
+    codes = sum(s.codes.size for s in segments)
+    rtf = f", RTF {wall / seconds:.2f}" if seconds > 0 else ""
+    source = f", emotion from {emotion}" if emotion != "streamed" else ""
+    print(f"wrote {args.out}: {seconds:.2f} s of audio, {len(segments)} segment(s), {codes} codes{source}; "
+          f"backend {tts.backend}, load {t_loaded - t0:.1f} s, synthesis {wall:.1f} s{rtf}")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    root = args.engines
+    manifest = read_manifest(root, check_files=False)
+    problems = file_problems(manifest, root, check_hashes=args.hashes)
+    ck = manifest.checkpoint
+    print(f"export directory: {root}")
+    print(f"checkpoint: {ck.path} (config sha256 {ck.config_sha256[:12]}, {len(ck.files)} files)")
+    print(f"contract version {manifest.contract_version}, manifest format {manifest.format_version}, "
+          f"engine precision {manifest.precision}")
+    d = manifest.dims
+    print(f"model: GPT {d.layers} layers x {d.heads} heads x {d.head_dim}, width {d.model_dim}, "
+          f"{d.vocab} mel codes; semantic width {d.sem_dim}")
+    print("tools: " + ", ".join(f"{k} {v}" for k, v in manifest.tools.items()))
+    print("graphs:")
+    for name, entry in manifest.graphs.items():
+        path = entry.path(root)
+        size = path.stat().st_size if path.is_file() else 0
+        size += sum((path.parent / f).stat().st_size for f in entry.external_data if (path.parent / f).is_file())
+        ins = ", ".join(f"{t.name}{_shape(t.shape)}" for t in entry.inputs if not t.name.startswith("kv_cache."))
+        caches = sum(t.name.startswith("kv_cache.") for t in entry.inputs)
+        if caches:
+            ins += f", kv_cache.0..{caches - 1}"
+        outs = ", ".join(f"{t.name}{_shape(t.shape)}" for t in entry.outputs)
+        ranges = ", ".join(f"{a} {r.min}..{r.opt}..{r.max}" for a, r in entry.ranges.items())
+        print(f"  {name:20s} {size / 2**20:9.1f} MiB  ({ins}) -> ({outs})  [{ranges}]")
+    assets = manifest.assets
+    print("runtime assets: " + (", ".join(f"{k} {v.file}" for k, v in assets.files().items()) or "none "
+                                "(re-run export.build)")
+          + f"; emotion LLM: {assets.emotion_llm or 'none'}")
+    print("backends:")
+    for name in AUTO_ORDER:
+        status = backend_status(name, root)
+        print(f"  {name:9s} {'yes' if status.ok else 'no '}  {status.detail}")
+    if problems:
+        print("problems:")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print("files: all present" + (" and matching their sha256" if args.hashes else ""))
+    return 0
+
+
+def _shape(shape: Sequence[object]) -> str:
+    return "(" + ",".join(str(d) for d in shape) + ")"

@@ -1,0 +1,110 @@
+"""Backends and the set of executors one synthesizer uses.
+
+`--backend` names: `ort-cpu`, `ort-cuda`, `trt`, and `auto` (trt > ort-cuda > ort-cpu: the first that
+can really run here). `backend_status` says for each whether it can run and why not; `GraphSet` opens
+one executor per graph lazily (a graph nobody calls is never loaded) and keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from ..errors import BackendError, InputError
+from ..gpu import Probe, cuda_devices, tensorrt
+from ..manifest import Manifest
+from .base import Executor, Feed, check_feed
+from .ort import OrtExecutor, OrtOptions, cuda_provider_available, import_ort
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu")
+AUTO_ORDER = ("trt", "ort-cuda", "ort-cpu")
+ENGINES_DIR = "engines"
+
+__all__ = ["BACKENDS", "Executor", "Feed", "GraphSet", "OrtExecutor", "OrtOptions", "backend_status",
+           "check_feed", "open_executor", "resolve_backend"]
+
+
+def backend_status(backend: str, root: str | Path | None = None) -> Probe:
+    """Whether `backend` can run the graphs of the export directory `root` here (never raises)."""
+    if backend == "ort-cpu":
+        try:
+            ort = import_ort()
+        except BackendError as err:
+            return Probe(False, str(err))
+        return Probe(True, f"onnxruntime {ort.__version__}, CPU")
+    if backend == "ort-cuda":
+        if not cuda_provider_available():
+            return Probe(False, "this onnxruntime has no CUDA execution provider (needs onnxruntime-gpu)")
+        gpu = cuda_devices()
+        return Probe(gpu.ok, f"onnxruntime CUDA provider, {gpu.detail}" if gpu.ok else gpu.detail)
+    if backend == "trt":
+        probe = tensorrt()
+        if not probe.ok:
+            return probe
+        plans = sorted((Path(root) / ENGINES_DIR).glob("*.plan")) if root is not None else []
+        if not plans:
+            return Probe(False, f"no TensorRT engines in {Path(root or '.') / ENGINES_DIR} "
+                                "(build them with python -m export.build on this GPU machine)")
+        return Probe(False, "the TensorRT executor is not part of this build yet (engines issue)")
+    return Probe(False, f"unknown backend {backend!r}")
+
+
+def resolve_backend(requested: str, root: str | Path | None = None) -> str:
+    """The backend to use for `requested` ('auto' picks the first usable of trt, ort-cuda, ort-cpu)."""
+    if requested not in BACKENDS:
+        raise InputError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        status = backend_status(requested, root)
+        if not status.ok:
+            raise BackendError(f"backend {requested} cannot run here: {status.detail}")
+        return requested
+    reasons = []
+    for name in AUTO_ORDER:
+        status = backend_status(name, root)
+        if status.ok:
+            log.info("backend auto -> %s (%s)", name, status.detail)
+            return name
+        reasons.append(f"{name}: {status.detail}")
+    raise BackendError("no backend can run here:\n  " + "\n  ".join(reasons))
+
+
+def open_executor(manifest: Manifest, root: str | Path, name: str, backend: str,
+                  ort_options: OrtOptions = OrtOptions()) -> Executor:
+    entry = manifest.graph(name)
+    if backend in ("ort-cpu", "ort-cuda"):
+        return OrtExecutor(entry, root, backend, ort_options)
+    if backend == "trt":
+        raise BackendError("the TensorRT executor is not part of this build yet (engines issue); "
+                           "use --backend ort-cuda or ort-cpu")
+    raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class GraphSet(Mapping[str, Executor]):
+    """The executors of one export directory on one backend, opened on first use (thread-safe)."""
+
+    def __init__(self, manifest: Manifest, root: str | Path, backend: str,
+                 ort_options: OrtOptions = OrtOptions()) -> None:
+        self.manifest, self.root, self.backend, self.ort_options = manifest, Path(root), backend, ort_options
+        self._open: dict[str, Executor] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> Executor:
+        with self._lock:
+            if name not in self._open:
+                self._open[name] = open_executor(self.manifest, self.root, name, self.backend, self.ort_options)
+            return self._open[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.manifest.graphs)
+
+    def __len__(self) -> int:
+        return len(self.manifest.graphs)
+
+    def open_all(self) -> None:
+        """Load every graph now (benchmarks and servers: no first-request loading delay)."""
+        for name in self.manifest.graphs:
+            self[name]

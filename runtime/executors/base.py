@@ -1,0 +1,110 @@
+"""The one executor interface every backend implements: named inputs -> named outputs.
+
+DESIGN.md §4. The orchestration (runtime/synthesizer.py) and the decode loop never know which backend
+runs a graph; they hand an executor a feed (`dict[str, np.ndarray]`, the contract names of DESIGN.md §3)
+and read its outputs by name. Backends: ONNX Runtime (runtime/executors/ort.py), eager PyTorch
+(export/torch_executor.py, the parity reference) and TensorRT (the engines issue).
+
+Buffers: `run(feed, outputs=...)` may be given preallocated output arrays; a backend that can write into
+them (IO binding, device buffers) does so without allocating, which is how the decode step avoids any
+per-step allocation beyond the logits read-back. Without `outputs`, the returned arrays belong to the
+caller. Input arrays must stay unchanged until `run` returns (backends may bind them by address).
+
+Feeds are checked against the manifest's signature of the graph (names, dtypes, ranks, static sizes,
+one size per dynamic axis) so that a wrong feed is a `ContractError` naming the tensor, not an error
+from inside a library.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..errors import ContractError
+from ..manifest import GraphEntry, TensorSignature
+
+Feed = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs one graph."""
+
+    name: str                          # the graph (contract) name
+    backend: str                       # "ort-cpu", "ort-cuda", "trt", "torch"
+
+    def run(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None) -> Feed:
+        """Inputs by contract name -> every output by name (the `outputs` arrays themselves when given)."""
+        ...
+
+
+def check_feed(entry: GraphEntry, feed: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, int]:
+    """Check `feed` against the graph's input signature; -> the dynamic axis sizes it implies.
+
+    `names`: check only these inputs (the others were checked before and have not changed).
+    """
+    missing = [t.name for t in entry.inputs if t.name not in feed]
+    if missing:
+        raise ContractError(f"graph '{entry.name}': input(s) {missing} missing from the feed "
+                            f"(it needs {[t.name for t in entry.inputs]})")
+    unknown = sorted(set(feed) - {t.name for t in entry.inputs})
+    if unknown:
+        raise ContractError(f"graph '{entry.name}': the feed has inputs {unknown} the graph does not take "
+                            f"(it takes {[t.name for t in entry.inputs]})")
+    sizes: dict[str, int] = {}
+    for spec in entry.inputs:
+        if names is not None and spec.name not in names:
+            continue
+        _check_tensor(entry.name, spec, feed[spec.name], sizes)
+    return sizes
+
+
+def _check_tensor(graph: str, spec: TensorSignature, value: object, sizes: dict[str, int]) -> None:
+    where = f"graph '{graph}' input '{spec.name}'"
+    if not isinstance(value, np.ndarray):
+        raise ContractError(f"{where}: expected a numpy array, got {type(value).__name__}")
+    if value.dtype != np.dtype(spec.dtype):
+        raise ContractError(f"{where}: dtype {value.dtype}, the contract says {spec.dtype}")
+    if value.ndim != len(spec.shape):
+        raise ContractError(f"{where}: shape {value.shape} has rank {value.ndim}, the contract says "
+                            f"{len(spec.shape)} {tuple(spec.shape)}")
+    for axis, (dim, got) in enumerate(zip(spec.shape, value.shape)):
+        if isinstance(dim, int):
+            if got != dim:
+                raise ContractError(f"{where}: axis {axis} is {got}, the contract says {dim} "
+                                    f"(shape {value.shape} vs {tuple(spec.shape)})")
+        elif dim in sizes and sizes[dim] != got:
+            raise ContractError(f"{where}: axis {axis} ('{dim}') is {got}, another input has {dim} = {sizes[dim]}")
+        else:
+            sizes[dim] = int(got)
+    if not value.flags.c_contiguous:
+        raise ContractError(f"{where}: the array must be C-contiguous (pass np.ascontiguousarray(...))")
+
+
+def output_shapes(entry: GraphEntry, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...] | None]:
+    """Each output's shape at these axis sizes, or None when it depends on data (e.g. length_regulator's
+    max(ylens)) or on an axis no input carries."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for spec in entry.outputs:
+        try:
+            out[spec.name] = spec.concrete(sizes)
+        except KeyError:
+            out[spec.name] = None
+    return out
+
+
+def check_outputs(entry: GraphEntry, outputs: Mapping[str, np.ndarray], sizes: Mapping[str, int]) -> None:
+    """Preallocated output buffers must have the shape and dtype the graph will write."""
+    want = output_shapes(entry, sizes)
+    dtypes = {t.name: t.dtype for t in entry.outputs}
+    for name, buf in outputs.items():
+        if name not in want:
+            raise ContractError(f"graph '{entry.name}': no output named '{name}' (it has {list(want)})")
+        shape = want[name]
+        if shape is None:
+            raise ContractError(f"graph '{entry.name}': output '{name}' has a data-dependent shape; "
+                                "it cannot be preallocated")
+        if buf.shape != shape or buf.dtype != np.dtype(dtypes[name]) or not buf.flags.c_contiguous:
+            raise ContractError(f"graph '{entry.name}': output buffer '{name}' is {buf.dtype}{buf.shape}, "
+                                f"the graph writes {dtypes[name]}{shape} (C-contiguous)")

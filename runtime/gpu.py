@@ -1,0 +1,64 @@
+"""Is there an NVIDIA GPU, and is TensorRT usable? A probe that never raises.
+
+DESIGN.md §3 (export facts): cuda-python 13 imports as `cuda.bindings.runtime` (older releases as
+`cuda.cudart`), and `cudaGetDeviceCount` returns an error code instead of raising when there is no GPU.
+Both the engine builder (`engines.available`) and the runtime's backend choice (`--backend auto`,
+`python -m runtime inspect`) ask here, so they always agree. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Probe:
+    ok: bool
+    detail: str            # what was found, or why not
+
+
+def cudart():
+    """The cuda-python runtime module, or None when cuda-python is not installed."""
+    try:
+        from cuda.bindings import runtime  # type: ignore[import-not-found]
+        return runtime
+    except ImportError:
+        try:
+            from cuda import cudart as legacy  # type: ignore[import-not-found,no-redef]
+            return legacy
+        except ImportError:
+            return None
+
+
+def cuda_devices() -> Probe:
+    """How many CUDA devices cuda-python sees (never raises)."""
+    try:
+        rt = cudart()
+        if rt is None:
+            return Probe(False, "cuda-python is not installed (needed to find a GPU)")
+        err, count = rt.cudaGetDeviceCount()
+        if int(err) != 0:
+            return Probe(False, f"no CUDA GPU ({getattr(err, 'name', err)})")
+        if count == 0:
+            return Probe(False, "no CUDA GPU")
+        return Probe(True, f"{int(count)} CUDA device(s)")
+    except Exception as err:  # noqa: BLE001 — a probe reports, it never crashes the caller
+        return Probe(False, f"the CUDA probe failed: {type(err).__name__}: {err}")
+
+
+def tensorrt() -> Probe:
+    """TensorRT importable and a GPU present (never raises)."""
+    try:
+        if importlib.util.find_spec("tensorrt") is None:
+            return Probe(False, "tensorrt is not installed")
+        try:
+            import tensorrt as trt  # type: ignore[import-not-found]
+        except Exception as err:  # noqa: BLE001 — a broken install (missing libnvinfer) raises anything
+            return Probe(False, f"tensorrt cannot be imported ({type(err).__name__}: {err})")
+        gpu = cuda_devices()
+        if not gpu.ok:
+            return gpu
+        return Probe(True, f"TensorRT {getattr(trt, '__version__', '?')}, {gpu.detail}")
+    except Exception as err:  # noqa: BLE001
+        return Probe(False, f"the TensorRT/GPU probe failed: {type(err).__name__}: {err}")
