@@ -10,6 +10,7 @@ facts are mirrored into the ONNX `metadata_props` so a lone .onnx file still say
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import logging
@@ -51,14 +52,56 @@ def _tensors(graph: onnx.GraphProto):
 
 
 def stamp_metadata(path: str | Path, facts: Mapping[str, str]) -> None:
-    """Set `facts` as metadata_props of the model at `path` (external data stays where it is)."""
+    """Set `facts` as metadata_props of the model at `path` and give its nodes readable names (external
+    data stays where it is)."""
     model = onnx.load(str(path), load_external_data=False)
+    readable_node_names(model)
     props = {p.key: p.value for p in model.metadata_props}
     props.update({k: str(v) for k, v in facts.items()})
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
+
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def readable_node_names(model: onnx.ModelProto) -> int:
+    """Rename each node `<module path>/<torch op>/<ONNX op>` from the dynamo exporter's name-scope
+    metadata, e.g. `bigvgan.resblocks.0.activations.2.act/sin_8/Sin` or
+    `regulator.model.1/group_norm/ReduceMean`; -> how many nodes were renamed.
+
+    Why: TensorRT names its layers after the ONNX nodes, and the precision policy (which layers stay fp32
+    in an fp16 engine, chosen per module by the calibration analysis) matches layer names by module path.
+    The exporter's own names (`node_sin_8`) say nothing about where a node comes from. Nodes without the
+    metadata keep their names; names stay unique.
+    """
+    taken = {n.name for n in model.graph.node}
+    renamed = 0
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        if not scopes:
+            continue
+        try:
+            parts = [str(s) for s in ast.literal_eval(scopes)]
+        except (ValueError, SyntaxError):
+            continue
+        module = next((s for s in reversed(parts[:-1]) if s), "")
+        if not module or not parts[-1]:
+            continue
+        name = f"{module}/{parts[-1]}/{node.op_type}"
+        if name == node.name:
+            continue
+        base, k = name, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.discard(node.name)
+        taken.add(name)
+        node.name = name
+        renamed += 1
+    return renamed
 
 
 def check_model(path: str | Path, contract: GraphContract, dims: ModelDims) -> None:

@@ -126,7 +126,8 @@ def generate(steps: GptSteps, spk_latent: np.ndarray, emovec: np.ndarray, text_i
     kv = out["kv"]
     prompt_rows = kv.shape[4]
     beams = config.num_beams
-    cache = KVCache.from_prefill(kv, beams, prompt_rows + max_new - 1, cache_buckets)
+    make_cache = getattr(steps, "new_cache", None) or KVCache.from_prefill     # device caches: engines
+    cache = make_cache(kv, beams, prompt_rows + max_new - 1, cache_buckets)
     logits = np.repeat(np.asarray(out["logits"], np.float32).reshape(1, -1), beams, axis=0)   # (B, V)
     loop = _Loop(steps, geom, config, cache, draws, StepTrace() if record else None)
     result = loop.sample(logits, max_new, prompt_rows) if beams == 1 else loop.beam(logits, max_new, prompt_rows)

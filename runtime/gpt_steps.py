@@ -46,8 +46,29 @@ class GptGeometry:
     max_mel_tokens: int      # upstream's max_generate_length default is 1500, capped by this
 
 
+class KVCacheLike(Protocol):
+    """What the decode loop needs of a KV cache (runtime/kv_cache.py:KVCache on the host; a device cache
+    for the TensorRT executor): decode feeds that stay valid until `version` changes, one write of a
+    step's `kv_new` at the next row, and an in-place beam reorder."""
+
+    version: int
+    length: int
+
+    def feeds(self) -> dict: ...
+
+    def append(self, kv_new: object) -> None: ...
+
+    def reorder(self, beam_indices: np.ndarray) -> None: ...
+
+
 class GptSteps(Protocol):
-    """Something that runs the two GPT graphs."""
+    """Something that runs the two GPT graphs.
+
+    Optionally it also provides `new_cache(kv, beams, max_rows, buckets) -> KVCacheLike`, called with the
+    prefill's `kv` output; executors that keep K/V on a device use it to keep the cache there (its
+    `feeds()` then hold device views and `kv_new` stays a device buffer). Without it the loop keeps a
+    host KVCache.
+    """
 
     geometry: GptGeometry
 

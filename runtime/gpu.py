@@ -62,3 +62,35 @@ def tensorrt() -> Probe:
         return Probe(True, f"TensorRT {getattr(trt, '__version__', '?')}, {gpu.detail}")
     except Exception as err:  # noqa: BLE001
         return Probe(False, f"the TensorRT/GPU probe failed: {type(err).__name__}: {err}")
+
+
+def gpu_info(device: int = 0):
+    """The GpuInfo (name, compute capability) of CUDA device `device`, or None without a usable GPU.
+
+    cudaGetDeviceProperties returns (cudaError_t, cudaDeviceProp); `prop.name` is bytes (char[256]).
+    """
+    from .engine_plan import GpuInfo
+
+    try:
+        rt = cudart()
+        if rt is None:
+            return None
+        err, prop = rt.cudaGetDeviceProperties(device)
+        if int(err) != 0:
+            return None
+        name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+        return GpuInfo(name.strip(), f"{int(prop.major)}.{int(prop.minor)}")
+    except Exception:  # noqa: BLE001 — a probe reports, it never crashes the caller
+        return None
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT's version string, or None (never raises)."""
+    try:
+        if importlib.util.find_spec("tensorrt") is None:
+            return None
+        import tensorrt as trt  # type: ignore[import-not-found]
+
+        return str(trt.__version__)
+    except Exception:  # noqa: BLE001
+        return None

@@ -29,6 +29,30 @@ def bucket_for(rows: int, buckets: Sequence[int], max_rows: int) -> int:
     return max(rows, max_rows)
 
 
+def reorder_moves(beam_indices: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+    """The in-place copies that make beam b hold what beam `beam_indices[b]` held: (dst, src) pairs in
+    execution order, where PARKED as dst means "copy src into the one-beam spare slot" and PARKED as src
+    means "copy the spare slot into dst".
+
+    A destination is written only once no pending move still reads it; a cycle (a permutation of beams)
+    is broken by parking one beam in the spare slot. Beams that keep their own rows are not touched.
+    Pure bookkeeping, shared by the host cache here and the device cache of the TensorRT executor.
+    """
+    moves: list[tuple[int, int]] = []
+    pending = {dst: int(src) for dst, src in enumerate(np.asarray(beam_indices).tolist()) if int(src) != dst}
+    while pending:
+        sources = set(pending.values())
+        ready = [dst for dst in pending if dst not in sources]
+        if not ready:                                    # only cycles left: park one beam
+            parked = next(iter(pending))
+            moves.append((PARKED, parked))
+            pending = {d: (PARKED if s == parked else s) for d, s in pending.items()}
+            continue
+        for dst in ready:
+            moves.append((dst, pending.pop(dst)))
+    return moves
+
+
 class KVCache:
     """Static KV cache for `batch` rows (beams) that all hold the same number of filled positions."""
 
@@ -101,26 +125,14 @@ class KVCache:
         self.mask[:, :n] = old_mask[:, :n]
 
     def reorder(self, beam_indices: np.ndarray) -> None:
-        """Beam b takes the filled rows of beam `beam_indices[b]` (a gather on axis 2, done in place).
-
-        Destinations are written only once no pending move still reads them; a cycle (a permutation of
-        beams) is broken by parking one beam in a spare slot.
-        """
-        pending = {dst: int(src) for dst, src in enumerate(beam_indices.tolist()) if int(src) != dst}
-        while pending:
-            sources = set(pending.values())
-            ready = [dst for dst in pending if dst not in sources]
-            if not ready:                                    # only cycles left: park one beam
-                parked = next(iter(pending))
-                self._copy_rows(self._spare_slot(), self.buffer[:, :, parked])
-                pending = {d: (PARKED if s == parked else s) for d, s in pending.items()}
-                continue
-            for dst in ready:
-                src = pending.pop(dst)
-                if src == PARKED:
-                    self._copy_rows(self.buffer[:, :, dst], self._spare_slot())
-                else:
-                    self._move_beam(dst, src)
+        """Beam b takes the filled rows of beam `beam_indices[b]` (a gather on axis 2, done in place)."""
+        for dst, src in reorder_moves(beam_indices):
+            if dst == PARKED:
+                self._copy_rows(self._spare_slot(), self.buffer[:, :, src])
+            elif src == PARKED:
+                self._copy_rows(self.buffer[:, :, dst], self._spare_slot())
+            else:
+                self._move_beam(dst, src)
 
     def _spare_slot(self) -> np.ndarray:
         if self._spare is None:

@@ -447,6 +447,19 @@ def test_graph_io_equals_the_contracts(built, tiny_ckpt):
         assert props["indextts2.graph"] == name and props["indextts2.fingerprint"] == entry.fingerprint
 
 
+def test_graph_nodes_are_named_by_module_path(built):
+    """TensorRT layer names come from the ONNX node names; the precision policy matches module paths."""
+    out, _ = built
+    manifest = read_manifest(out)
+    model = onnx.load(str(out / manifest.graph("bigvgan").file), load_external_data=False)
+    names = [n.name for n in model.graph.node]
+    assert len(set(names)) == len(names)
+    snake = [n for n in names if n.startswith("bigvgan.resblocks.0.activations.") and ".act/" in n]
+    assert snake and any(n.endswith("/Sin") for n in snake)
+    regulator = onnx.load(str(out / manifest.graph("length_regulator").file), load_external_data=False)
+    assert any(n.name.endswith("/Floor") and n.name.startswith("regulator/") for n in regulator.graph.node)
+
+
 def test_verify_passes_every_graph(built, capsys):
     from export.verify import main
 
