@@ -1,19 +1,40 @@
-"""ONNX -> TensorRT plans (DESIGN.md §5). This issue provides only the seam `export.build` calls:
+"""ONNX -> TensorRT plans (DESIGN.md §5): one plan per graph and precision under `OUT/engines/`.
 
 - `available() -> (bool, reason)`: whether TensorRT and an NVIDIA GPU are usable here. It never
   raises and imports nothing heavy at module level (tensorrt is imported lazily, STYLE.md practice 8),
   so `engines` imports everywhere.
-- `build_all(manifest, out, precision)`: one plan per graph of the manifest. The builder itself is a
-  later issue; until then it raises NotImplementedError and `export.build` reports engines as skipped.
+- `build_all(manifest, out, precision, ...)`: every graph's plan, reused when its key (graph, ONNX
+  sha256, precision, profiles, TensorRT version, GPU, precision policy) is unchanged, else built
+  (engines/builder.py); fp16 keeps the precision policy's fp32 islands (engines/precision.py); int8
+  needs a calibrator (engines/calibration_hook.py). One failed graph does not stop the others; the
+  failures are raised together at the end (`EngineBuildFailures`, which also lists what was built).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
+
+from runtime.errors import BackendError, InputError, ToolkitError
 
 if TYPE_CHECKING:
+    from runtime.engine_plan import GpuInfo
     from runtime.manifest import Manifest
+
+    from .calibration_hook import CalibratorFactory
+
+log = logging.getLogger(__name__)
+
+
+class EngineBuildFailures(BackendError):
+    """Some graphs' plans could not be built. `built`: plans that are ready; `failed`: graph -> reason."""
+
+    def __init__(self, built: list[Path], failed: dict[str, str]) -> None:
+        self.built, self.failed = built, failed
+        lines = "\n".join(f"  - {name}: {why}" for name, why in failed.items())
+        super().__init__(f"{len(failed)} engine(s) failed to build ({len(built)} ready):\n{lines}")
 
 
 def available() -> tuple[bool, str]:
@@ -26,6 +47,52 @@ def available() -> tuple[bool, str]:
     return probe.ok, probe.detail
 
 
-def build_all(manifest: "Manifest", out: str | Path, precision: str) -> list[Path]:
-    """Build one TensorRT plan per graph of `manifest` under `out/engines/` (the engines issue)."""
-    raise NotImplementedError("the TensorRT engine builder is not written yet (engines issue)")
+def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path: str | Path | None = None,
+              workspace_gib: float = 4.0, graphs: Sequence[str] | None = None,
+              calibrator: "CalibratorFactory | None" = None, *, trt: Any = None,
+              gpu: "GpuInfo | None" = None) -> list[Path]:
+    """Build (or reuse) one plan per graph of `manifest` (or of `graphs`) under `out/engines/`.
+
+    `policy_path`: a precision policy file (e.g. a calibration run's precision_policy.json) instead of the
+    shipped default; `workspace_gib`: TensorRT's workspace pool limit; `calibrator`: the INT8 hook
+    (required for int8). `trt` / `gpu` replace the tensorrt module and the GPU identity (tests).
+    -> the plan paths, in manifest order. Raises EngineBuildFailures after trying every graph."""
+    from runtime.engine_plan import PRECISIONS
+
+    from .builder import GIB, BuildSettings, ensure_plan, import_tensorrt
+    from .precision import load_policy
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    names = list(graphs) if graphs else list(manifest.graphs)
+    unknown = [n for n in names if n not in manifest.graphs]
+    if unknown:
+        raise InputError(f"graphs {unknown} are not in the manifest (it has: {', '.join(manifest.graphs)})")
+    if workspace_gib <= 0:
+        raise InputError(f"workspace {workspace_gib} GiB: must be positive")
+    settings = BuildSettings(precision, load_policy(policy_path), int(workspace_gib * GIB), calibrator)
+    trt = trt if trt is not None else import_tensorrt()
+    if gpu is None:
+        from runtime.gpu import gpu_info
+
+        gpu = gpu_info(settings.device)
+        if gpu is None:
+            raise BackendError(f"no usable CUDA GPU (device {settings.device}): TensorRT engines cannot be built here")
+    log.info("engines: %s, TensorRT %s on %s, policy %s", precision, trt.__version__, gpu.describe(),
+             settings.policy.source if precision != "fp32" else "-")
+    built: list[Path] = []
+    failed: dict[str, str] = {}
+    for i, name in enumerate(names, 1):
+        tag = f"[{i}/{len(names)}] {name}"
+        t0 = time.perf_counter()
+        try:
+            outcome = ensure_plan(manifest.graph(name), out, settings, trt=trt, gpu=gpu, tag=tag)
+        except Exception as err:  # noqa: BLE001 — reported per graph; the others are still built
+            log.error("%s: engine FAILED after %.1f s: %s", tag, time.perf_counter() - t0, err,
+                      exc_info=not isinstance(err, ToolkitError))
+            failed[name] = f"{type(err).__name__}: {err}"
+            continue
+        built.append(outcome.plan)
+    if failed:
+        raise EngineBuildFailures(built, failed)
+    return built

@@ -92,7 +92,11 @@ class BuildReport:
     exported: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-    engines: str = ""
+    engines: str = ""                          # run_engines' one-line outcome ("... FAILED ..." on failure)
+
+    @property
+    def engines_failed(self) -> bool:
+        return "FAILED" in self.engines
 
 
 @dataclass(frozen=True)
@@ -466,7 +470,9 @@ def gpt_tokens(cfg: IndexTTS2Config) -> GptTokens:
 
 
 def run_engines(manifest: Manifest, out: Path, precision: str) -> str:
-    """TensorRT plans where TensorRT and a GPU are present; otherwise say why not, and succeed."""
+    """TensorRT plans (reused when unchanged) where TensorRT and a GPU are present; otherwise say why not,
+    and succeed. An engine failure is reported in the message, after every other graph was tried; the
+    ONNX graphs and the manifest stay valid (the runtime can still use ONNX Runtime)."""
     import engines
 
     ok, reason = engines.available()
@@ -475,9 +481,14 @@ def run_engines(manifest: Manifest, out: Path, precision: str) -> str:
     else:
         try:
             built = engines.build_all(manifest, out, precision)
-            msg = f"engines built: {len(built)} ({reason})"
-        except NotImplementedError as err:
-            msg = f"engines skipped: {err}"
+            msg = f"engines built: {len(built)} ({precision}, {reason})"
+        except engines.EngineBuildFailures as err:
+            msg = (f"engines built: {len(err.built)}, FAILED: {len(err.failed)} ({precision}, {reason})\n"
+                   + "\n".join(f"  engine {name}: {why}" for name, why in err.failed.items()))
+            log.error(msg)
+        except ToolkitError as err:
+            msg = f"engines FAILED: {err}"
+            log.error(msg)
     log.debug(msg)
     return msg
 
@@ -527,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED {name}: {why}")
     print(report.engines)
     print(f"manifest: {report.manifest_path} ({time.perf_counter() - t0:.1f} s)")
-    return 1 if report.failed else 0
+    return 1 if report.failed or report.engines_failed else 0
 
 
 if __name__ == "__main__":

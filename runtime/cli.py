@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)} (auto: first usable of "
                    f"{' > '.join(AUTO_ORDER)})")
     b.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    b.add_argument("--engine-precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="which TensorRT plans to run (default: the precision the export was built for)")
     b.add_argument("--normalizer", default="auto", choices=("auto", "wetext", "fallback"),
                    help="text normalizer backend")
     syn.add_argument("--stream", action="store_true", help="write each segment as soon as it is ready")
@@ -77,7 +79,24 @@ def synthesize(args: argparse.Namespace) -> int:
         raise ToolkitError(f"--threads must be >= 0, got {args.threads}")
     check_output_path(args.out)
     tts = Synthesizer(args.engines, args.backend, ort_options=OrtOptions(intra_op_threads=args.threads or None),
-                      normalizer=args.normalizer, emo_text_max_new_tokens=args.emo_text_max_tokens)
+                      normalizer=args.normalizer, emo_text_max_new_tokens=args.emo_text_max_tokens,
+                      engine_precision=args.engine_precision)
+    try:
+        t_loaded, segments, samples, emotion = _run(tts, args, request, generation, decoder)
+    finally:
+        tts.close()
+    wall = time.perf_counter() - t_loaded
+    seconds = samples / tts.sample_rate
+    codes = sum(s.codes.size for s in segments)
+    rtf = f", RTF {wall / seconds:.2f}" if seconds > 0 else ""
+    source = f", emotion from {emotion}" if emotion != "streamed" else ""
+    print(f"wrote {args.out}: {seconds:.2f} s of audio, {len(segments)} segment(s), {codes} codes{source}; "
+          f"backend {tts.backend}, load {t_loaded - t0:.1f} s, synthesis {wall:.1f} s{rtf}")
+    return 0
+
+
+def _run(tts, args: argparse.Namespace, request, generation, decoder) -> tuple[float, list, int, str]:
+    """Synthesize and write the WAV (streamed or atomic) -> (start time, segments, samples, emotion source)."""
     t_loaded = time.perf_counter()
     segments = []
     first_audio = None
@@ -102,14 +121,7 @@ def synthesize(args: argparse.Namespace) -> int:
         result = tts.synthesize(request, generation, decoder, seed=args.seed)
         write_wav_atomic(args.out, result.pcm, result.sample_rate)
         segments, samples, emotion = result.segments, result.pcm.size, result.emotion.source
-    wall = time.perf_counter() - t_loaded
-    seconds = samples / tts.sample_rate
-    codes = sum(s.codes.size for s in segments)
-    rtf = f", RTF {wall / seconds:.2f}" if seconds > 0 else ""
-    source = f", emotion from {emotion}" if emotion != "streamed" else ""
-    print(f"wrote {args.out}: {seconds:.2f} s of audio, {len(segments)} segment(s), {codes} codes{source}; "
-          f"backend {tts.backend}, load {t_loaded - t0:.1f} s, synthesis {wall:.1f} s{rtf}")
-    return 0
+    return t_loaded, segments, samples, emotion
 
 
 def inspect(args: argparse.Namespace) -> int:

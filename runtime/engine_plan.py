@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import EngineMismatchError
-from .manifest import GraphEntry
+from .manifest import GraphEntry, plain_json
 
 ENGINES_DIR = "engines"
 TIMING_CACHE = "timing.cache"
@@ -167,7 +167,7 @@ def _profile(label: str, entry: GraphEntry, axes: Mapping[str, tuple[int, int, i
 def write_record(path: str | Path, record: PlanRecord) -> None:
     """Write a plan's sidecar atomically."""
     path = Path(path)
-    data = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, **_plain(dataclasses.asdict(record))}
+    data = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, **plain_json(dataclasses.asdict(record))}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -209,11 +209,3 @@ def check_record(record: PlanRecord, expected: EngineKey, plan: str | Path) -> N
     if reasons:
         raise EngineMismatchError(f"{plan}: this engine cannot run here: " + "; ".join(reasons)
                                   + ". Rebuild it on this machine with python -m export.build")
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

@@ -12,6 +12,13 @@ import importlib.util
 from dataclasses import dataclass
 
 
+#: The TensorRT major version the builder and the executor are written against. TensorRT 11 removes what the
+#: fp16-with-fp32-islands build relies on (weakly typed networks, per-layer precision, precision flags), so
+#: another major version is refused up front instead of failing inside a build.
+TENSORRT_MAJOR = 10
+TENSORRT_PIN = "tensorrt>=10,<11"
+
+
 @dataclass(frozen=True)
 class Probe:
     ok: bool
@@ -56,6 +63,9 @@ def tensorrt() -> Probe:
             import tensorrt as trt  # type: ignore[import-not-found]
         except Exception as err:  # noqa: BLE001 — a broken install (missing libnvinfer) raises anything
             return Probe(False, f"tensorrt cannot be imported ({type(err).__name__}: {err})")
+        unsupported = _unsupported(getattr(trt, "__version__", ""))
+        if unsupported:
+            return Probe(False, unsupported)
         gpu = cuda_devices()
         if not gpu.ok:
             return gpu
@@ -94,3 +104,29 @@ def tensorrt_version() -> str | None:
         return str(trt.__version__)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _unsupported(version: str) -> str:
+    """Why this TensorRT version cannot be used ("" when it can)."""
+    major = str(version).split(".", 1)[0]
+    if major.isdigit() and int(major) == TENSORRT_MAJOR:
+        return ""
+    return (f"TensorRT {version or '(unknown version)'} is installed; the engine builder and executor are written "
+            f"for TensorRT {TENSORRT_MAJOR} (pip install '{TENSORRT_PIN}')")
+
+
+def import_tensorrt():
+    """The tensorrt module, checked to be TensorRT 10; BackendError (with what to install) otherwise."""
+    from .errors import BackendError
+
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise BackendError(f"tensorrt is not installed: pip install '{TENSORRT_PIN}' (needs an NVIDIA GPU; without "
+                           "one the ONNX graphs run with --backend ort-cuda or ort-cpu)") from err
+    except Exception as err:  # noqa: BLE001 — a broken install (missing libnvinfer) raises anything
+        raise BackendError(f"tensorrt cannot be imported ({type(err).__name__}: {err})") from err
+    unsupported = _unsupported(getattr(trt, "__version__", ""))
+    if unsupported:
+        raise BackendError(unsupported)
+    return trt

@@ -197,7 +197,7 @@ class Manifest:
         return self.graphs[name]
 
     def to_json(self) -> dict[str, Any]:
-        data = _plain(dataclasses.asdict(self))
+        data = plain_json(dataclasses.asdict(self))
         data["graphs"] = {n: _graph_json(g) for n, g in self.graphs.items()}
         data["derived_axes"] = {k: list(v) for k, v in DERIVED_AXES.items()}
         head = {"format": FORMAT, "format_version": data.pop("format_version"),
@@ -330,17 +330,17 @@ def _check_versions(data: Mapping[str, Any], source: str) -> None:
                             f"this toolkit expects {CONTRACT_VERSION}; rebuild with python -m export.build --force")
 
 
-def _plain(obj: Any) -> Any:
+def plain_json(obj: Any) -> Any:
     """Tuples -> lists, recursively (JSON has no tuples)."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain_json(v) for v in obj]
     return obj
 
 
 def _graph_json(g: GraphEntry) -> dict[str, Any]:
-    data = _plain(dataclasses.asdict(g))
+    data = plain_json(dataclasses.asdict(g))
     data["ranges"] = {a: [r.min, r.opt, r.max] for a, r in g.ranges.items()}
     return data
 

@@ -74,7 +74,9 @@ class Synthesizer:
 
     def __init__(self, engines: str | Path, backend: str = "auto", *,
                  executors: Mapping[str, Executor] | None = None, ort_options: OrtOptions = OrtOptions(),
-                 cache_size: int = 8, normalizer: str = "auto", emo_text_max_new_tokens: int = 32768) -> None:
+                 cache_size: int = 8, normalizer: str = "auto", emo_text_max_new_tokens: int = 32768,
+                 engine_precision: str | None = None) -> None:
+        """`engine_precision`: which TensorRT plans to run (default: the precision the export was built for)."""
         self.root = Path(engines)
         if not self.root.exists():
             raise InputError(f"{self.root}: engine directory not found; create it with "
@@ -85,17 +87,24 @@ class Synthesizer:
             raise ContractError(f"{self.root}: the manifest has no graph(s) {missing}; synthesis needs all of "
                                 f"{', '.join(GRAPH_NAMES)} (python -m export.build --checkpoints CKPT --out "
                                 f"{self.root} --graphs {','.join(missing)})")
+        gpt_steps = None
         if executors is None:
-            self.backend = resolve_backend(backend, self.root)
-            graph_set = GraphSet(self.manifest, self.root, self.backend, ort_options)
-            graph_set.open_all()        # every file checked and loaded now, not in the middle of a request
+            self.backend = resolve_backend(backend, self.root, engine_precision)
+            graph_set = GraphSet(self.manifest, self.root, self.backend, ort_options, engine_precision)
+            if self.backend == "trt":           # the GPT steps keep their KV cache on the device
+                from .gpt_trt import open_trt_gpt_steps
+
+                gpt_steps = open_trt_gpt_steps(self.manifest, self.root, engine_precision)
+            # every file checked and loaded now, not in the middle of a request
+            graph_set.open_all(exclude=("gpt_prefill", "gpt_decode") if gpt_steps is not None else ())
             executors = graph_set
         else:
             self.backend = str(getattr(next(iter(executors.values()), None), "backend", "custom"))
         self.graphs: Mapping[str, Executor] = executors
+        self.gpt_steps = gpt_steps or GraphGptSteps(executors["gpt_prefill"], executors["gpt_decode"],
+                                                    geometry_of(self.manifest))
         self.tokenizer = load_tokenizer(self.manifest, self.root, normalizer)
         self.matrices = load_emotion_matrices(self.manifest, self.root)
-        self.gpt_steps = GraphGptSteps(executors["gpt_prefill"], executors["gpt_decode"], geometry_of(self.manifest))
         self.sample_rate = self.manifest.synthesis.sample_rate
         self.generation_defaults: GenerationConfig = self.manifest.sampling
         self.decoder_defaults = DecoderSettings(self.manifest.synthesis.euler_steps, self.manifest.synthesis.cfg_rate)
@@ -105,6 +114,20 @@ class Synthesizer:
         self._llm = None
         self._emo_text_max_new_tokens = emo_text_max_new_tokens
         log.info("synthesizer on %s: %s (%d graphs)", self.backend, self.root, len(self.manifest.graphs))
+
+    def close(self) -> None:
+        """Free the executors' resources (TensorRT device memory, CUDA graphs); the object is unusable after."""
+        with self._lock:
+            for holder in (self.gpt_steps, self.graphs):
+                close = getattr(holder, "close", None)
+                if close is not None:
+                    close()
+
+    def __enter__(self) -> "Synthesizer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- references -------------------------------------------------------------------------------
     def speaker(self, path: str | Path) -> SpeakerPrompt:

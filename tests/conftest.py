@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: where the golden fixtures live, the tiny demo checkpoint and its export."""
+"""Shared pytest fixtures: where the golden fixtures live, the tiny demo checkpoint, its export, what the
+graph feed rules need, and (on a GPU machine only) TensorRT engines built from that export."""
 
 from __future__ import annotations
 
@@ -36,6 +37,35 @@ def tiny_export(tiny_ckpt, tmp_path_factory):
     report = build(BuildOptions(tiny_ckpt, out, "fp16"))
     assert not report.failed, report.failed
     return out, report
+
+
+@pytest.fixture(scope="session")
+def graph_kit(tiny_ckpt):
+    """(dims, contracts at the tiny checkpoint's sizes, wrappers): what export.dummy.feed_for needs."""
+    from export.dims import checkpoint_contracts, model_dims
+    from export.layout import CheckpointLayout
+    from export.wrappers import all_wrappers
+
+    layout = CheckpointLayout.open(tiny_ckpt)
+    dims = model_dims(layout)
+    return dims, checkpoint_contracts(dims, layout.config), all_wrappers()
+
+
+TRT_PRECISIONS = ("fp32", "fp16")
+
+
+@pytest.fixture(scope="session")
+def trt_engines(tiny_export, tmp_path_factory):
+    """A copy of the tiny export with fp32 and fp16 TensorRT plans for every graph, built once per session
+    (GPU machines only: the tests that ask for it skip elsewhere) -> (directory, {precision: [plan paths]})."""
+    import shutil
+
+    import engines
+    from runtime.manifest import read_manifest
+
+    out = Path(shutil.copytree(tiny_export[0], tmp_path_factory.mktemp("trt") / "out"))
+    manifest = read_manifest(out, check_hashes=True)
+    return out, {p: engines.build_all(manifest, out, p) for p in TRT_PRECISIONS}
 
 
 def run_fixture_calls(fixtures_root: Path, name: str) -> list:

@@ -14,7 +14,8 @@ from typing import Iterator, Mapping
 
 from ..errors import BackendError, InputError
 from ..gpu import Probe, cuda_devices, tensorrt
-from ..manifest import Manifest
+from ..engine_plan import ENGINES_DIR, plan_paths
+from ..manifest import Manifest, read_manifest
 from .base import Executor, Feed, check_feed
 from .ort import OrtExecutor, OrtOptions, cuda_provider_available, import_ort
 
@@ -22,14 +23,16 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu")
 AUTO_ORDER = ("trt", "ort-cuda", "ort-cpu")
-ENGINES_DIR = "engines"
+#: graphs whose TensorRT executor replays CUDA graphs (gpt_decode's is opened by runtime/gpt_trt.py)
+CUDA_GRAPH_GRAPHS = ("dit_step",)
 
 __all__ = ["BACKENDS", "Executor", "Feed", "GraphSet", "OrtExecutor", "OrtOptions", "backend_status",
            "check_feed", "open_executor", "resolve_backend"]
 
 
-def backend_status(backend: str, root: str | Path | None = None) -> Probe:
-    """Whether `backend` can run the graphs of the export directory `root` here (never raises)."""
+def backend_status(backend: str, root: str | Path | None = None, precision: str | None = None) -> Probe:
+    """Whether `backend` can run the graphs of the export directory `root` here (never raises).
+    `precision`: the TensorRT plans to look for (default: the manifest's)."""
     if backend == "ort-cpu":
         try:
             ort = import_ort()
@@ -45,26 +48,33 @@ def backend_status(backend: str, root: str | Path | None = None) -> Probe:
         probe = tensorrt()
         if not probe.ok:
             return probe
-        plans = sorted((Path(root) / ENGINES_DIR).glob("*.plan")) if root is not None else []
-        if not plans:
-            return Probe(False, f"no TensorRT engines in {Path(root or '.') / ENGINES_DIR} "
-                                "(build them with python -m export.build on this GPU machine)")
-        return Probe(False, "the TensorRT executor is not part of this build yet (engines issue)")
+        if root is None:
+            return probe
+        try:
+            manifest = read_manifest(root, check_files=False)
+        except Exception as err:  # noqa: BLE001 — a probe reports, it never raises
+            return Probe(False, f"no readable manifest in {root} ({err})")
+        precision = precision or manifest.precision
+        missing = [g for g in manifest.graphs if not plan_paths(root, g, precision)[0].is_file()]
+        if missing:
+            return Probe(False, f"no {precision} TensorRT engines for {', '.join(missing)} in "
+                                f"{Path(root) / ENGINES_DIR} (build them with python -m export.build on this GPU machine)")
+        return Probe(True, f"{probe.detail}, {precision} engines")
     return Probe(False, f"unknown backend {backend!r}")
 
 
-def resolve_backend(requested: str, root: str | Path | None = None) -> str:
+def resolve_backend(requested: str, root: str | Path | None = None, precision: str | None = None) -> str:
     """The backend to use for `requested` ('auto' picks the first usable of trt, ort-cuda, ort-cpu)."""
     if requested not in BACKENDS:
         raise InputError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested != "auto":
-        status = backend_status(requested, root)
+        status = backend_status(requested, root, precision)
         if not status.ok:
             raise BackendError(f"backend {requested} cannot run here: {status.detail}")
         return requested
     reasons = []
     for name in AUTO_ORDER:
-        status = backend_status(name, root)
+        status = backend_status(name, root, precision)
         if status.ok:
             log.info("backend auto -> %s (%s)", name, status.detail)
             return name
@@ -73,13 +83,15 @@ def resolve_backend(requested: str, root: str | Path | None = None) -> str:
 
 
 def open_executor(manifest: Manifest, root: str | Path, name: str, backend: str,
-                  ort_options: OrtOptions = OrtOptions()) -> Executor:
+                  ort_options: OrtOptions = OrtOptions(), precision: str | None = None) -> Executor:
     entry = manifest.graph(name)
     if backend in ("ort-cpu", "ort-cuda"):
         return OrtExecutor(entry, root, backend, ort_options)
     if backend == "trt":
-        raise BackendError("the TensorRT executor is not part of this build yet (engines issue); "
-                           "use --backend ort-cuda or ort-cpu")
+        from .trt import TrtExecutor
+
+        # static shapes for all 25 steps of a segment: the Euler step is replayed from a CUDA graph
+        return TrtExecutor(entry, root, precision or manifest.precision, cuda_graphs=name in CUDA_GRAPH_GRAPHS)
     raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -87,15 +99,17 @@ class GraphSet(Mapping[str, Executor]):
     """The executors of one export directory on one backend, opened on first use (thread-safe)."""
 
     def __init__(self, manifest: Manifest, root: str | Path, backend: str,
-                 ort_options: OrtOptions = OrtOptions()) -> None:
+                 ort_options: OrtOptions = OrtOptions(), precision: str | None = None) -> None:
         self.manifest, self.root, self.backend, self.ort_options = manifest, Path(root), backend, ort_options
+        self.precision = precision
         self._open: dict[str, Executor] = {}
         self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> Executor:
         with self._lock:
             if name not in self._open:
-                self._open[name] = open_executor(self.manifest, self.root, name, self.backend, self.ort_options)
+                self._open[name] = open_executor(self.manifest, self.root, name, self.backend, self.ort_options,
+                                                 self.precision)
             return self._open[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -104,7 +118,17 @@ class GraphSet(Mapping[str, Executor]):
     def __len__(self) -> int:
         return len(self.manifest.graphs)
 
-    def open_all(self) -> None:
+    def open_all(self, exclude: tuple[str, ...] = ()) -> None:
         """Load every graph now (benchmarks and servers: no first-request loading delay)."""
         for name in self.manifest.graphs:
-            self[name]
+            if name not in exclude:
+                self[name]
+
+    def close(self) -> None:
+        """Free what the executors hold (device memory for TensorRT); they cannot be used afterwards."""
+        with self._lock:
+            for executor in self._open.values():
+                close = getattr(executor, "close", None)
+                if close is not None:
+                    close()
+            self._open.clear()

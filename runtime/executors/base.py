@@ -64,22 +64,29 @@ def _check_tensor(graph: str, spec: TensorSignature, value: object, sizes: dict[
     where = f"graph '{graph}' input '{spec.name}'"
     if not isinstance(value, np.ndarray):
         raise ContractError(f"{where}: expected a numpy array, got {type(value).__name__}")
-    if value.dtype != np.dtype(spec.dtype):
-        raise ContractError(f"{where}: dtype {value.dtype}, the contract says {spec.dtype}")
-    if value.ndim != len(spec.shape):
-        raise ContractError(f"{where}: shape {value.shape} has rank {value.ndim}, the contract says "
+    check_tensor_shape(where, spec, value.dtype, value.shape, sizes)
+    if not value.flags.c_contiguous:
+        raise ContractError(f"{where}: the array must be C-contiguous (pass np.ascontiguousarray(...))")
+
+
+def check_tensor_shape(where: str, spec: TensorSignature, dtype: np.dtype, shape: tuple[int, ...],
+                       sizes: dict[str, int]) -> None:
+    """dtype, rank, static sizes, and one size per dynamic axis across the inputs (recorded in `sizes`);
+    shared by host arrays here and the TensorRT executor's device arrays."""
+    if dtype != np.dtype(spec.dtype):
+        raise ContractError(f"{where}: dtype {dtype}, the contract says {spec.dtype}")
+    if len(shape) != len(spec.shape):
+        raise ContractError(f"{where}: shape {shape} has rank {len(shape)}, the contract says "
                             f"{len(spec.shape)} {tuple(spec.shape)}")
-    for axis, (dim, got) in enumerate(zip(spec.shape, value.shape)):
+    for axis, (dim, got) in enumerate(zip(spec.shape, shape)):
         if isinstance(dim, int):
             if got != dim:
                 raise ContractError(f"{where}: axis {axis} is {got}, the contract says {dim} "
-                                    f"(shape {value.shape} vs {tuple(spec.shape)})")
+                                    f"(shape {shape} vs {tuple(spec.shape)})")
         elif dim in sizes and sizes[dim] != got:
             raise ContractError(f"{where}: axis {axis} ('{dim}') is {got}, another input has {dim} = {sizes[dim]}")
         else:
             sizes[dim] = int(got)
-    if not value.flags.c_contiguous:
-        raise ContractError(f"{where}: the array must be C-contiguous (pass np.ascontiguousarray(...))")
 
 
 def output_shapes(entry: GraphEntry, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...] | None]:

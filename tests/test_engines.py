@@ -1,0 +1,839 @@
+"""The engine builder on CPU (engines/): the precision policy and its selection of fp32 islands, applying it
+to a network, the builder's decisions (flags, optimization profiles, cache key, reuse), parser and build
+failures, INT8 without calibration, build_all's per-graph failures, and `export.build` without a GPU.
+
+TensorRT cannot be installed here, so a fake `tensorrt` module (FakeTrt below) stands in: it has the
+classes and methods engines/builder.py calls (as in engines/TENSORRT_API.md) and records every call, and its
+per-layer precision setters warn DeprecationWarning the way TensorRT >= 10.12 bindings may. The same flow
+runs against real TensorRT in tests/test_engines_gpu.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+import engines
+from engines import EngineBuildFailures, build_all
+from engines.builder import (BuildSettings, builder_flags, build_plan, cache_decision, engine_key, ensure_plan,
+                             parser_errors, profile_calls, progress_monitor, timing_cache_path, trt_logger)
+from engines.calibration_hook import INT8_NEEDS_CALIBRATION
+from engines.precision import (DEFAULT_POLICY_PATH, LayerInfo, PrecisionPolicy, apply_precision, load_policy,
+                               select_fp32_layers)
+from export import build as build_mod
+from runtime.engine_plan import GpuInfo, decode_buckets, plan_paths, read_record
+from runtime.errors import BackendError, CheckpointError, ContractError, InputError
+from runtime.manifest import read_manifest, sha256_file
+
+RTX = GpuInfo("NVIDIA GeForce RTX 4090", "8.9")
+A100 = GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A fake tensorrt module
+
+
+DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT8 INT32 INT64 BOOL UINT8")
+LayerType = enum.Enum("LayerType", "CONVOLUTION CAST ACTIVATION SOFTMAX ELEMENTWISE UNARY SHUFFLE REDUCE GATHER "
+                                   "MATRIX_MULTIPLY CONSTANT SHAPE NORMALIZATION SLICE CONCATENATION")
+BuilderFlag = enum.Enum("BuilderFlag", "FP16 BF16 INT8 TF32 OBEY_PRECISION_CONSTRAINTS PREFER_PRECISION_CONSTRAINTS")
+MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE TACTIC_DRAM")
+Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+ErrorCode = enum.Enum("ErrorCode", "SUCCESS INVALID_GRAPH UNSUPPORTED_NODE")
+
+
+class FakeTensor:
+    def __init__(self, name: str, dtype=DataType.FLOAT) -> None:
+        self.name, self.dtype = name, dtype
+
+
+class FakeLayer:
+    """A network layer; the precision setters warn like deprecated TensorRT >= 10.12 bindings."""
+
+    def __init__(self, name: str, type_: str, *dtypes: str, metadata: str = "") -> None:
+        self.name, self.type, self.metadata = name, LayerType[type_], metadata
+        self.outputs = [FakeTensor(f"{name}:{i}", DataType[d]) for i, d in enumerate(dtypes or ("FLOAT",))]
+        self._precision = None
+        self.output_types: dict[int, object] = {}
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def get_output(self, i: int):
+        return self.outputs[i] if i < len(self.outputs) else None
+
+    @property
+    def precision(self):
+        return self._precision
+
+    @precision.setter
+    def precision(self, value) -> None:
+        warnings.warn("ILayer.precision is deprecated", DeprecationWarning, stacklevel=2)
+        self._precision = value
+
+    def set_output_type(self, index: int, dtype) -> None:
+        warnings.warn("ILayer.set_output_type is deprecated", DeprecationWarning, stacklevel=2)
+        self.output_types[index] = dtype
+
+
+class FakeNetwork:
+    def __init__(self, inputs, layers) -> None:
+        self.inputs, self.layers = [FakeTensor(n) for n in inputs], list(layers)
+
+    num_layers = property(lambda self: len(self.layers))
+    num_inputs = property(lambda self: len(self.inputs))
+
+    def get_layer(self, i: int) -> FakeLayer:
+        return self.layers[i]
+
+    def get_input(self, i: int) -> FakeTensor:
+        return self.inputs[i]
+
+
+class FakeParserError:
+    def __init__(self, code: str, desc: str, node: int = -1, name: str = "", op: str = "") -> None:
+        self._code, self._desc, self._node, self._name, self._op = ErrorCode[code], desc, node, name, op
+
+    def code(self):
+        return self._code
+
+    def desc(self) -> str:
+        return self._desc
+
+    def node(self) -> int:
+        return self._node
+
+    def node_name(self) -> str:
+        return self._name
+
+    def node_operator(self) -> str:
+        return self._op
+
+
+class FakeProfile:
+    def __init__(self) -> None:
+        self.shapes: list[tuple] = []
+
+    def set_shape(self, input, min, opt, max) -> None:  # noqa: A002 — TensorRT's keyword names
+        if not (len(min) == len(opt) == len(max) and all(a <= b <= c for a, b, c in zip(min, opt, max))):
+            raise RuntimeError(f"Shape provided for min is inconsistent ({input})")
+        self.shapes.append((input, tuple(min), tuple(opt), tuple(max)))
+
+
+class FakeTimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)
+
+    def serialize(self) -> bytes:
+        return self.data + b"+timed"
+
+
+class FakeConfig:
+    def __init__(self, trt: "FakeTrt") -> None:
+        self.trt = trt
+        self.flags: set = set()
+        self.pools: dict = {}
+        self.profiles: list[FakeProfile] = []
+        self.cache = None
+        self.progress_monitor = None
+        self._int8_calibrator = None
+        self.calibration_profile = None
+
+    def set_memory_pool_limit(self, pool, pool_size: int) -> None:
+        self.pools[pool] = pool_size
+
+    def set_flag(self, flag) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag) -> None:
+        self.flags.discard(flag)
+        self.trt.cleared.add(flag)
+
+    def add_optimization_profile(self, profile: FakeProfile) -> int:
+        if self.trt.reject_profiles:
+            return -1
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, serialized_timing_cache: bytes) -> FakeTimingCache:
+        self.trt.cache_loads.append(bytes(serialized_timing_cache))
+        return FakeTimingCache(serialized_timing_cache)
+
+    def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if cache.data.startswith(b"stale"):
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+    @property
+    def int8_calibrator(self):
+        return self._int8_calibrator
+
+    @int8_calibrator.setter
+    def int8_calibrator(self, value) -> None:
+        warnings.warn("int8_calibrator is deprecated", DeprecationWarning, stacklevel=2)
+        self._int8_calibrator = value
+
+    def set_calibration_profile(self, profile) -> None:
+        self.calibration_profile = profile
+
+
+class FakeTrt:
+    """Stands in for the tensorrt module. `networks(path) -> FakeNetwork` decides what a parsed ONNX file
+    contains; `parse_errors` / `build_fails` make those steps fail for paths containing a given text."""
+
+    def __init__(self, networks, version: str = "10.13.0.35") -> None:
+        self.__version__ = version
+        self.networks = networks
+        self.parse_errors: dict[str, list[FakeParserError]] = {}
+        self.build_fails: set[str] = set()
+        self.reject_profiles = False
+        self.builds: list[tuple[FakeNetwork, FakeConfig]] = []
+        self.cache_loads: list[bytes] = []
+        self.cleared: set = set()
+        self.DataType, self.LayerType, self.BuilderFlag = DataType, LayerType, BuilderFlag
+        self.MemoryPoolType = MemoryPoolType
+        self.float32, self.float16 = DataType.FLOAT, DataType.HALF
+        trt = self
+
+        class ILogger:
+            Severity = globals()["Severity"]
+
+            def __init__(self) -> None:
+                self.base_initialised = True
+
+        class IProgressMonitor:
+            def __init__(self) -> None:
+                self.base_initialised = True
+
+        class OnnxParser:
+            def __init__(self, network: FakeNetwork, logger) -> None:
+                self.network, self.logger, self.errors = network, logger, []
+
+            def parse_from_file(self, model: str) -> bool:
+                path = str(model)
+                self.errors = next((e for key, e in trt.parse_errors.items() if key in path), [])
+                if self.errors:
+                    return False
+                names, layers = trt.networks(Path(path))
+                self.network.inputs, self.network.layers = [FakeTensor(n) for n in names], list(layers)
+                return True
+
+            @property
+            def num_errors(self) -> int:
+                return len(self.errors)
+
+            def get_error(self, index: int) -> FakeParserError:
+                return self.errors[index]
+
+        class Builder:
+            def __init__(self, logger) -> None:
+                assert getattr(logger, "base_initialised", False), "ILogger.__init__ was not called"
+                self.logger = logger
+
+            def create_network(self, flags: int = 0) -> FakeNetwork:
+                assert flags == 0
+                return FakeNetwork([], [])
+
+            def create_builder_config(self) -> FakeConfig:
+                return FakeConfig(trt)
+
+            def create_optimization_profile(self) -> FakeProfile:
+                return FakeProfile()
+
+            def build_serialized_network(self, network: FakeNetwork, config: FakeConfig):
+                trt.builds.append((network, config))
+                monitor = config.progress_monitor
+                if monitor is not None:
+                    monitor.phase_start("Building engine", None, 2)
+                    monitor.phase_start("Tactic selection", "Building engine", 1)
+                    assert monitor.step_complete("Tactic selection", 0) is True
+                    monitor.phase_finish("Tactic selection")
+                    monitor.phase_finish("Building engine")
+                if any(key in n.name for key in trt.build_fails for n in network.inputs):
+                    self.logger.log(Severity.ERROR, "Error Code 4: Internal Error (out of memory for tactic)")
+                    return None
+                layers = ",".join(f"{ly.name}={getattr(ly.precision, 'name', '-')}" for ly in network.layers)
+                return f"PLAN flags={sorted(f.name for f in config.flags)} {layers}".encode()
+
+        self.ILogger, self.IProgressMonitor = ILogger, IProgressMonitor
+        self.OnnxParser, self.Builder = OnnxParser, Builder
+
+
+def graph_layers(entry) -> tuple[list[str], list[FakeLayer]]:
+    """A small layer list in the exporter's naming for any graph: some unsafe spots, some ordinary ones."""
+    return [t.name for t in entry.inputs], [
+        FakeLayer("node_Shape_1", "SHAPE", "INT64"),
+        FakeLayer(f"{entry.name}.block.norm/mean/ReduceMean", "REDUCE"),
+        FakeLayer(f"{entry.name}.block/linear/MatMul", "MATRIX_MULTIPLY"),
+        FakeLayer(f"{entry.name}.block.attn/softmax/Softmax", "SOFTMAX"),
+        FakeLayer(f"{entry.name}/add/Add", "ELEMENTWISE"),
+    ]
+
+
+def fake_trt_for(manifest, version: str = "10.13.0.35") -> FakeTrt:
+    by_file = {Path(e.file).name: e for e in manifest.graphs.values()}
+    return FakeTrt(lambda path: graph_layers(by_file[path.name]), version)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_export):
+    return read_manifest(tiny_export[0])
+
+
+@pytest.fixture
+def root(tiny_export, tmp_path) -> Path:
+    """An export directory with the manifest and the ONNX files of a few small graphs (a copy)."""
+    src = tiny_export[0]
+    dst = tmp_path / "out"
+    (dst / "onnx").mkdir(parents=True)
+    shutil.copy2(src / "manifest.json", dst / "manifest.json")
+    for name in ("length_regulator", "semantic_codec", "campplus", "gpt_decode", "dit_step"):
+        shutil.copy2(src / "onnx" / f"{name}.onnx", dst / "onnx" / f"{name}.onnx")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def policy() -> PrecisionPolicy:
+    return load_policy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Precision policy
+
+
+def test_default_policy_covers_the_design_spots(policy):
+    assert policy.source == str(DEFAULT_POLICY_PATH) and policy.version == 1
+    everywhere = {t for _, r in policy.rules_for("gpt_decode") for t in r.types}
+    assert {"NORMALIZATION", "REDUCE", "SOFTMAX"} <= everywhere
+    patterns = {g: {r.pattern for _, r in policy.rules_for(g)} for g in ("bigvgan", "length_regulator", "dit_step")}
+    assert {"*.act/*", "*activations*act*"} <= patterns["bigvgan"]
+    assert {"*interpolate*", "*floor*", "*Floor*", "*Cast*"} <= patterns["length_regulator"]
+    assert "*t_embedder*" in patterns["dit_step"]
+    assert {"*ReduceL2*", "*norm*"} <= {r.pattern for _, r in policy.rules_for("speaker_conditioner")}
+    assert all(r.why for g in policy.graphs for _, r in policy.rules_for(g))          # every rule says why
+    again = PrecisionPolicy.from_json(json.loads(json.dumps(policy.to_json())), "copy")
+    assert again == policy and again.sha256() == policy.sha256() and len(policy.sha256()) == 64
+
+
+def test_policy_override_file(tmp_path, policy):
+    path = tmp_path / "precision_policy.json"
+    path.write_text(json.dumps({"version": 1, "graphs": {"bigvgan": [
+        {"pattern": "*conv_post*", "types": ["CONVOLUTION"], "dtype": "fp32", "why": "calibration: SNR 31 dB"}]}}))
+    override = load_policy(path)
+    assert override.source == str(path) and override.sha256() != policy.sha256()
+    layers = [LayerInfo("bigvgan.conv_post/conv1d_9/Conv", "CONVOLUTION", ("FLOAT",)),
+              LayerInfo("bigvgan.resblocks.0.activations.0.act/sin/Sin", "UNARY", ("FLOAT",))]
+    assert select_fp32_layers("bigvgan", layers, override) == [
+        ("bigvgan.conv_post/conv1d_9/Conv", "calibration: SNR 31 dB [bigvgan:*conv_post* types=CONVOLUTION]")]
+
+
+@pytest.mark.parametrize("text, words", [
+    (None, "file not found"),
+    ("{not json", "not JSON (line 1, column 2"),
+    ('{"version": 2, "graphs": {}}', "version 2, this toolkit reads version 1"),
+    ('{"version": 1, "graphs": {"*": [{"patern": "*norm*"}]}}', "unknown keys ['patern']"),
+    ('{"version": 1, "graphs": {"*": [{"pattern": "*", "types": ["softmax"]}]}}', "LayerType names in capitals"),
+    ('{"version": 1, "graphs": {"*": [{"pattern": "*", "dtype": "fp8"}]}}', "dtype 'fp8'; supported: fp32"),
+    ('{"version": 1, "graphs": {"*": {"pattern": "*"}}}', "graphs.*: must be a list of rules"),
+    ('[1, 2]', "top level must be an object"),
+])
+def test_bad_policy_files_are_refused_clearly(tmp_path, text, words):
+    path = tmp_path / "policy.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(InputError) as err:
+        load_policy(path)
+    assert str(path) in str(err.value) and words in str(err.value)
+
+
+def test_every_problem_of_a_policy_is_listed_at_once():
+    with pytest.raises(InputError) as err:
+        PrecisionPolicy.from_json({"version": 1, "graphs": {"a": [{"pattern": ""}, {"pattern": "x", "why": 3}]}}, "p")
+    assert "graphs.a[0]: 'pattern' must be a non-empty string" in str(err.value)
+    assert "graphs.a[1]: 'why' must be a string" in str(err.value)
+
+
+def L(name: str, type_: str = "ELEMENTWISE", *dtypes: str, metadata: str = "") -> LayerInfo:  # noqa: N802
+    return LayerInfo(name, type_, tuple(dtypes or ("FLOAT",)), metadata)
+
+
+def selected(graph: str, layers, policy) -> list[str]:
+    return [name for name, _ in select_fp32_layers(graph, layers, policy)]
+
+
+def test_selection_keeps_norms_softmax_and_reductions_in_fp32_everywhere(policy):
+    layers = [
+        L("cfm.estimator.transformer.layers.3.attention_norm.norm/mean_12/ReduceMean", "REDUCE"),
+        L("cfm.estimator.transformer.layers.3.attention_norm.norm/rsqrt_6/Sqrt", "UNARY"),
+        L("gpt.gpt.h.0.ln_1/layer_norm/LayerNormalization", "NORMALIZATION"),
+        L("node_softmax", "SOFTMAX"),                                           # no module path: by type
+        L("node_linalg_vector_norm", "REDUCE"),
+        L("gpt.perceiver_encoder.norm/div_2/Div"),
+        L("cfm.estimator.transformer.layers.0.attention_norm.project_layer/linear_4/MatMul", "MATRIX_MULTIPLY"),
+        L("campplus.xvector.block1.tdnnd1.nonlinear1.batchnorm/_native_batch_norm/BatchNormalization", "SCALE"),
+        L("gpt.gpt.h.0.attn/matmul/MatMul", "MATRIX_MULTIPLY"),
+        L("gpt.gpt.h.0.mlp/gelu/Tanh", "ACTIVATION"),
+    ]
+    for graph in ("dit_step", "gpt_decode", "speaker_conditioner"):
+        assert selected(graph, layers, policy) == [ly.name for ly in layers[:6]], graph
+    reasons = dict(select_fp32_layers("gpt_decode", layers, policy))
+    assert reasons["node_softmax"].endswith("[*:* types=SOFTMAX]") and "overflows fp16" in reasons["node_softmax"]
+
+
+def test_graph_rules_apply_only_to_their_graph(policy):
+    snake = [L("bigvgan.resblocks.0.activations.2.act/sin_8/Sin", "UNARY"),
+             L("bigvgan.activation_post.act/mul_3/Mul"),
+             L("bigvgan.resblocks.0.activations.2.upsample/conv1d_7/Conv", "CONVOLUTION"),
+             L("bigvgan.resblocks.0.convs1.0/conv1d_3/Conv", "CONVOLUTION"),
+             L("(Unnamed Layer* 7) [Shuffle]", "SHUFFLE", metadata="[ONNX Layer: bigvgan.activation_post.act/pow/Pow]")]
+    assert selected("bigvgan", snake, policy) == [snake[0].name, snake[1].name, snake[4].name]
+    assert selected("dit_step", snake, policy) == []
+    t_emb = [L("cfm.estimator.t_embedder/sin/Sin", "UNARY"), L("cfm.estimator.t_embedder.mlp.0/linear/Gemm",
+                                                                "MATRIX_MULTIPLY")]
+    assert selected("dit_step", t_emb, policy) == [t.name for t in t_emb]
+    assert selected("bigvgan", t_emb, policy) == []
+
+
+def test_length_regulator_index_arithmetic_is_fp32_but_not_its_conv_stack(policy):
+    layers = [
+        L("regulator/max_1/ReduceMax", "REDUCE", "INT64"),                       # integer: never forced
+        L("regulator.content_in_proj/linear/MatMul", "MATRIX_MULTIPLY"),
+        L("regulator/arange/Range", "FILL", "INT64"),
+        L("regulator/_to_copy/Cast", "CAST"),                                    # int64 -> float32 frame numbers
+        L("regulator/div/Div"),
+        L("regulator/mul_5/Mul"),
+        L("regulator/floor/Floor", "UNARY"),
+        L("regulator/_to_copy_2/Cast", "CAST", "INT64"),
+        L("regulator/clamp/Clip", "ELEMENTWISE", "INT64"),
+        L("regulator/index_select/Gather", "GATHER"),
+        L("regulator.model.0/conv1d/Conv", "CONVOLUTION"),
+        L("regulator.model.1/group_norm/InstanceNormalization", "NORMALIZATION"),
+        L("regulator.model.2/mish/Mish", "ACTIVATION"),
+        L("regulator/lt/Less", "ELEMENTWISE", "BOOL"),
+        L("regulator/_to_copy_3/Cast", "CAST"),
+        L("regulator/mul_69/Mul"),
+        L("regulator/shape/Shape", "SHAPE", "INT64"),
+        L("regulator/const", "CONSTANT"),
+    ]
+    got = dict(select_fp32_layers("length_regulator", layers, policy))
+    assert list(got) == ["regulator/_to_copy/Cast", "regulator/div/Div", "regulator/mul_5/Mul",
+                         "regulator/floor/Floor", "regulator/index_select/Gather",
+                         "regulator.model.1/group_norm/InstanceNormalization", "regulator/_to_copy_3/Cast",
+                         "regulator/mul_69/Mul"]
+    assert "[length_regulator:*floor*]" in got["regulator/floor/Floor"]
+    assert "[length_regulator:*Cast*]" in got["regulator/_to_copy/Cast"]
+    assert "outside the conv stack" in got["regulator/div/Div"]
+    assert selected("bigvgan", layers[4:6], policy) == []                      # the catch-all is LR's only
+
+
+def test_integer_shape_and_constant_layers_are_never_forced():
+    everything = PrecisionPolicy({"*": (dataclasses.replace(load_policy().graphs["*"][0], types=()),)})
+    layers = [L("a/Shape", "SHAPE", "INT64"), L("b/const", "CONSTANT"), L("c/idx", "GATHER", "INT32"),
+              L("d/mask", "ELEMENTWISE", "BOOL"), L("e/topk", "TOPK", "FLOAT", "INT32"), L("f/none", "GATHER", "INT8")]
+    assert selected("any", layers, everything) == ["e/topk"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Applying the policy to a network
+
+
+def test_apply_precision_sets_only_the_selected_layers_float_outputs(policy, caplog):
+    trt = FakeTrt(networks=None)
+    layers = [FakeLayer("bigvgan.resblocks.0.activations.0.act/sin/Sin", "UNARY"),
+              FakeLayer("bigvgan.resblocks.0.convs1.0/conv1d_3/Conv", "CONVOLUTION"),
+              FakeLayer("bigvgan.block.norm/topk", "SLICE", "FLOAT", "INT32"),
+              FakeLayer("node_Shape_1", "SHAPE", "INT64"),
+              FakeLayer("node_softmax", "SOFTMAX")]
+    network = FakeNetwork(["mel"], layers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with caplog.at_level(logging.DEBUG, logger="engines"):
+            chosen = apply_precision(network, "bigvgan", policy, trt)
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], "a DeprecationWarning escaped"
+    assert "deprecated since 10.12" in caplog.text
+    infos = [LayerInfo(ly.name, ly.type.name, tuple(o.dtype.name for o in ly.outputs)) for ly in layers]
+    assert chosen == select_fp32_layers("bigvgan", infos, policy)
+    assert [n for n, _ in chosen] == [layers[0].name, layers[2].name, layers[4].name]
+    assert [ly.precision for ly in layers] == [DataType.FLOAT, None, DataType.FLOAT, None, DataType.FLOAT]
+    assert [ly.output_types for ly in layers] == [{0: DataType.FLOAT}, {}, {0: DataType.FLOAT}, {}, {0: DataType.FLOAT}]
+
+
+def test_a_layer_type_unknown_to_tensorrt_is_reported(caplog):
+    typo = PrecisionPolicy({"*": (dataclasses.replace(load_policy().graphs["*"][0], types=("SOFTMAXX",)),)}, source="p")
+    with caplog.at_level(logging.WARNING, logger="engines"):
+        assert apply_precision(FakeNetwork([], [FakeLayer("x", "SOFTMAX")]), "g", typo, FakeTrt(None)) == []
+    assert "['SOFTMAXX'] do not exist in this TensorRT" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Builder decisions
+
+
+def test_builder_flags_per_precision():
+    assert builder_flags("fp32", fp32_islands=False) == builder_flags("fp32", True)
+    assert builder_flags("fp32", False).set == () and builder_flags("fp32", False).clear == ("TF32",)
+    assert builder_flags("fp16", False).set == ("FP16",)
+    assert builder_flags("fp16", True).set == ("FP16", "OBEY_PRECISION_CONSTRAINTS")
+    assert builder_flags("int8", True, int8_calibrated=True).set == ("FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS")
+    assert builder_flags("int8", False, int8_calibrated=False).set == ("FP16",)
+    with pytest.raises(InputError, match="expected one of fp32, fp16, int8"):
+        builder_flags("bf16", False)
+
+
+def test_decode_profiles_are_one_per_bucket_with_cache_len_fixed(manifest):
+    entry = manifest.graph("gpt_decode")
+    calls = profile_calls(entry)
+    assert [label for label, _ in calls] == [f"cache_len={b}" for b in decode_buckets(entry)]
+    for bucket, (_, shapes) in zip(decode_buckets(entry), calls):
+        by_name = {name: (lo, opt, hi) for name, lo, opt, hi in shapes}
+        assert list(by_name) == [t.name for t in entry.inputs]                 # one set_shape per input
+        assert by_name["mel_ids"] == ((1, 1), (3, 1), (4, 1))
+        for layer in range(manifest.dims.layers):
+            lo, opt, hi = by_name[f"kv_cache.{layer}"]
+            assert lo[3] == opt[3] == hi[3] == bucket and (lo[1], hi[1]) == (1, 4)
+        assert by_name["kv_mask"] == ((1, bucket), (3, bucket), (4, bucket))
+
+
+def test_dit_profile_comes_from_the_manifest_ranges(manifest):
+    entry = manifest.graph("dit_step")
+    ((label, shapes),) = profile_calls(entry)
+    by_name = {name: (lo, opt, hi) for name, lo, opt, hi in shapes}
+    r, b = entry.ranges["mel_len"], entry.ranges["batch"]
+    assert label == "default"
+    assert by_name["x"] == ((b.min, 80, r.min), (b.opt, 80, r.opt), (b.max, 80, r.max))
+    assert by_name["cond"] == ((b.min, r.min, manifest.dims.content_dim), (b.opt, r.opt, manifest.dims.content_dim),
+                               (b.max, r.max, manifest.dims.content_dim))
+    assert by_name["cfg_rate"] == ((1,), (1,), (1,)) and by_name["t"] == ((1,), (1,), (4,))
+
+
+def test_build_plan_drives_tensorrt_as_documented(manifest, root, policy, caplog):
+    trt = fake_trt_for(manifest)
+    entry = manifest.graph("gpt_decode")
+    settings = BuildSettings("fp16", policy, workspace_bytes=3 << 30)
+    with caplog.at_level(logging.DEBUG, logger="engines"):
+        built = build_plan(entry, entry.path(root), settings, trt, timing_cache=b"old-cache", tag="[1/1] gpt_decode")
+    ((network, config),) = trt.builds
+    assert config.pools == {MemoryPoolType.WORKSPACE: 3 << 30}
+    assert config.flags == {BuilderFlag.FP16, BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
+    assert [p.shapes for p in config.profiles] == [list(calls) for _, calls in profile_calls(entry)]
+    assert trt.cache_loads == [b"old-cache"] and built.timing_cache == b"old-cache+timed"
+    assert config.progress_monitor is not None
+    assert "[1/1] gpt_decode: Building engine (2 steps)" in caplog.text
+    assert [n for n, _ in built.fp32_layers] == ["gpt_decode.block.norm/mean/ReduceMean",
+                                                 "gpt_decode.block.attn/softmax/Softmax"]
+    assert b"gpt_decode.block.attn/softmax/Softmax=FLOAT" in built.plan
+    assert b"gpt_decode/add/Add=-" in built.plan
+
+
+def test_fp32_plans_clear_tf32_and_apply_no_islands(manifest, root, policy):
+    trt = fake_trt_for(manifest)
+    entry = manifest.graph("dit_step")
+    built = build_plan(entry, entry.path(root), BuildSettings("fp32", policy), trt)
+    ((network, config),) = trt.builds
+    assert config.flags == set() and trt.cleared == {BuilderFlag.TF32}
+    assert built.fp32_layers == [] and all(ly.precision is None for ly in network.layers)
+
+
+def test_parser_errors_name_the_failing_nodes(manifest, root, policy):
+    trt = fake_trt_for(manifest)
+    trt.parse_errors["length_regulator"] = [
+        FakeParserError("UNSUPPORTED_NODE", "Floor on INT64 is not supported", 6, "regulator/floor/Floor", "Floor"),
+        FakeParserError("INVALID_GRAPH", "graph input 'ylens' has no shape"),
+        FakeParserError("UNSUPPORTED_NODE", "no importer", 12, "", "Mish"),
+    ]
+    entry = manifest.graph("length_regulator")
+    with pytest.raises(BackendError) as err:
+        build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
+    text = str(err.value)
+    assert str(entry.path(root)) in text and "TensorRT 10.13.0.35 could not parse the graph" in text
+    assert "node 'regulator/floor/Floor' (Floor): UNSUPPORTED_NODE: Floor on INT64 is not supported" in text
+    assert "graph: INVALID_GRAPH: graph input 'ylens' has no shape" in text
+    assert "node #12 (Mish): UNSUPPORTED_NODE: no importer" in text
+    assert not trt.builds
+
+
+def test_parser_errors_without_tensorrt_10_methods():
+    class OldError:                                 # TensorRT 8.x ParserError: no node_name / node_operator
+        def code(self):
+            return ErrorCode.UNSUPPORTED_NODE
+
+        def desc(self):
+            return "unsupported"
+
+        def node(self):
+            return 3
+
+    class Parser:
+        num_errors = 1
+
+        def get_error(self, i):
+            return OldError()
+
+    assert parser_errors(Parser()) == ["node #3: UNSUPPORTED_NODE: unsupported"]
+
+
+def test_a_failed_build_reports_tensorrts_errors(manifest, root, policy):
+    trt = fake_trt_for(manifest)
+    trt.build_fails.add("kv_mask")
+    entry = manifest.graph("gpt_decode")
+    with pytest.raises(BackendError) as err:
+        build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
+    assert "could not build the fp16 engine of graph 'gpt_decode'" in str(err.value)
+    assert "Error Code 4: Internal Error (out of memory for tactic)" in str(err.value)
+
+
+def test_network_inputs_and_profiles_are_checked(manifest, root, policy):
+    trt = FakeTrt(lambda path: (["x"], []))
+    entry = manifest.graph("length_regulator")
+    with pytest.raises(ContractError, match=r"inputs \['x'\] are not the manifest's \['s', 'ylens'\]"):
+        build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
+    trt = fake_trt_for(manifest)
+    trt.reject_profiles = True
+    with pytest.raises(ContractError, match="TensorRT rejected the optimization profile"):
+        build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
+
+
+def test_a_stale_timing_cache_is_replaced(manifest, root, policy, caplog):
+    trt = fake_trt_for(manifest)
+    entry = manifest.graph("length_regulator")
+    with caplog.at_level(logging.WARNING, logger="engines"):
+        built = build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt, timing_cache=b"stale")
+    assert trt.cache_loads == [b"stale", b""] and built.timing_cache == b"+timed"
+    assert "made on another device or TensorRT" in caplog.text
+
+
+def test_logger_and_progress_monitor_route_to_logging(caplog):
+    trt = FakeTrt(None)
+    logger = trt_logger(trt)
+    assert trt_logger(trt) is logger and logger.base_initialised       # one per module; base __init__ called
+    logger.errors.clear()
+    with caplog.at_level(logging.DEBUG, logger="engines"):
+        logger.log(Severity.WARNING, "weights are subnormal")
+        logger.log(Severity.INFO, "memory usage")
+        logger.log(Severity.ERROR, "tactic failed")
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "engines.trt"}
+    assert levels == {"TensorRT: weights are subnormal": logging.WARNING, "TensorRT: memory usage": logging.DEBUG,
+                      "TensorRT: tactic failed": logging.ERROR}
+    assert list(logger.errors) == ["tactic failed"]
+    monitor = progress_monitor(trt, "[2/5] bigvgan")
+    assert monitor.base_initialised and monitor.step_complete("x", 0) is True
+    del trt.IProgressMonitor                                               # an older TensorRT 10.x
+    assert progress_monitor(trt, "t") is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan cache
+
+
+def test_plans_are_reused_while_the_key_holds_and_rebuilt_with_the_reason(manifest, root, policy, caplog):
+    entry = manifest.graph("length_regulator")
+    settings = BuildSettings("fp16", policy)
+    trt = fake_trt_for(manifest)
+    caplog.set_level(logging.INFO, logger="engines")
+
+    first = ensure_plan(entry, root, settings, trt=trt, gpu=RTX, tag="lr")
+    plan, sidecar = plan_paths(root, "length_regulator", "fp16")
+    assert first.plan == plan and not first.reused and len(trt.builds) == 1
+    record = read_record(sidecar)
+    assert record.key == engine_key(entry, "fp16", policy, "10.13.0.35", RTX)
+    assert record.key.policy_sha256 == policy.sha256() and record.plan_sha256 == sha256_file(plan)
+    assert record.fp32_layers == ("length_regulator.block.norm/mean/ReduceMean",   # REDUCE
+                                  "length_regulator.block/linear/MatMul",          # LR: outside the conv stack
+                                  "length_regulator.block.attn/softmax/Softmax",   # SOFTMAX
+                                  "length_regulator/add/Add")                      # LR: outside the conv stack
+    assert record.notes["flags_set"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert timing_cache_path(root).read_bytes() == b"+timed"
+    assert "lr: building engines/length_regulator.fp16.plan: no plan built yet" in caplog.text
+
+    caplog.clear()
+    again = ensure_plan(entry, root, settings, trt=trt, gpu=RTX, tag="lr")
+    assert again.reused and len(trt.builds) == 1 and "lr: reused engines/length_regulator.fp16.plan" in caplog.text
+
+    def rebuilt(words: str, **kw) -> None:
+        caplog.clear()
+        n = len(trt.builds)
+        out = ensure_plan(kw.pop("entry", entry), root, kw.pop("settings", settings), trt=kw.pop("trt", trt),
+                          gpu=kw.pop("gpu", RTX), tag="lr")
+        assert not out.reused and len(trt.builds) == n + 1, words
+        assert words in caplog.text
+
+    rebuilt("it was built for NVIDIA GeForce RTX 4090 (compute capability 8.9), this GPU is NVIDIA A100", gpu=A100)
+    rebuilt("it was built for NVIDIA A100-SXM4-80GB (compute capability 8.0), this GPU is NVIDIA GeForce RTX 4090")
+    newer = fake_trt_for(manifest, version="10.14.1.48")
+    newer.builds = trt.builds
+    rebuilt("it was built with TensorRT 10.13.0.35, this is TensorRT 10.14.1.48", trt=newer)
+    rebuilt("it was built with TensorRT 10.14.1.48, this is TensorRT 10.13.0.35")
+
+    onnx_file = entry.path(root)
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\n")                 # "re-exported"
+    changed = dataclasses.replace(entry, sha256=sha256_file(onnx_file))
+    rebuilt("it was built from another ONNX file (re-exported since)", entry=changed)
+    empty = BuildSettings("fp16", PrecisionPolicy({}, source="empty"))
+    rebuilt("it was built with another precision policy", entry=changed, settings=empty)
+    assert read_record(sidecar).fp32_layers == ()
+
+    plan.write_bytes(plan.read_bytes() + b"x")
+    rebuilt("does not match its recorded sha256", entry=changed, settings=empty)
+    sidecar.unlink()
+    rebuilt("the plan has no record length_regulator.fp16.json", entry=changed, settings=empty)
+
+
+def test_a_policy_change_does_not_rebuild_fp32_plans(manifest, root, policy):
+    entry = manifest.graph("length_regulator")
+    trt = fake_trt_for(manifest)
+    ensure_plan(entry, root, BuildSettings("fp32", policy), trt=trt, gpu=RTX)
+    out = ensure_plan(entry, root, BuildSettings("fp32", PrecisionPolicy({}, source="other")), trt=trt, gpu=RTX)
+    assert out.reused and out.record.key.policy_sha256 == "" and len(trt.builds) == 1
+
+
+def test_cache_decision_on_an_unreadable_record(manifest, root, policy):
+    plan, sidecar = plan_paths(root, "dit_step", "fp16")
+    plan.parent.mkdir()
+    plan.write_bytes(b"plan")
+    sidecar.write_text("{}")
+    decision = cache_decision(engine_key(manifest.graph("dit_step"), "fp16", policy, "10.13", RTX), plan, sidecar)
+    assert not decision.reuse and "unreadable plan record" in decision.reasons[0]
+
+
+def test_an_onnx_file_changed_behind_the_manifest_is_refused(manifest, root, policy):
+    entry = manifest.graph("dit_step")
+    entry.path(root).write_bytes(b"not the exported graph")
+    with pytest.raises(CheckpointError, match="does not match the manifest's sha256"):
+        ensure_plan(entry, root, BuildSettings("fp16", policy), trt=fake_trt_for(manifest), gpu=RTX)
+
+
+# ---------------------------------------------------------------------------------------------------
+# INT8 hook
+
+
+def test_int8_without_a_calibrator_is_refused(manifest, root, policy):
+    with pytest.raises(InputError) as err:
+        BuildSettings("int8", policy)
+    assert str(err.value) == INT8_NEEDS_CALIBRATION and "python -m calibration" in str(err.value)
+    with pytest.raises(InputError, match="INT8 needs calibration data"):
+        build_all(manifest, root, "int8", trt=fake_trt_for(manifest), gpu=RTX)
+
+
+def test_int8_calibrator_goes_through_the_hook(manifest, root, policy):
+    asked = []
+
+    def factory(graph, entry, profile):
+        asked.append((graph, profile.label))
+        return None if graph == "dit_step" else f"calibrator for {graph}"
+
+    trt = fake_trt_for(manifest)
+    settings = BuildSettings("int8", policy, calibrator=factory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)                # the deprecated setter stays quiet
+        decode = ensure_plan(manifest.graph("gpt_decode"), root, settings, trt=trt, gpu=RTX)
+        dit = ensure_plan(manifest.graph("dit_step"), root, settings, trt=trt, gpu=RTX)
+    assert asked == [("gpt_decode", f"cache_len={decode_buckets(manifest.graph('gpt_decode'))[0]}"),
+                     ("dit_step", "default")]
+    (_, config_decode), (_, config_dit) = trt.builds
+    assert config_decode.int8_calibrator == "calibrator for gpt_decode"
+    assert config_decode.calibration_profile is config_decode.profiles[0]
+    assert BuilderFlag.INT8 in config_decode.flags and BuilderFlag.FP16 in config_decode.flags
+    assert config_dit.int8_calibrator is None and BuilderFlag.INT8 not in config_dit.flags
+    assert decode.record.notes["int8"] is True and dit.record.notes["int8"] is False
+    assert decode.plan.name == "gpt_decode.int8.plan"
+
+
+# ---------------------------------------------------------------------------------------------------
+# build_all
+
+
+def test_build_all_goes_on_after_a_failed_graph(manifest, root, caplog):
+    trt = fake_trt_for(manifest)
+    trt.parse_errors["semantic_codec"] = [FakeParserError("UNSUPPORTED_NODE", "ArgMax select_last_index", 40,
+                                                          "node_argmax", "ArgMax")]
+    caplog.set_level(logging.INFO, logger="engines")
+    graphs = ["length_regulator", "semantic_codec", "campplus"]
+    with pytest.raises(EngineBuildFailures) as err:
+        build_all(manifest, root, "fp16", graphs=graphs, workspace_gib=1.5, trt=trt, gpu=RTX)
+    assert [p.name for p in err.value.built] == ["length_regulator.fp16.plan", "campplus.fp16.plan"]
+    assert list(err.value.failed) == ["semantic_codec"]
+    assert "node 'node_argmax' (ArgMax): UNSUPPORTED_NODE" in str(err.value)
+    assert "[2/3] semantic_codec: engine FAILED" in caplog.text and "[3/3] campplus: built" in caplog.text
+    assert all(config.pools[MemoryPoolType.WORKSPACE] == int(1.5 * (1 << 30)) for _, config in trt.builds)
+
+    trt.parse_errors.clear()
+    plans = build_all(manifest, root, "fp16", graphs=graphs, trt=trt, gpu=RTX)
+    assert [p.name for p in plans] == [f"{g}.fp16.plan" for g in graphs]
+    assert len(trt.builds) == 3                                           # only semantic_codec was built again
+
+
+def test_build_all_checks_its_arguments(manifest, root):
+    trt = fake_trt_for(manifest)
+    with pytest.raises(InputError, match="precision 'fp8'"):
+        build_all(manifest, root, "fp8", trt=trt, gpu=RTX)
+    with pytest.raises(InputError, match=r"graphs \['nope'\] are not in the manifest"):
+        build_all(manifest, root, "fp16", graphs=["nope"], trt=trt, gpu=RTX)
+    with pytest.raises(InputError, match="precision policy .*missing.json: file not found"):
+        build_all(manifest, root, "fp16", policy_path=root / "missing.json", trt=trt, gpu=RTX)
+    assert not trt.builds
+
+
+def test_build_all_needs_tensorrt(manifest, root):
+    with pytest.raises(BackendError, match="tensorrt is not installed"):
+        build_all(manifest, root, "fp16", graphs=["length_regulator"], gpu=RTX)
+
+
+# ---------------------------------------------------------------------------------------------------
+# export.build
+
+
+def test_export_build_without_a_gpu_skips_engines(tiny_ckpt, tiny_export, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export[0], out)
+    monkeypatch.setattr(engines, "available", lambda: (False, "no CUDA GPU (cudaErrorNoDevice)"))
+    called = []
+    monkeypatch.setattr(engines, "build_all", lambda *a, **k: called.append(a))
+    code = build_mod.main(["--checkpoints", str(tiny_ckpt), "--out", str(out), "--precision", "fp16", "--no-lint"])
+    printed = capsys.readouterr().out
+    assert code == 0 and not called
+    assert "exported: -" in printed and "engines skipped: no CUDA GPU (cudaErrorNoDevice)" in printed
+    assert read_manifest(out).precision == "fp16"
+    assert not (out / "engines").exists()
+
+
+def test_run_engines_reports_built_and_failed_plans(manifest, root, monkeypatch):
+    monkeypatch.setattr(engines, "available", lambda: (True, "TensorRT 10.13.0.35, 1 CUDA device(s)"))
+    seen = []
+
+    def fake_build_all(m, out, precision):
+        seen.append(precision)
+        return [out / "engines" / f"{g}.{precision}.plan" for g in m.graphs]
+
+    monkeypatch.setattr(engines, "build_all", fake_build_all)
+    msg = build_mod.run_engines(manifest, root, "fp32")
+    assert seen == ["fp32"]
+    assert msg == f"engines built: {len(manifest.graphs)} (fp32, TensorRT 10.13.0.35, 1 CUDA device(s))"
+
+    def failing(m, out, precision):
+        raise EngineBuildFailures([out / "engines/a.fp16.plan"], {"bigvgan": "BackendError: out of memory"})
+
+    monkeypatch.setattr(engines, "build_all", failing)
+    msg = build_mod.run_engines(manifest, root, "fp16")
+    assert msg.startswith("engines built: 1, FAILED: 1 (fp16,") and "engine bigvgan: BackendError: out of memory" in msg
+
+    def refusing(m, out, precision):
+        raise BackendError("no usable CUDA GPU (device 0)")
+
+    monkeypatch.setattr(engines, "build_all", refusing)
+    assert build_mod.run_engines(manifest, root, "fp16") == "engines FAILED: no usable CUDA GPU (device 0)"
