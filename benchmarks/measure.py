@@ -1,0 +1,126 @@
+"""How a benchmark number is taken: repeated wall-clock runs after warm-up (median, min, max), peak
+resident memory over a span of work, and this machine's streaming memory bandwidth.
+
+Why wall clock and medians: every backend is measured in the same process on the same inputs, one after
+the other, so the median of a few runs after a warm-up is robust to the odd slow run (page faults, the
+other core's noise) while min and max show the spread. Peak memory is Linux's VmHWM, reset before each
+span through /proc/self/clear_refs (writing "5"); where that is not possible the peak since process
+start is reported and marked as such.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Milliseconds over `n` runs."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    n: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> "Stats":
+        if not seconds:
+            raise ValueError("no runs to summarize")
+        ms = [s * 1e3 for s in seconds]
+        return cls(statistics.median(ms), min(ms), max(ms), len(ms))
+
+    def scaled(self, factor: float) -> "Stats":
+        """Every number times `factor` (e.g. a loop's time per iteration)."""
+        return Stats(self.median_ms * factor, self.min_ms * factor, self.max_ms * factor, self.n)
+
+
+def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Stats:
+    """Run `fn` `warmup` times unmeasured, then `repeats` times measured."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Stats.of(times)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mib() -> float | None:
+    """Current resident set size."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Peak RSS over a span, and the RSS when it began (so the span's own working memory is the difference)."""
+
+    start_mib: float | None
+    peak_mib: float | None
+    since_start_of_process: bool        # True when the peak could not be reset (it may predate the span)
+
+    @property
+    def extra_mib(self) -> float | None:
+        if self.start_mib is None or self.peak_mib is None:
+            return None
+        return max(self.peak_mib - self.start_mib, 0.0)
+
+
+class PeakTracker:
+    """`with PeakTracker() as t: work()` -> t.result (PeakMemory)."""
+
+    def __enter__(self) -> "PeakTracker":
+        self.reset = _reset_peak()
+        self.start = rss_mib()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        kib = _status_kib("VmHWM")
+        self.result = PeakMemory(self.start, None if kib is None else kib / 1024, not self.reset)
+
+
+def _reset_peak() -> bool:
+    try:
+        CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
+    """Streaming bandwidth in GB/s: bytes read plus bytes written by a large numpy copy (best of `repeats`).
+
+    One thread, as numpy copies; it is the ceiling a memory-bound decode step on this machine can reach
+    when its weights do not fit in cache."""
+    n = mib * (1 << 20) // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)                  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9

@@ -1,0 +1,165 @@
+"""A benchmark's results (the dict benchmarks/stages.py returns) as JSON, a Markdown table and a PNG chart.
+
+Ratios are against eager PyTorch (`torch`) when it was measured: backend median / torch median, so
+0.5 means twice as fast as eager. The chart needs matplotlib (the `bench` extra); without it the PNG is
+skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+REFERENCE = "torch"
+
+
+def _fmt_ms(ms: float | None) -> str:
+    if ms is None or ms != ms:
+        return "n/a"
+    if ms >= 1000:
+        return f"{ms / 1000:.2f} s"
+    if ms >= 10:
+        return f"{ms:.0f} ms"
+    return f"{ms:.2f} ms"
+
+
+def _cell(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "n/a"
+    return f"{_fmt_ms(stats['median_ms'])} ({_fmt_ms(stats['min_ms'])}–{_fmt_ms(stats['max_ms'])})"
+
+
+def stage_names(results: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for backend in results["backends"].values():
+        for name in backend["stages"]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def ratio(results: dict[str, Any], backend: str, stage: str) -> float | None:
+    """backend median / eager median of one stage (None without both)."""
+    ref = results["backends"].get(REFERENCE, {}).get("stages", {}).get(stage)
+    got = results["backends"][backend]["stages"].get(stage)
+    if not ref or not got or not ref["median_ms"] or ref["median_ms"] != ref["median_ms"]:
+        return None
+    return got["median_ms"] / ref["median_ms"]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    backends = list(results["backends"])
+    others = [b for b in backends if b != REFERENCE] if REFERENCE in backends else []
+    s = results["settings"]
+    m = results["machine"]
+    lines = ["## Per stage", "",
+             f"Median (min–max) of {s['repeats']} runs after 1 warm-up; {s['threads']} CPU thread(s); GPT fixed at "
+             f"{s['gpt_tokens']} codes per segment ({s['fixed_gpt_length']}), {s['beams']} beam(s); decode step "
+             f"at a {s['decode_cache_len']}-row KV cache; {s['euler_steps']} Euler steps.", ""]
+    head = ["stage"] + backends + [f"{b} / {REFERENCE}" for b in others]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage in stage_names(results):
+        row = [stage] + [_cell(results["backends"][b]["stages"].get(stage)) for b in backends]
+        for b in others:
+            r = ratio(results, b, stage)
+            row.append("n/a" if r is None else f"{r:.2f}×")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## End to end", "",
+              "Speaker reference cached (a service keeps its voices warm); first audio = the first segment's "
+              "audio ready.", "",
+              "| backend | text | segments | audio | wall | RTF | first audio | peak RSS | models |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for b in backends:
+        r = results["backends"][b]
+        for e in r["e2e"]:
+            models = "n/a" if r["models_mib"] is None else f"{r['models_mib'] / 1024:.2f} GiB"
+            peak = "n/a" if e["peak_rss_mib"] is None else f"{e['peak_rss_mib'] / 1024:.2f} GiB"
+            rtf = "n/a" if e["rtf"] is None else f"{e['rtf']:.2f}"
+            lines.append(f"| {b} | {e['text_chars']} chars | {e['segments']} | {e['audio_s']:.2f} s | "
+                         f"{_cell(e['wall'])} | {rtf} | {_cell(e['first_audio'])} | {peak} | {models} |")
+    roof = results["roofline"]
+    lines += ["", "## Decode-step roofline", "",
+              f"Memory bandwidth measured in this run: {roof['bandwidth_gbs']:.1f} GB/s ({roof['measured_by']}). "
+              f"Bytes a decode step must read: weights {roof['weights'] / 2**20:.1f} MiB (gathered tables, one "
+              f"row each, excluded: {roof['gathered_tables'] / 2**20:.1f} MiB), KV cache "
+              f"{roof['kv_cache'] / 2**20:.1f} MiB.", "",
+              "| line | time per step |", "|---|---|",
+              f"| roofline, weights | {_fmt_ms(roof['weights_ms'])} |",
+              f"| roofline, weights + KV cache | {_fmt_ms(roof['weights_and_kv_ms'])} |"]
+    for b in backends:
+        st = results["backends"][b]["stages"]
+        step = st.get("GPT decode step (graph)")
+        if step:
+            lines.append(f"| {b} decode step (graph) | {_fmt_ms(step['median_ms'])} = "
+                         f"{step['median_ms'] / roof['weights_ms']:.2f}× the weights line |")
+        loop = st.get("GPT decode per token (in loop)")
+        if loop:
+            lines.append(f"| {b} per token in the loop | {_fmt_ms(loop['median_ms'])} |")
+    notes = [n for b in backends for n in results["backends"][b]["notes"]]
+    if notes:
+        lines += ["", "Notes: " + " ".join(notes)]
+    lines += ["", "## Machine", "",
+              f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB; {m['os']}; Python "
+              f"{m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; GPU: {m['gpu']}."]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """Grouped horizontal bars (log scale) of each stage's median per backend -> whether it was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install -e '.[bench]'): no chart")
+        return False
+    backends = list(results["backends"])
+    stages = stage_names(results)
+    height = 0.8 / max(len(backends), 1)
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(stages) + 1.5))
+    for i, b in enumerate(backends):
+        ys = [k + i * height for k in range(len(stages))]
+        xs = [results["backends"][b]["stages"].get(s, {}).get("median_ms", 0) or 0 for s in stages]
+        ax.barh(ys, xs, height=height, label=b)
+    ax.set_yticks([k + height * (len(backends) - 1) / 2 for k in range(len(stages))])
+    ax.set_yticklabels(stages, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency (ms, log scale)")
+    s = results["settings"]
+    ax.set_title(f"IndexTTS2 stages per backend ({s['threads']} threads, GPT fixed at {s['gpt_tokens']} codes)",
+                 fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(results: dict[str, Any], out: Path) -> list[Path]:
+    """results.json, results.md and (with matplotlib) results.png in `out` -> the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md"]
+    _write(paths[0], json.dumps(results, indent=2, default=str) + "\n")
+    _write(paths[1], markdown(results))
+    png = out / "results.png"
+    if chart(results, png):
+        paths.append(png)
+    return paths

@@ -1,0 +1,377 @@
+"""Per-stage latency, end-to-end real-time factor and time to first audio, side by side per backend.
+
+    python -m benchmarks.stages --engines OUT --checkpoints CKPT --backends torch,ort-cpu[,trt] \
+        [--texts FILE] [--repeats N] [--gpt-tokens 60] [--threads 2] [--out benchmarks/results]
+
+What is measured (every backend in this process, on the same inputs, after a warm-up run):
+- each graph on the feeds one synthesis sent it (recorded once, on the first backend): the speaker
+  preparation graphs, the GPT prefill, one GPT decode step (mid-generation, the request's beams), the
+  GPT latent, the length regulator, one DiT step and BigVGAN; the host front-ends (audio loading,
+  resampling, features; shared numpy code);
+- the GPT decode loop at a fixed length (`--gpt-tokens`, the stop token masked: see backends.py) and the
+  time per token it implies; the whole Euler solve;
+- per text: end-to-end synthesis (speaker cached, as in a service that keeps its voices warm), its RTF
+  (wall time / audio duration) and the time until the first segment's audio is ready (streaming);
+  peak resident memory during synthesis and the memory the backend's models take;
+- the decode step's roofline (benchmarks/roofline.py) at the memory bandwidth measured in this run.
+Results: OUT/results.json, OUT/results.md (tables), OUT/results.png (chart; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .backends import BENCH_BACKENDS, OpenedBackend, decode_call, open_backend, recorded_feeds
+from .measure import PeakTracker, Stats, measure, memory_bandwidth_gbs
+from .roofline import Roofline
+
+log = logging.getLogger("benchmarks")
+
+DEFAULT_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    # long enough for two segments at upstream's 120 text tokens per segment, so first audio < whole request
+    "Text to speech turns written words into sound. This benchmark times every stage of it, from the reference "
+    "audio to the waveform, on each backend in turn, on the same inputs, after a warm-up run. The GPT is held to a "
+    "fixed number of codes, so that every backend does the same amount of work whatever its sampling draws. "
+    "Speed alone is not the goal: the compiled graphs must agree with the eager model first, and only then be "
+    "fast. The numbers in this table are medians of several runs, with the fastest and the slowest beside them.",
+)
+# (stage label, graph, which recorded call; None: the decode call kept, backends.decode_call) in pipeline order
+GRAPH_STAGES = (
+    ("semantic encoder (w2v-BERT)", "semantic_encoder", 0),
+    ("semantic codec", "semantic_codec", 0),
+    ("CAMPPlus", "campplus", 0),
+    ("speaker conditioner", "speaker_conditioner", 0),
+    ("emotion conditioner", "emotion_conditioner", 0),
+    ("GPT prefill", "gpt_prefill", 0),
+    ("GPT decode step (graph)", "gpt_decode", None),
+    ("GPT latent", "gpt_latent", 0),
+    ("length regulator", "length_regulator", 1),
+    ("DiT step (CFG batch 2)", "dit_step", 0),
+    ("BigVGAN", "bigvgan", 0),
+)
+
+
+@dataclass
+class Settings:
+    engines: Path
+    checkpoints: Path | None
+    backends: tuple[str, ...]
+    texts: tuple[str, ...]
+    speaker: Path
+    repeats: int = 3
+    gpt_tokens: int = 60
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Workload:
+    """Inputs shared by every backend, made once on the first backend."""
+
+    feeds: dict[str, dict[int | None, dict[str, np.ndarray]]]
+    spk_latent: np.ndarray
+    emovec: np.ndarray
+    text_ids: np.ndarray
+    condition: np.ndarray
+    ref_mel: np.ndarray
+    style: np.ndarray
+    noise: np.ndarray
+    beams: int
+    decode_cache_len: int
+
+
+@dataclass
+class BackendResult:
+    name: str
+    load_s: float
+    models_mib: float | None
+    stages: dict[str, Stats] = field(default_factory=dict)
+    e2e: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _generation(synth: Any, tokens: int) -> Any:
+    return dataclasses.replace(synth.generation_defaults, max_mel_tokens=tokens)
+
+
+def make_workload(backend: OpenedBackend, settings: Settings) -> Workload:
+    """One synthesis on `backend` (opened with record=True) -> the feeds of every graph and the inputs of
+    the loop stages."""
+    from runtime.cfm import mel_length, regulate
+    from runtime.request import SynthesisRequest
+
+    synth = backend.synth
+    request = SynthesisRequest(text=settings.texts[0], speaker=settings.speaker)
+    gen = _generation(synth, settings.gpt_tokens)
+    prep = synth.prepare(request, seed=settings.seed)
+    seg = synth.segment(prep, 0, gen)
+    feeds = recorded_feeds(backend)
+    kept = decode_call(settings.gpt_tokens)
+    feeds["gpt_decode"] = {None: feeds.get("gpt_decode", {}).get(kept)} if kept in feeds.get("gpt_decode", {}) else {}
+    missing = [g for _, g, call in GRAPH_STAGES if call not in feeds.get(g, {})]
+    if missing:
+        raise RuntimeError(f"the recording synthesis did not call {missing} as expected")
+    codes = np.ascontiguousarray(seg.codes[None])
+    s_infer = synth.graphs["gpt_latent"].run({"spk_latent": prep.spk_latent, "emovec": prep.emovec,
+                                              "text_ids": np.ascontiguousarray(seg.text_ids[None]),
+                                              "codes": codes})["s_infer"]
+    frames = mel_length(codes.shape[1])
+    cond = regulate(synth.graphs["length_regulator"], s_infer, frames)
+    prompt = prep.prompt
+    condition = np.concatenate([prompt.prompt_condition, cond], axis=1)
+    noise = np.random.default_rng(settings.seed).standard_normal((1, prompt.ref_mel.shape[1], condition.shape[1]),
+                                                                 dtype=np.float32)
+    decode = feeds["gpt_decode"][None]
+    return Workload(feeds, prep.spk_latent, prep.emovec, np.asarray(seg.text_ids), condition, prompt.ref_mel,
+                    prompt.style, noise, int(decode["mel_ids"].shape[0]), int(decode["kv_mask"].shape[1]))
+
+
+def measure_backend(backend: OpenedBackend, work: Workload, settings: Settings,
+                    progress: Callable[[str], None]) -> BackendResult:
+    from runtime.audio import load_audio
+    from runtime.cfm import euler_solve
+    from runtime.features import campplus_features, seamless_features
+    from runtime.generate import generate
+    from runtime.mel import s2mel_mel
+    from runtime.request import SynthesisRequest
+    from runtime.resample import resample_sinc
+    from runtime.speaker import SEMANTIC_SR, SPEAKER_SR
+
+    synth, reps = backend.synth, settings.repeats
+    result = BackendResult(backend.name, backend.load_s, None)
+
+    def front_ends() -> None:
+        audio = load_audio(settings.speaker, SPEAKER_SR)
+        audio_16k = resample_sinc(audio, SPEAKER_SR, SEMANTIC_SR)
+        seamless_features(audio_16k[0])
+        s2mel_mel(audio)
+        campplus_features(audio_16k[0])
+
+    progress(f"{backend.name}: front-ends")
+    result.stages["front-ends (host, shared code)"] = measure(front_ends, reps)
+    for label, graph, call in GRAPH_STAGES:
+        if backend.name == "trt" and graph == "gpt_decode":
+            result.notes.append("GPT decode step (graph): not timed alone on trt (its KV cache lives on the "
+                                "device; the per-token time in the loop is the comparable number)")
+            continue
+        progress(f"{backend.name}: {label}")
+        feed = work.feeds[graph][call]
+        executor = synth.graphs[graph]
+        result.stages[label] = measure(lambda: executor.run(feed), reps)
+
+    gen = _generation(synth, settings.gpt_tokens)
+    progress(f"{backend.name}: GPT decode loop ({settings.gpt_tokens} tokens)")
+    loop = measure(lambda: generate(synth.gpt_steps, work.spk_latent, work.emovec, work.text_ids, gen,
+                                    seed=settings.seed), max(1, reps))
+    result.stages[f"GPT generate ({settings.gpt_tokens} tokens, {work.beams} beam(s))"] = loop
+    # every token after the first costs one decode step (and the loop's host work: sampling, cache)
+    prefill, steps = result.stages["GPT prefill"].median_ms, settings.gpt_tokens - 1
+    result.stages["GPT decode per token (in loop)"] = Stats(
+        (loop.median_ms - prefill) / steps, (loop.min_ms - prefill) / steps, (loop.max_ms - prefill) / steps, loop.n)
+    decoder = synth.decoder_defaults
+    progress(f"{backend.name}: Euler solve ({decoder.steps} steps)")
+    result.stages[f"Euler solve ({decoder.steps} DiT steps)"] = measure(
+        lambda: euler_solve(synth.graphs["dit_step"], work.condition, work.ref_mel, work.style, work.noise,
+                            decoder.steps, decoder.cfg_rate), reps)
+
+    for text in settings.texts:
+        request = SynthesisRequest(text=text, speaker=settings.speaker)
+        synth.synthesize(request, gen, seed=settings.seed)            # warm-up (and the speaker cache)
+        walls, firsts, seconds, segments = [], [], 0.0, 0
+        progress(f"{backend.name}: end to end, {len(text)} characters")
+        with PeakTracker() as peak:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                first = None
+                samples = 0
+                for seg in synth.synthesize_segments(request, gen, seed=settings.seed):
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    samples += seg.pcm.size
+                    segments = seg.count
+                walls.append(time.perf_counter() - t0)
+                firsts.append(first or 0.0)
+                seconds = samples / synth.sample_rate
+        wall = Stats.of(walls)
+        result.e2e.append({
+            "text_chars": len(text), "segments": segments, "audio_s": seconds,
+            "wall": dataclasses.asdict(wall), "first_audio": dataclasses.asdict(Stats.of(firsts)),
+            "rtf": wall.median_ms / 1e3 / seconds if seconds else None,
+            "peak_rss_mib": peak.result.peak_mib, "synthesis_extra_mib": peak.result.extra_mib,
+            "peak_since_process_start": peak.result.since_start_of_process,
+        })
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """What this was measured on."""
+    import platform
+
+    from runtime import gpu
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("numpy", "onnxruntime", "torch", "tensorrt"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 — absent is fine
+            versions[mod] = None
+    probe = gpu.tensorrt()
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory_gib": mem_gib, "os": platform.platform(),
+            "python": platform.python_version(), "versions": versions, "gpu": probe.detail}
+
+
+def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
+    from runtime.manifest import read_manifest
+
+    manifest = read_manifest(settings.engines)
+    results: list[BackendResult] = []
+    work: Workload | None = None
+    for name in settings.backends:
+        progress(f"{name}: loading")
+        before = _rss()
+        backend = open_backend(name, settings.engines, settings.checkpoints, settings.threads, record=work is None,
+                               record_decode_call=decode_call(settings.gpt_tokens))
+        models = None if before is None or backend.rss_mib_after_load is None else backend.rss_mib_after_load - before
+        if work is None:
+            progress(f"{name}: recording the inputs of every stage")
+            work = make_workload(backend, settings)
+        result = measure_backend(backend, work, settings, progress)
+        result.models_mib = models
+        results.append(result)
+        close = getattr(backend.synth, "close", None)
+        if close is not None:
+            close()
+        del backend
+        gc.collect()
+    assert work is not None
+    progress("memory bandwidth")
+    bandwidth = memory_bandwidth_gbs()
+    roof = Roofline.of(manifest.graph("gpt_decode").path(settings.engines), work.feeds["gpt_decode"][None],
+                       bandwidth)
+    return {
+        "machine": machine(),
+        "settings": {"engines": str(settings.engines), "checkpoint": manifest.checkpoint.path,
+                     "checkpoint_config_sha256": manifest.checkpoint.config_sha256, "model": _model(manifest),
+                     "backends": list(settings.backends), "repeats": settings.repeats, "warmup": 1,
+                     "gpt_tokens": settings.gpt_tokens, "beams": work.beams, "threads": settings.threads,
+                     "decode_cache_len": work.decode_cache_len, "euler_steps": manifest.synthesis.euler_steps, "texts": list(settings.texts),
+                     "fixed_gpt_length": f"the stop token is masked, so every backend generates exactly "
+                                         f"{settings.gpt_tokens} codes per segment"},
+        "backends": {r.name: {"load_s": r.load_s, "models_mib": r.models_mib, "notes": r.notes,
+                              "stages": {k: dataclasses.asdict(v) for k, v in r.stages.items()}, "e2e": r.e2e}
+                     for r in results},
+        "roofline": {"bandwidth_gbs": roof.bandwidth_gbs, **dataclasses.asdict(roof.bytes),
+                     "weights_ms": roof.weights_ms, "weights_and_kv_ms": roof.weights_and_kv_ms,
+                     "measured_by": "numpy copy of 512 MiB, one thread, bytes read + written, best of 5"},
+    }
+
+
+def _model(manifest: Any) -> dict[str, int]:
+    d = manifest.dims
+    return {"gpt_layers": d.layers, "gpt_model_dim": d.model_dim, "gpt_heads": d.heads}
+
+
+def _rss() -> float | None:
+    from .measure import rss_mib
+
+    return rss_mib()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stages", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engines", required=True, type=Path, help="export directory (python -m export.build --out)")
+    p.add_argument("--checkpoints", type=Path, help="checkpoint directory (needed by the torch backend)")
+    p.add_argument("--backends", default="torch,ort-cpu", help=f"comma-separated, of {', '.join(BENCH_BACKENDS)}")
+    p.add_argument("--texts", type=Path, help="a UTF-8 file, one text per line (default: two built-in texts)")
+    p.add_argument("--speaker", type=Path, help="speaker reference (default: CKPT/examples/speaker.wav)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gpt-tokens", type=int, default=60, help="codes generated per segment (fixed)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for results.json/.md/.png")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    from runtime.errors import InputError
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = [b for b in backends if b not in BENCH_BACKENDS]
+    if not backends or unknown:
+        raise InputError(f"--backends {args.backends!r}: choose from {', '.join(BENCH_BACKENDS)}")
+    if "torch" in backends and args.checkpoints is None:
+        raise InputError("the torch backend needs --checkpoints CKPT (the eager models are loaded from it)")
+    if not (args.engines / "manifest.json").is_file():
+        raise InputError(f"{args.engines}: no manifest.json; build it with python -m export.build --out {args.engines}")
+    texts = DEFAULT_TEXTS
+    if args.texts is not None:
+        if not args.texts.is_file():
+            raise InputError(f"--texts {args.texts}: file not found")
+        texts = tuple(t.strip() for t in args.texts.read_text(encoding="utf-8").splitlines() if t.strip())
+        if not texts:
+            raise InputError(f"--texts {args.texts}: no text in it")
+    speaker = args.speaker or (args.checkpoints / "examples" / "speaker.wav" if args.checkpoints else None)
+    if speaker is None or not Path(speaker).is_file():
+        raise InputError(f"speaker reference {speaker}: file not found (pass --speaker ref.wav)")
+    if args.repeats < 1 or args.gpt_tokens < 2:
+        raise InputError("--repeats must be >= 1 and --gpt-tokens >= 2")
+    return Settings(args.engines, args.checkpoints, backends, texts, Path(speaker), args.repeats, args.gpt_tokens,
+                    args.threads, args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.errors import ToolkitError
+
+    from .report import write_reports
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:    # "no stop token within max_mel_tokens" is the point of a fixed length here
+        for name in ("runtime.generate", "runtime.host_steps"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+
+    def progress(what: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f} s] {what}", flush=True)
+
+    try:
+        settings = settings_from(args)
+        results = run(settings, progress)
+        paths = write_reports(results, args.out)
+    except (ToolkitError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

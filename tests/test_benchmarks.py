@@ -1,0 +1,196 @@
+"""benchmarks/: the measuring helpers, the fixed-length GPT wrapper, feed recording, the roofline's byte count,
+the report, and one small end-to-end run of `python -m benchmarks.stages` on the tiny demo export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import measure as measure_mod
+from benchmarks.backends import DECODE_CALL, FixedLengthSteps, Recorder
+from benchmarks.measure import Stats, measure
+from benchmarks.report import markdown, ratio
+from benchmarks.roofline import Roofline, decode_weight_bytes, kv_bytes
+
+
+def test_stats_and_measure_count_runs() -> None:
+    s = Stats.of([0.003, 0.001, 0.002])
+    assert (s.median_ms, s.min_ms, s.max_ms, s.n) == pytest.approx((2.0, 1.0, 3.0, 3))
+    calls = []
+    out = measure(lambda: calls.append(1), repeats=4, warmup=2)
+    assert len(calls) == 6 and out.n == 4 and out.min_ms <= out.median_ms <= out.max_ms
+    with pytest.raises(ValueError):
+        measure(lambda: None, repeats=0)
+    with pytest.raises(ValueError):
+        Stats.of([])
+
+
+def test_peak_tracker_sees_an_allocation() -> None:
+    with measure_mod.PeakTracker() as t:
+        block = np.ones(64 << 20, np.uint8)          # 64 MiB touched
+        del block
+    r = t.result
+    assert r.peak_mib is not None and r.start_mib is not None
+    if not r.since_start_of_process:                # the peak was reset: the block must show
+        assert r.extra_mib >= 60
+
+
+class _Steps:
+    class geometry:
+        stop_mel_token = 3
+
+    def prefill(self, feed):
+        return {"logits": np.zeros((1, 5), np.float32)}
+
+    def decode(self, feed):
+        logits = np.zeros((2, 5), np.float32)
+        logits[:, 3] = 100.0                        # the stop token would win
+        return {"logits": logits}
+
+    def new_cache(self, *a):
+        return "device cache"
+
+
+def test_fixed_length_steps_hide_the_stop_token_and_pass_the_rest_through() -> None:
+    steps = FixedLengthSteps(_Steps())
+    out = steps.decode({})
+    assert np.isneginf(out["logits"][:, 3]).all() and np.argmax(out["logits"], axis=1).tolist() == [0, 0]
+    assert np.isneginf(steps.prefill({})["logits"][0, 3])
+    assert steps.new_cache() == "device cache" and steps.geometry.stop_mel_token == 3
+
+
+def test_fixed_length_generation_runs_to_the_cap(tiny_export) -> None:
+    from runtime.executors.ort import OrtExecutor
+    from runtime.generate import GenerationConfig, generate
+    from runtime.gpt_graphs import GraphGptSteps, geometry_of
+    from runtime.manifest import read_manifest
+
+    root = tiny_export[0]
+    m = read_manifest(root)
+    inner = GraphGptSteps(OrtExecutor(m.graph("gpt_prefill"), root, "ort-cpu"),
+                          OrtExecutor(m.graph("gpt_decode"), root, "ort-cpu"), geometry_of(m))
+    # a stop-token-favouring bias on the inner steps: without the wrapper generation would stop at once
+    stop = inner.geometry.stop_mel_token
+
+    class Biased:
+        geometry = inner.geometry
+
+        def prefill(self, feed):
+            out = inner.prefill(feed)
+            out["logits"][..., stop] = 1e4
+            return out
+
+        def decode(self, feed):
+            out = inner.decode(feed)
+            out["logits"][..., stop] = 1e4
+            return out
+
+    rng = np.random.default_rng(0)
+    spk = rng.standard_normal((1, 32, m.dims.model_dim)).astype(np.float32)
+    emo = rng.standard_normal((1, m.dims.model_dim)).astype(np.float32)
+    text = rng.integers(2, m.dims.text_vocab, 12)
+    cfg = GenerationConfig(do_sample=False, num_beams=1, max_mel_tokens=9)
+    assert generate(Biased(), spk, emo, text, cfg).codes.size == 1          # stops at once
+    got = generate(FixedLengthSteps(Biased()), spk, emo, text, cfg)
+    assert got.codes.size == 9 and stop not in got.codes.tolist() and not got.stopped
+
+
+def test_recorder_keeps_copies_of_the_chosen_calls() -> None:
+    class Inner:
+        name, backend, entry = "gpt_decode", "fake", None
+
+        def run(self, feed, outputs=None):
+            return {"y": feed["x"] * 2}
+
+    rec = Recorder(Inner())
+    x = np.zeros(3, np.float32)
+    for i in range(DECODE_CALL + 3):
+        x[:] = i
+        assert rec.run({"x": x})["y"][0] == 2 * i
+    assert list(rec.kept) == [DECODE_CALL] and rec.kept[DECODE_CALL]["x"][0] == DECODE_CALL
+    Inner.name = "bigvgan"
+    rec = Recorder(Inner())
+    for i in range(4):
+        rec.run({"x": np.full(2, i, np.float32)})
+    assert sorted(rec.kept) == [0, 1] and rec.kept[1]["x"][0] == 1
+
+
+def test_roofline_counts_streamed_weights_not_gathered_tables(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((64, 32), np.float32), "w")             # MatMul: streamed
+    table = numpy_helper.from_array(np.zeros((1000, 64), np.float32), "table")   # Gather only: one row
+    shared = numpy_helper.from_array(np.zeros((64,), np.float16), "b")           # Add: streamed (fp16)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("Add", ["e", "b"], ["h"]),
+             helper.make_node("MatMul", ["h", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              initializer=[w, table, shared])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert decode_weight_bytes(path) == (64 * 32 * 4 + 64 * 2, 1000 * 64 * 4)
+    feed = {"kv_cache.0": np.zeros((2, 1, 2, 8, 4), np.float32), "mel_ids": np.zeros((1, 1), np.int64)}
+    assert kv_bytes(feed) == 2 * 2 * 8 * 4 * 4
+    roof = Roofline.of(path, feed, bandwidth_gbs=1.0)                            # 1 GB/s = 1e6 bytes/ms
+    assert roof.weights_ms == pytest.approx((64 * 32 * 4 + 128) / 1e6)
+    assert roof.weights_and_kv_ms == pytest.approx((64 * 32 * 4 + 128 + 512) / 1e6)
+
+
+def test_stages_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, capsys) -> None:
+    from benchmarks import stages
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("Hello world.\n\nA second, slightly longer text to read aloud.\n", encoding="utf-8")
+    out = tmp_path / "results"
+    code = stages.main(["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--backends",
+                        "torch,ort-cpu", "--texts", str(texts), "--repeats", "1", "--gpt-tokens", "6",
+                        "--threads", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["backends"]) == ["torch", "ort-cpu"]
+    for name, backend in results["backends"].items():
+        stages_seen = backend["stages"]
+        assert {"GPT prefill", "GPT decode step (graph)", "BigVGAN", "Euler solve (25 DiT steps)",
+                "GPT decode per token (in loop)", "front-ends (host, shared code)"} <= set(stages_seen), name
+        assert all(s["n"] == 1 and s["median_ms"] > 0 for k, s in stages_seen.items()
+                   if k != "GPT decode per token (in loop)"), name
+        assert [e["text_chars"] for e in backend["e2e"]] == [12, 45]
+        for e in backend["e2e"]:
+            # 6 codes -> 10 mel frames -> 2560 samples at 22.05 kHz, per segment
+            assert e["audio_s"] == pytest.approx(e["segments"] * 2560 / 22050)
+            assert e["rtf"] == pytest.approx(e["wall"]["median_ms"] / 1e3 / e["audio_s"])
+            assert e["first_audio"]["median_ms"] <= e["wall"]["median_ms"]
+    assert results["settings"]["gpt_tokens"] == 6 and results["roofline"]["weights"] > 0
+    md = (out / "results.md").read_text()
+    assert "| stage | torch | ort-cpu | ort-cpu / torch |" in md and "roofline, weights" in md
+    r = ratio(results, "ort-cpu", "BigVGAN")
+    assert r == pytest.approx(results["backends"]["ort-cpu"]["stages"]["BigVGAN"]["median_ms"]
+                              / results["backends"]["torch"]["stages"]["BigVGAN"]["median_ms"])
+    assert f"{r:.2f}×" in markdown(results)
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_stages_cli_refuses_bad_arguments(tiny_ckpt, tiny_export, tmp_path, capsys) -> None:
+    from benchmarks import stages
+
+    base = ["--engines", str(tiny_export[0]), "--out", str(tmp_path / "r")]
+    cases = [
+        (["--backends", "torch"], "the torch backend needs --checkpoints"),
+        (["--backends", "ort-cpu,cuda-magic", "--checkpoints", str(tiny_ckpt)], "choose from torch, ort-cpu"),
+        (["--backends", "ort-cpu", "--checkpoints", str(tiny_ckpt), "--texts", str(tmp_path / "none.txt")],
+         "none.txt: file not found"),
+        (["--backends", "ort-cpu", "--speaker", str(tmp_path / "absent.wav")], "absent.wav: file not found"),
+    ]
+    for extra, message in cases:
+        assert stages.main(base + extra) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert stages.main(["--engines", str(tmp_path), "--backends", "ort-cpu", "--checkpoints", str(tiny_ckpt)]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
