@@ -43,18 +43,55 @@ class Stats:
         return Stats(self.median_ms * factor, self.min_ms * factor, self.max_ms * factor, self.n)
 
 
-def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Stats:
-    """Run `fn` `warmup` times unmeasured, then `repeats` times measured."""
+def measure(fn: Callable[[], object], repeats: int, warmup: int = 1, *, min_seconds: float = 0.0,
+            warmup_seconds: float = 0.0, max_runs: int = 50) -> Stats:
+    """Run `fn` unmeasured at least `warmup` times and for at least `warmup_seconds`, then measured at least
+    `repeats` times and for at least `min_seconds` (never more than `max_runs` of either).
+
+    The time floors matter for fast stages: ONNX Runtime settles its memory arena and thread pool over the
+    first few runs of a shape, and a handful of millisecond-scale runs is noise."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
+    start, runs = time.perf_counter(), 0
+    while runs < max_runs and (runs < warmup or time.perf_counter() - start < warmup_seconds):
         fn()
-    times = []
-    for _ in range(repeats):
+        runs += 1
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < repeats or time.perf_counter() - start < min_seconds):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return Stats.of(times)
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, *,
+                        min_seconds: float = 0.0, warmup_seconds: float = 0.0, max_runs: int = 50
+                        ) -> dict[str, Stats]:
+    """measure() for several competitors at once, in rounds: each round runs every function once, in an
+    order that alternates between rounds. Why: this machine's speed drifts by ~10 % over minutes (shared
+    host); measured one after the other, two backends would see different machines. The time floors apply
+    per function (the round count is set by the slowest)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names = list(fns)
+    spent = {n: 0.0 for n in names}
+    rounds = 0
+    while rounds < max_runs and (rounds < warmup or min(spent.values()) < warmup_seconds):
+        for n in names:
+            t0 = time.perf_counter()
+            fns[n]()
+            spent[n] += time.perf_counter() - t0
+        rounds += 1
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rounds = 0
+    while rounds < max_runs and (rounds < repeats or min(sum(t) for t in times.values()) < min_seconds):
+        for n in (names if rounds % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+        rounds += 1
+    return {n: Stats.of(t) for n, t in times.items()}
 
 
 def _status_kib(field: str) -> int | None:

@@ -58,7 +58,9 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     m = results["machine"]
     lines = ["## Per stage", "",
-             f"Median (min–max) of {s['repeats']} runs after 1 warm-up; {s['threads']} CPU thread(s); GPT fixed at "
+             f"Median (min–max) of at least {s['repeats']} runs, fast stages repeated for at least "
+             f"{s.get('stage_min_seconds', 0)} s (up to 50 runs), after warm-up ({s['warmup']}); "
+             f"{s['threads']} CPU thread(s); GPT fixed at "
              f"{s['gpt_tokens']} codes per segment ({s['fixed_gpt_length']}), {s['beams']} beam(s); decode step "
              f"at a {s['decode_cache_len']}-row KV cache; {s['euler_steps']} Euler steps.", ""]
     head = ["stage"] + backends + [f"{b} / {REFERENCE}" for b in others]

@@ -3,7 +3,8 @@
     python -m benchmarks.stages --engines OUT --checkpoints CKPT --backends torch,ort-cpu[,trt] \
         [--texts FILE] [--repeats N] [--gpt-tokens 60] [--threads 2] [--out benchmarks/results]
 
-What is measured (every backend in this process, on the same inputs, after a warm-up run):
+What is measured (every backend loaded in this process at once, on the same inputs, after warm-up; the
+runs of the backends interleaved round by round, so that the machine's drift is shared by every column):
 - each graph on the feeds one synthesis sent it (recorded once, on the first backend): the speaker
   preparation graphs, the GPT prefill, one GPT decode step (mid-generation, the request's beams), the
   GPT latent, the length regulator, one DiT step and BigVGAN; the host front-ends (audio loading,
@@ -33,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .backends import BENCH_BACKENDS, OpenedBackend, decode_call, open_backend, recorded_feeds
-from .measure import PeakTracker, Stats, measure, memory_bandwidth_gbs
+from .measure import PeakTracker, Stats, measure_interleaved, memory_bandwidth_gbs
 from .roofline import Roofline
 
 log = logging.getLogger("benchmarks")
@@ -42,7 +43,7 @@ DEFAULT_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     # long enough for two segments at upstream's 120 text tokens per segment, so first audio < whole request
     "Text to speech turns written words into sound. This benchmark times every stage of it, from the reference "
-    "audio to the waveform, on each backend in turn, on the same inputs, after a warm-up run. The GPT is held to a "
+    "audio to the waveform, on each backend in turn, on the same inputs, after one run to warm up. The GPT is held to a "
     "fixed number of codes, so that every backend does the same amount of work whatever its sampling draws. "
     "Speed alone is not the goal: the compiled graphs must agree with the eager model first, and only then be "
     "fast. The numbers in this table are medians of several runs, with the fastest and the slowest beside them.",
@@ -63,6 +64,11 @@ GRAPH_STAGES = (
 )
 
 
+# Stage timing floors (measure()): fast stages are repeated for at least this long
+STAGE_MIN_SECONDS = 2.0
+STAGE_WARMUP_SECONDS = 0.5
+
+
 @dataclass
 class Settings:
     engines: Path
@@ -74,6 +80,9 @@ class Settings:
     gpt_tokens: int = 60
     threads: int | None = None
     seed: int = 0
+    stage_seconds: float = STAGE_MIN_SECONDS
+
+
 
 
 @dataclass
@@ -138,8 +147,10 @@ def make_workload(backend: OpenedBackend, settings: Settings) -> Workload:
                     prompt.style, noise, int(decode["mel_ids"].shape[0]), int(decode["kv_mask"].shape[1]))
 
 
-def measure_backend(backend: OpenedBackend, work: Workload, settings: Settings,
-                    progress: Callable[[str], None]) -> BackendResult:
+def measure_all(backends: list[OpenedBackend], work: Workload, settings: Settings,
+                progress: Callable[[str], None]) -> list[BackendResult]:
+    """Every stage, then end to end, for all backends at once: runs interleaved round by round
+    (measure.measure_interleaved), so the machine's drift is shared by all columns."""
     from runtime.audio import load_audio
     from runtime.cfm import euler_solve
     from runtime.features import campplus_features, seamless_features
@@ -149,8 +160,17 @@ def measure_backend(backend: OpenedBackend, work: Workload, settings: Settings,
     from runtime.resample import resample_sinc
     from runtime.speaker import SEMANTIC_SR, SPEAKER_SR
 
-    synth, reps = backend.synth, settings.repeats
-    result = BackendResult(backend.name, backend.load_s, None)
+    results = {b.name: BackendResult(b.name, b.load_s, None) for b in backends}
+
+    def stage(label: str, fns: dict[str, Callable[[], object]], timed: bool = True) -> None:
+        progress(label)
+        if timed:
+            out = measure_interleaved(fns, settings.repeats, 1, min_seconds=settings.stage_seconds,
+                                      warmup_seconds=min(STAGE_WARMUP_SECONDS, settings.stage_seconds))
+        else:
+            out = measure_interleaved(fns, settings.repeats, 1)
+        for name, stats in out.items():
+            results[name].stages[label] = stats
 
     def front_ends() -> None:
         audio = load_audio(settings.speaker, SPEAKER_SR)
@@ -159,60 +179,70 @@ def measure_backend(backend: OpenedBackend, work: Workload, settings: Settings,
         s2mel_mel(audio)
         campplus_features(audio_16k[0])
 
-    progress(f"{backend.name}: front-ends")
-    result.stages["front-ends (host, shared code)"] = measure(front_ends, reps)
+    stage("front-ends (host, shared code)", {b.name: front_ends for b in backends})
     for label, graph, call in GRAPH_STAGES:
-        if backend.name == "trt" and graph == "gpt_decode":
-            result.notes.append("GPT decode step (graph): not timed alone on trt (its KV cache lives on the "
-                                "device; the per-token time in the loop is the comparable number)")
-            continue
-        progress(f"{backend.name}: {label}")
-        feed = work.feeds[graph][call]
-        executor = synth.graphs[graph]
-        result.stages[label] = measure(lambda: executor.run(feed), reps)
+        fns = {}
+        for b in backends:
+            if b.name == "trt" and graph == "gpt_decode":
+                results[b.name].notes.append("GPT decode step (graph): not timed alone on trt (its KV cache lives "
+                                             "on the device; the per-token time in the loop is the comparable one)")
+                continue
+            fns[b.name] = (lambda ex, feed: lambda: ex.run(feed))(b.synth.graphs[graph], work.feeds[graph][call])
+        stage(label, fns)
 
-    gen = _generation(synth, settings.gpt_tokens)
-    progress(f"{backend.name}: GPT decode loop ({settings.gpt_tokens} tokens)")
-    loop = measure(lambda: generate(synth.gpt_steps, work.spk_latent, work.emovec, work.text_ids, gen,
-                                    seed=settings.seed), max(1, reps))
-    result.stages[f"GPT generate ({settings.gpt_tokens} tokens, {work.beams} beam(s))"] = loop
-    # every token after the first costs one decode step (and the loop's host work: sampling, cache)
-    prefill, steps = result.stages["GPT prefill"].median_ms, settings.gpt_tokens - 1
-    result.stages["GPT decode per token (in loop)"] = Stats(
-        (loop.median_ms - prefill) / steps, (loop.min_ms - prefill) / steps, (loop.max_ms - prefill) / steps, loop.n)
-    decoder = synth.decoder_defaults
-    progress(f"{backend.name}: Euler solve ({decoder.steps} steps)")
-    result.stages[f"Euler solve ({decoder.steps} DiT steps)"] = measure(
-        lambda: euler_solve(synth.graphs["dit_step"], work.condition, work.ref_mel, work.style, work.noise,
-                            decoder.steps, decoder.cfg_rate), reps)
+    loop_label = f"GPT generate ({settings.gpt_tokens} tokens, {work.beams} beam(s))"
+    stage(loop_label, {b.name: (lambda synth: lambda: generate(
+        synth.gpt_steps, work.spk_latent, work.emovec, work.text_ids, _generation(synth, settings.gpt_tokens),
+        seed=settings.seed))(b.synth) for b in backends}, timed=False)
+    for r in results.values():
+        # every token after the first costs one decode step (and the loop's host work: sampling, cache)
+        loop, prefill, steps = r.stages[loop_label], r.stages["GPT prefill"].median_ms, settings.gpt_tokens - 1
+        r.stages["GPT decode per token (in loop)"] = Stats(
+            (loop.median_ms - prefill) / steps, (loop.min_ms - prefill) / steps, (loop.max_ms - prefill) / steps,
+            loop.n)
+    decoder = backends[0].synth.decoder_defaults
+    stage(f"Euler solve ({decoder.steps} DiT steps)", {b.name: (lambda synth: lambda: euler_solve(
+        synth.graphs["dit_step"], work.condition, work.ref_mel, work.style, work.noise, decoder.steps,
+        decoder.cfg_rate))(b.synth) for b in backends}, timed=False)
 
     for text in settings.texts:
+        progress(f"end to end, {len(text)} characters")
         request = SynthesisRequest(text=text, speaker=settings.speaker)
-        synth.synthesize(request, gen, seed=settings.seed)            # warm-up (and the speaker cache)
-        walls, firsts, seconds, segments = [], [], 0.0, 0
-        progress(f"{backend.name}: end to end, {len(text)} characters")
-        with PeakTracker() as peak:
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                first = None
-                samples = 0
-                for seg in synth.synthesize_segments(request, gen, seed=settings.seed):
-                    if first is None:
-                        first = time.perf_counter() - t0
-                    samples += seg.pcm.size
-                    segments = seg.count
-                walls.append(time.perf_counter() - t0)
-                firsts.append(first or 0.0)
-                seconds = samples / synth.sample_rate
-        wall = Stats.of(walls)
-        result.e2e.append({
-            "text_chars": len(text), "segments": segments, "audio_s": seconds,
-            "wall": dataclasses.asdict(wall), "first_audio": dataclasses.asdict(Stats.of(firsts)),
-            "rtf": wall.median_ms / 1e3 / seconds if seconds else None,
-            "peak_rss_mib": peak.result.peak_mib, "synthesis_extra_mib": peak.result.extra_mib,
-            "peak_since_process_start": peak.result.since_start_of_process,
-        })
-    return result
+        runs: dict[str, list[dict[str, Any]]] = {b.name: [] for b in backends}
+        for b in backends:                                   # warm-up (and the speaker cache)
+            b.synth.synthesize(request, _generation(b.synth, settings.gpt_tokens), seed=settings.seed)
+        for rnd in range(settings.repeats):
+            for b in (backends if rnd % 2 == 0 else backends[::-1]):
+                runs[b.name].append(_one_synthesis(b.synth, request, settings))
+        for b in backends:
+            rs = runs[b.name]
+            wall = Stats.of([r["wall_s"] for r in rs])
+            seconds = rs[0]["audio_s"]
+            peaks = [r["peak"] for r in rs]
+            results[b.name].e2e.append({
+                "text_chars": len(text), "segments": rs[0]["segments"], "audio_s": seconds,
+                "wall": dataclasses.asdict(wall), "first_audio": dataclasses.asdict(Stats.of([r["first_s"] for r in rs])),
+                "rtf": wall.median_ms / 1e3 / seconds if seconds else None,
+                "peak_rss_mib": max((p.peak_mib for p in peaks if p.peak_mib is not None), default=None),
+                "synthesis_extra_mib": max((p.extra_mib for p in peaks if p.extra_mib is not None), default=None),
+                "peak_since_process_start": any(p.since_start_of_process for p in peaks),
+            })
+    return [results[b.name] for b in backends]
+
+
+def _one_synthesis(synth: Any, request: Any, settings: Settings) -> dict[str, Any]:
+    """One streamed synthesis: wall time, time to the first segment's audio, audio length, peak memory."""
+    with PeakTracker() as peak:
+        t0 = time.perf_counter()
+        first, samples, segments = None, 0, 0
+        for seg in synth.synthesize_segments(request, _generation(synth, settings.gpt_tokens), seed=settings.seed):
+            if first is None:
+                first = time.perf_counter() - t0
+            samples += seg.pcm.size
+            segments = seg.count
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "first_s": first or 0.0, "audio_s": samples / synth.sample_rate, "segments": segments,
+            "peak": peak.result}
 
 
 def machine() -> dict[str, Any]:
@@ -251,25 +281,31 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
     from runtime.manifest import read_manifest
 
     manifest = read_manifest(settings.engines)
-    results: list[BackendResult] = []
+    opened: list[OpenedBackend] = []
+    models: dict[str, float | None] = {}
     work: Workload | None = None
-    for name in settings.backends:
-        progress(f"{name}: loading")
-        before = _rss()
-        backend = open_backend(name, settings.engines, settings.checkpoints, settings.threads, record=work is None,
-                               record_decode_call=decode_call(settings.gpt_tokens))
-        models = None if before is None or backend.rss_mib_after_load is None else backend.rss_mib_after_load - before
-        if work is None:
-            progress(f"{name}: recording the inputs of every stage")
-            work = make_workload(backend, settings)
-        result = measure_backend(backend, work, settings, progress)
-        result.models_mib = models
-        results.append(result)
-        close = getattr(backend.synth, "close", None)
-        if close is not None:
-            close()
-        del backend
-        gc.collect()
+    try:
+        for name in settings.backends:
+            progress(f"{name}: loading")
+            gc.collect()
+            before = _rss()
+            backend = open_backend(name, settings.engines, settings.checkpoints, settings.threads,
+                                   record=work is None, record_decode_call=decode_call(settings.gpt_tokens))
+            after = backend.rss_mib_after_load
+            models[name] = None if before is None or after is None else after - before
+            opened.append(backend)
+            if work is None:
+                progress(f"{name}: recording the inputs of every stage")
+                work = make_workload(backend, settings)
+        assert work is not None
+        results = measure_all(opened, work, settings, progress)
+    finally:
+        for backend in opened:
+            close = getattr(backend.synth, "close", None)
+            if close is not None:
+                close()
+    for r in results:
+        r.models_mib = models[r.name]
     assert work is not None
     progress("memory bandwidth")
     bandwidth = memory_bandwidth_gbs()
@@ -279,9 +315,13 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
         "machine": machine(),
         "settings": {"engines": str(settings.engines), "checkpoint": manifest.checkpoint.path,
                      "checkpoint_config_sha256": manifest.checkpoint.config_sha256, "model": _model(manifest),
-                     "backends": list(settings.backends), "repeats": settings.repeats, "warmup": 1,
+                     "backends": list(settings.backends), "repeats": settings.repeats,
+                     "warmup": f"stages: >= 1 run and >= {min(STAGE_WARMUP_SECONDS, settings.stage_seconds)} s; "
+                               "loops and end to end: 1 run",
+                     "stage_min_seconds": settings.stage_seconds,
                      "gpt_tokens": settings.gpt_tokens, "beams": work.beams, "threads": settings.threads,
-                     "decode_cache_len": work.decode_cache_len, "euler_steps": manifest.synthesis.euler_steps, "texts": list(settings.texts),
+                     "decode_cache_len": work.decode_cache_len, "euler_steps": manifest.synthesis.euler_steps,
+                     "texts": list(settings.texts),
                      "fixed_gpt_length": f"the stop token is masked, so every backend generates exactly "
                                          f"{settings.gpt_tokens} codes per segment"},
         "backends": {r.name: {"load_s": r.load_s, "models_mib": r.models_mib, "notes": r.notes,
@@ -315,6 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpt-tokens", type=int, default=60, help="codes generated per segment (fixed)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch and ONNX Runtime")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage-seconds", type=float, default=STAGE_MIN_SECONDS,
+                   help="repeat each fast stage for at least this long (up to 50 runs)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for results.json/.md/.png")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -343,8 +385,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise InputError(f"speaker reference {speaker}: file not found (pass --speaker ref.wav)")
     if args.repeats < 1 or args.gpt_tokens < 2:
         raise InputError("--repeats must be >= 1 and --gpt-tokens >= 2")
+    if args.stage_seconds < 0:
+        raise InputError("--stage-seconds must be >= 0")
     return Settings(args.engines, args.checkpoints, backends, texts, Path(speaker), args.repeats, args.gpt_tokens,
-                    args.threads, args.seed)
+                    args.threads, args.seed, args.stage_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -327,7 +327,7 @@ def graph_checkpoint_files(layout: CheckpointLayout, identity: CheckpointIdentit
 def code_version(spec: WrapperSpec) -> str:
     """sha256 over the export code that shapes a graph: CODE_SOURCES plus the wrapper's own module."""
     paths = {p for pattern in CODE_SOURCES for p in REPO_ROOT.glob(pattern)}
-    for fn in (spec.build, spec.feed):
+    for fn in (spec.build, spec.feed, *([spec.export_build] if spec.export_build else [])):
         try:
             src = inspect.getsourcefile(fn)
         except TypeError:
@@ -428,7 +428,7 @@ def _export_graph(plan: GraphPlan, models, dims: ModelDims, path: Path) -> None:
         path.unlink()
     feed = feed_for(plan.contract, plan.spec, dims, "trace", rng=0)
     sample = tuple(torch.from_numpy(feed[n]) for n in plan.contract.input_names)
-    module = plan.spec.build(models).eval()
+    module = plan.spec.build_for_export(models).eval()
     if plan.spec.exporter == "dynamo":
         export_onnx(module, plan.contract, sample, path)
     elif plan.spec.exporter == "legacy":

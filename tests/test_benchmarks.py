@@ -16,6 +16,21 @@ from benchmarks.report import markdown, ratio
 from benchmarks.roofline import Roofline, decode_weight_bytes, kv_bytes
 
 
+def test_measure_repeats_fast_work_for_its_time_floor() -> None:
+    calls = []
+    out = measure(lambda: calls.append(1), repeats=2, warmup=1, min_seconds=0.05, warmup_seconds=0.01, max_runs=7)
+    assert out.n == 7 and len(calls) == 14            # both floors hit the run cap on a no-op
+
+
+def test_interleaved_measuring_alternates_and_counts() -> None:
+    from benchmarks.measure import measure_interleaved
+
+    order = []
+    out = measure_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]       # warm-up, then alternating rounds
+    assert out["a"].n == out["b"].n == 3
+
+
 def test_stats_and_measure_count_runs() -> None:
     s = Stats.of([0.003, 0.001, 0.002])
     assert (s.median_ms, s.min_ms, s.max_ms, s.n) == pytest.approx((2.0, 1.0, 3.0, 3))
@@ -149,7 +164,7 @@ def test_stages_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, capsys)
     out = tmp_path / "results"
     code = stages.main(["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--backends",
                         "torch,ort-cpu", "--texts", str(texts), "--repeats", "1", "--gpt-tokens", "6",
-                        "--threads", "2", "--out", str(out)])
+                        "--threads", "2", "--stage-seconds", "0", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     results = json.loads((out / "results.json").read_text())

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from export.config import BigVGANConfig, CAMPPlusConfig
-from export.models.alias_free import Activation1d, UpSample2x, kaiser_sinc_filter
+from export.models.alias_free import (Activation1d, PhaseSeparatedActivation1d, UpSample2x, kaiser_sinc_filter,
+                                      phase_separated)
 from export.models.bigvgan import GENERATOR_FILE, load_bigvgan, write_demo_bigvgan
 from export.models.campplus import (CAMLayer, load_campplus, make_segments, segment_context,
                                     write_demo_campplus)
@@ -80,6 +81,35 @@ def test_activation1d_matches_reference(t: int) -> None:
     x = torch.randn(1, 3, t, generator=torch.Generator().manual_seed(7))
     want = _reference_act(x, act.act.alpha.detach(), act.act.beta.detach(), act.upsample.filter)
     torch.testing.assert_close(act(x), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 17, 64])
+def test_phase_separated_activation_equals_activation1d(t: int) -> None:
+    """The exported form (no interleave, no strided down-sampling) against the eager one, in float64 so
+    that only a wrong tap or a wrong edge value could differ (both edges are exercised at every t)."""
+    act = Activation1d(6).double()
+    with torch.no_grad():
+        act.act.alpha.copy_(torch.linspace(-0.5, 0.7, 6, dtype=torch.float64))
+        act.act.beta.copy_(torch.linspace(0.3, -0.4, 6, dtype=torch.float64))
+    act.refresh()
+    x = torch.randn(2, 6, t, dtype=torch.float64, generator=torch.Generator().manual_seed(t)) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(PhaseSeparatedActivation1d(act)(x), act(x), rtol=0, atol=1e-12)
+        want = _reference_act(x.float(), act.act.alpha.detach().float(), act.act.beta.detach().float(),
+                              act.upsample.filter.float())
+        torch.testing.assert_close(PhaseSeparatedActivation1d(act.float())(x.float()), want, rtol=1e-6, atol=1e-6)
+
+
+def test_phase_separated_copies_the_model(bigvgan_dir: Path) -> None:
+    model = load_bigvgan(bigvgan_dir)
+    exported = phase_separated(model)
+    assert not any(isinstance(m, PhaseSeparatedActivation1d) for m in model.modules())
+    n = sum(isinstance(m, Activation1d) for m in model.modules())
+    assert n > 0 and sum(isinstance(m, PhaseSeparatedActivation1d) for m in exported.modules()) == n
+    assert not any(isinstance(m, Activation1d) for m in exported.modules())
+    mel = torch.randn(1, 80, 9, generator=torch.Generator().manual_seed(2)) * 2 - 5
+    with torch.no_grad():
+        torch.testing.assert_close(exported(mel), model(mel), rtol=0, atol=2e-6)
 
 
 # --- CAMPPlus segment pooling -------------------------------------------------------------------

@@ -77,10 +77,11 @@ def exported(models: EagerModels, dims: ModelDims,
     def get(name: str) -> tuple[torch.nn.Module, Path]:
         if name not in cache:
             spec, contract = WRAPPERS[name], build_contracts(dims)[name]
-            module = spec.build(models).eval()
+            module = spec.build(models).eval()                 # the eager reference
             feed = spec.feed(contract, dims, spec.export_sizes, np.random.default_rng(0))
             sample = tuple(torch.from_numpy(feed[n]) for n in contract.input_names)
-            cache[name] = (module, export_onnx(module, contract, sample, out / f"{name}.onnx"))
+            cache[name] = (module, export_onnx(spec.build_for_export(models).eval(), contract, sample,
+                                               out / f"{name}.onnx"))
         return cache[name]
 
     return get

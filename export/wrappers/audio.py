@@ -16,8 +16,12 @@ against F.interpolate for 1581 (T_in, T_out) pairs, 40 of which differ from exac
 legacy exporter gives the same numbers for length_regulator (it decomposes Mish into
 Softplus/Tanh/Mul) but is deprecated; nothing here needs it.
 
-TensorRT notes: bigvgan keeps its 6 stage ConvTranspose1d (the anti-alias up-sampler is already a
-polyphase Conv); length_regulator's output shape is data-dependent (an engine needs an output
+BigVGAN is exported with its anti-aliased activations in phase-separated form
+(export/models/alias_free.py:PhaseSeparatedActivation1d; the eager model keeps upstream's structure and
+export.verify holds the two equal): in ONNX Runtime on CPU the interleaving Transpose, the long replicate
+pad and the strided down-sampling conv of the polyphase form cost ~20 % of the vocoder.
+
+TensorRT notes: bigvgan keeps its 6 stage ConvTranspose1d (the anti-alias up-sampler is a polyphase Conv); length_regulator's output shape is data-dependent (an engine needs an output
 allocator or a max-size buffer) and its index arithmetic must stay float32 in an FP16 engine.
 """
 
@@ -31,6 +35,7 @@ from torch import nn
 
 from runtime.contracts import GraphContract, ModelDims
 
+from ..models.alias_free import phase_separated
 from .base import Feed, WrapperSpec
 
 if TYPE_CHECKING:
@@ -241,7 +246,9 @@ WRAPPERS: dict[str, WrapperSpec] = {
         notes="CFG batch stacked inside; additive -1e4 key mask; prompt re-zeroing by mask multiply"),
     "bigvgan": WrapperSpec(
         build=lambda m: BigVGANGraph(m.bigvgan), feed=feed_bigvgan,
+        export_build=lambda m: BigVGANGraph(phase_separated(m.bigvgan)),
         export_sizes={"batch": 2, "mel_len": 8},
-        notes="anti-alias up-sampler is a polyphase Conv; the 6 stage up-samplers remain ConvTranspose; "
+        notes="anti-aliased activations exported phase-separated (PhaseSeparatedActivation1d: no interleave "
+              "Transpose, no strided down-sampling); the 6 stage up-samplers remain ConvTranspose; "
               "replicate padding as Pad(edge)"),
 }

@@ -32,3 +32,9 @@ class WrapperSpec:
     # axis sizes used for tracing (must be >= 2 on every dynamic axis: torch.export specializes 0/1)
     export_sizes: Mapping[str, int] = field(default_factory=dict)
     notes: str = ""
+    # the module exported to ONNX when it differs from the eager one (a graph rewrite with the same sums,
+    # for ONNX Runtime / TensorRT speed); `build` stays the eager reference export.verify compares against
+    export_build: Callable[["EagerModels"], nn.Module] | None = None
+
+    def build_for_export(self, models: "EagerModels") -> nn.Module:
+        return (self.export_build or self.build)(models)
