@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from runtime.executors.base import Executor, Feed
+from runtime.executors.recording import RecordingExecutor
 
 log = logging.getLogger(__name__)
 
@@ -58,34 +59,14 @@ class FixedLengthSteps:
         return out
 
 
-@dataclass
-class Recorder:
-    """An executor that forwards to `inner` and keeps copies of selected feeds (calls 0 and 1 of every
-    graph; of gpt_decode only call `decode_call`, its KV cache being large)."""
+class Recorder(RecordingExecutor):
+    """Keeps copies of calls 0 and 1 of every graph; of gpt_decode only call `decode_call` (its KV cache
+    is large). `kept`: call index -> feed."""
 
-    inner: Executor
-    decode_call: int = DECODE_CALL
-    calls: int = 0
-    kept: dict[int, Feed] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def backend(self) -> str:
-        return self.inner.backend
-
-    @property
-    def entry(self) -> Any:
-        return self.inner.entry
-
-    def run(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None) -> Feed:
-        index, self.calls = self.calls, self.calls + 1
-        keep = index == self.decode_call if self.inner.name == "gpt_decode" else index < 2
-        if keep:
-            self.kept[index] = {k: np.array(v, copy=True) for k, v in feed.items()}
-        return self.inner.run(feed, outputs)
+    def __init__(self, inner: Executor, decode_call: int = DECODE_CALL) -> None:
+        self.kept: dict[int, Feed] = {}
+        decode = inner.name == "gpt_decode"
+        super().__init__(inner, (lambda i: i == decode_call) if decode else (lambda i: i < 2), self.kept.__setitem__)
 
 
 @dataclass

@@ -1,1 +1,14 @@
-"""calibration package (filled by later issues; see ../shared/DESIGN.md)."""
+"""Calibration: representative inputs at every graph boundary, the FP16 safety analysis that writes the
+engines' precision policy, and INT8 calibration with its gate.
+
+- calibration/corpus.py      the calibration set (texts EN/ZH, generated voices; user-extendable)
+- calibration/collect.py     run the pipeline, keep the feeds (calibration/feeds.py: storage + statistics)
+- calibration/fp16_emulation.py   FP16 as TensorRT computes it, emulated on the ONNX graph in ONNX Runtime
+- calibration/fp16_analysis.py    per layer: max |activation|, error added, first NaN/Inf -> fp32 flags
+- calibration/policy_writer.py    base policy + measured rules -> precision_policy.json (engines/precision.py)
+- calibration/effect.py      end to end: greedy-token agreement, mel / waveform SNR against float32
+- calibration/int8.py        TensorRT entropy calibrator fed by the feeds, its cache file
+- calibration/gate.py        INT8 limits: plans below them are refused
+- calibration/report.py      the Markdown report
+CLI: python -m calibration collect | analyze | report | int8-gate
+"""

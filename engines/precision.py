@@ -22,8 +22,9 @@ rule gives the reason. Layer names: the TensorRT ONNX parser names each layer af
 the exporter names nodes `<module path>/<op name>` (e.g. `bigvgan.resblocks.0.activations.2.act/sin_8`,
 `cfm.estimator.transformer.layers.3.attention_norm/mean_12`), so patterns are written against that form
 with leading wildcards. A layer's `metadata` (TensorRT 10 parsers set it to `[ONNX Layer: <node>]`;
-seen in third-party tooling, not in NVIDIA's API docs) is matched too when present, which covers extra
-layers the parser creates for one node.
+seen in third-party tooling, not in NVIDIA's API docs) is matched too when present, and so is the node
+name inside it, which covers extra layers the parser creates for one node. Calibration's measured rules
+(calibration/policy_writer.py) are exact node names, escaped for fnmatch.
 
 Never forced, whatever the rules say: layers whose outputs are all non-float (INT32/INT64/BOOL: shape
 and index arithmetic; TensorRT requires shape tensors in INT32/INT64) and CONSTANT/SHAPE layers. This
@@ -70,6 +71,7 @@ NEVER_FORCED_TYPES = frozenset({"CONSTANT", "SHAPE"})
 
 _RULE_KEYS = {"pattern", "types", "exclude", "dtype", "why"}
 _TYPE_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_METADATA_NODE = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,16 @@ class LayerInfo:
     type: str
     output_dtypes: tuple[str, ...]
     metadata: str = ""
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """What rule patterns are matched against: the name, the metadata string, and the ONNX node name the
+        metadata carries (`[ONNX Layer: <node>]`), so an exact node-name pattern (what calibration writes)
+        also covers the extra layers the parser creates for that node."""
+        if not self.metadata:
+            return (self.name,)
+        found = _METADATA_NODE.search(self.metadata)
+        return (self.name, self.metadata) + ((found.group(1),) if found else ())
 
     @property
     def has_float_output(self) -> bool:
@@ -100,7 +112,7 @@ class PolicyRule:
     def matches(self, layer: LayerInfo) -> bool:
         if self.types and layer.type not in self.types:
             return False
-        labels = (layer.name, layer.metadata) if layer.metadata else (layer.name,)
+        labels = layer.labels
         if not any(fnmatch.fnmatchcase(s, self.pattern) for s in labels):
             return False
         return not any(fnmatch.fnmatchcase(s, x) for s in labels for x in self.exclude)

@@ -83,6 +83,8 @@ class BuildOptions:
     graphs: tuple[str, ...] | None = None      # None: every graph that has a wrapper
     force: bool = False                        # re-export even when the fingerprint is unchanged
     lint: bool = True
+    precision_policy: Path | None = None       # a policy file (e.g. CALIB/precision_policy.json); None: default
+    calibration: Path | None = None            # a calibration directory: the INT8 calibrator's feeds
 
 
 @dataclass
@@ -130,6 +132,7 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
     """
     if options.precision not in PRECISIONS:
         raise InputError(f"--precision {options.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    _check_engine_inputs(options)
     layout = open_checkpoint(options.checkpoints)
     out = prepare_out(options.out)
     if wrappers is None:
@@ -149,7 +152,7 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
         graphs={n: entries[n] for n in contracts if n in entries},
         tools=tool_versions(), gpt=gpt_tokens(layout.config), assets=write_assets(layout, out),
     )
-    engines_msg = run_engines(manifest, out, options.precision)
+    engines_msg = run_engines(manifest, out, options.precision, options.precision_policy, options.calibration)
     path = write_manifest(manifest, out)
     log.info("wrote %s (%d graphs)", path, len(manifest.graphs))
     return BuildReport(manifest, path, engines=engines_msg, **outcome)
@@ -469,10 +472,28 @@ def gpt_tokens(cfg: IndexTTS2Config) -> GptTokens:
                      max_mel_tokens=g.max_mel_tokens)
 
 
-def run_engines(manifest: Manifest, out: Path, precision: str) -> str:
+def _check_engine_inputs(options: BuildOptions) -> None:
+    """A bad policy file or calibration directory is reported before any export work."""
+    if options.precision_policy is not None:
+        from engines.precision import load_policy
+
+        load_policy(options.precision_policy)
+    if options.calibration is not None:
+        from calibration.feeds import FeedStore
+
+        FeedStore.open(options.calibration)
+    if options.precision == "int8" and options.calibration is None:
+        from engines.calibration_hook import INT8_NEEDS_CALIBRATION
+
+        raise InputError(INT8_NEEDS_CALIBRATION + " (--calibration CALIB)")
+
+
+def run_engines(manifest: Manifest, out: Path, precision: str, policy_path: Path | None = None,
+                calibration: Path | None = None) -> str:
     """TensorRT plans (reused when unchanged) where TensorRT and a GPU are present; otherwise say why not,
     and succeed. An engine failure is reported in the message, after every other graph was tried; the
-    ONNX graphs and the manifest stay valid (the runtime can still use ONNX Runtime)."""
+    ONNX graphs and the manifest stay valid (the runtime can still use ONNX Runtime). `policy_path`: the
+    precision policy (default: the shipped one); `calibration`: feeds for INT8 (calibration/int8.py)."""
     import engines
 
     ok, reason = engines.available()
@@ -480,7 +501,12 @@ def run_engines(manifest: Manifest, out: Path, precision: str) -> str:
         msg = f"engines skipped: {reason}"
     else:
         try:
-            built = engines.build_all(manifest, out, precision)
+            factory = None
+            if calibration is not None and precision == "int8":
+                from calibration.int8 import calibrator_factory
+
+                factory = calibrator_factory(calibration)
+            built = engines.build_all(manifest, out, precision, policy_path, calibrator=factory)
             msg = f"engines built: {len(built)} ({precision}, {reason})"
         except engines.EngineBuildFailures as err:
             msg = (f"engines built: {len(err.built)}, FAILED: {len(err.failed)} ({precision}, {reason})\n"
@@ -505,6 +531,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--graphs", default=None, help="comma-separated graph names (default: all)")
     p.add_argument("--force", action="store_true", help="re-export even if nothing changed")
     p.add_argument("--no-lint", action="store_true", help="skip polygraphy's lint")
+    p.add_argument("--precision-policy", type=Path, default=None,
+                   help="fp32 islands for fp16/int8 engines (default: engines/policy_default.json; a calibration "
+                        "run writes CALIB/precision_policy.json)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="calibration directory (python -m calibration collect): INT8 calibrator feeds")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -525,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     _configure_logging(args.verbose)
     graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip()) if args.graphs else None
-    options = BuildOptions(args.checkpoints, args.out, args.precision, graphs, args.force, not args.no_lint)
+    options = BuildOptions(args.checkpoints, args.out, args.precision, graphs, args.force, not args.no_lint,
+                           args.precision_policy, args.calibration)
     t0 = time.perf_counter()
     try:
         report = build(options)

@@ -816,23 +816,25 @@ def test_run_engines_reports_built_and_failed_plans(manifest, root, monkeypatch)
     monkeypatch.setattr(engines, "available", lambda: (True, "TensorRT 10.13.0.35, 1 CUDA device(s)"))
     seen = []
 
-    def fake_build_all(m, out, precision):
-        seen.append(precision)
+    def fake_build_all(m, out, precision, policy_path=None, calibrator=None):
+        seen.append((precision, policy_path, calibrator))
         return [out / "engines" / f"{g}.{precision}.plan" for g in m.graphs]
 
     monkeypatch.setattr(engines, "build_all", fake_build_all)
     msg = build_mod.run_engines(manifest, root, "fp32")
-    assert seen == ["fp32"]
+    assert seen == [("fp32", None, None)]
+    build_mod.run_engines(manifest, root, "fp16", root / "precision_policy.json")
+    assert seen[-1] == ("fp16", root / "precision_policy.json", None)      # the policy reaches the builder
     assert msg == f"engines built: {len(manifest.graphs)} (fp32, TensorRT 10.13.0.35, 1 CUDA device(s))"
 
-    def failing(m, out, precision):
+    def failing(m, out, precision, policy_path=None, calibrator=None):
         raise EngineBuildFailures([out / "engines/a.fp16.plan"], {"bigvgan": "BackendError: out of memory"})
 
     monkeypatch.setattr(engines, "build_all", failing)
     msg = build_mod.run_engines(manifest, root, "fp16")
     assert msg.startswith("engines built: 1, FAILED: 1 (fp16,") and "engine bigvgan: BackendError: out of memory" in msg
 
-    def refusing(m, out, precision):
+    def refusing(m, out, precision, policy_path=None, calibrator=None):
         raise BackendError("no usable CUDA GPU (device 0)")
 
     monkeypatch.setattr(engines, "build_all", refusing)
