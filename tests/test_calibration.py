@@ -19,7 +19,7 @@ from calibration.collect import CollectSettings, collect, keep_rule
 from calibration.corpus import CalibrationText, read_texts, write_default_voices
 from calibration.effect import ForcedSteps, snr_db
 from calibration.feeds import FeedStore, TensorStats
-from calibration.fp16_analysis import AnalysisLimits, analyze_graph, escape_pattern, measured_rules
+from calibration.fp16_analysis import AnalysisLimits, analyze_graph, escape_pattern
 from calibration.fp16_emulation import (FP16_MAX, emulated_model, fp16_nodes, fp16_weight, node_views,
                                         policy_fp32, session)
 from calibration.gate import (Int8Limits, decide, evaluate, refuse_plans, refused_graphs, write_gate_record)
