@@ -199,7 +199,9 @@ class _Builder:
     def copy_nodes(self) -> dict[str, str]:
         """Append the emulated nodes; -> {original float tensor: its raw (pre-rounding) emulated name}."""
         raw_names: dict[str, str] = {}
+        self.segments: list[tuple[int, int]] = []        # per view: its slice of self.nodes
         for view, node in zip(self.views, self.model.graph.node):
+            start = len(self.nodes)
             half = view.name in self.half
             new = self.helper.make_node(node.op_type, [], [], name=self.prefix + view.name, domain=node.domain)
             new.attribute.extend(node.attribute)
@@ -221,6 +223,7 @@ class _Builder:
                     self.round_pair(raw_names[o], self.emu_name(o), o)
                 if o:
                     self.producer_half[o] = half and o in view.float_outputs
+            self.segments.append((start, len(self.nodes)))
         return raw_names
 
 
@@ -250,7 +253,7 @@ def probe_model(model: Any, views: Sequence[NodeView], half: set[str]) -> tuple[
     g = model.graph
     zero = numpy_helper.from_array(np.zeros(1, np.float32), STATS + "zero")
     flat = numpy_helper.from_array(np.array([-1], np.int64), STATS + "flat")
-    nodes: list[Any] = []
+    nodes: list[Any] = []          # the statistics nodes of the view being processed
     outputs = list(g.output) + [helper.make_tensor_value_info(EMU + o.name, o.type.tensor_type.elem_type, None)
                                 for o in g.output]
     n = [0]
@@ -271,7 +274,12 @@ def probe_model(model: Any, views: Sequence[NodeView], half: set[str]) -> tuple[
         return amax, count
 
     tensors = []
-    for view in views:
+    ordered: list[Any] = []
+    for view, node, (start, end) in zip(views, g.node, b.segments):
+        # node order = execution order in ONNX Runtime: each reference node, its emulated copy, then the
+        # statistics of its outputs, so every activation is released as soon as it was measured (with the
+        # statistics at the end, all activations of both copies would stay alive: tens of GB at full size)
+        nodes.clear()
         for t in view.float_outputs:
             ref, emu, pre = t, b.emu_name(t), raw[t]
             ref_amax, ref_bad = finite_amax_and_bad(ref)
@@ -291,8 +299,7 @@ def probe_model(model: Any, views: Sequence[NodeView], half: set[str]) -> tuple[
                                                      size], [vec], axis=0, name=vec))
             outputs.append(helper.make_tensor_value_info(vec, TensorProto.FLOAT, [len(PROBE_FIELDS)]))
             tensors.append(t)
-    for view in views:                      # integers computed from floats: indices, argmax, casts
-        for t in integer_from_float(view, b.types):
+        for t in integer_from_float(view, b.types):     # integers computed from floats: indices, argmax
             diff = mk("Cast", [mk("Not", [mk("Equal", [t, b.emu_name(t)])])], to=TensorProto.FLOAT)
             count = mk("ReduceSum", [mk("Concat", [mk("Reshape", [diff, flat.name]), zero.name], axis=0)], keepdims=1)
             size = mk("Reshape", [mk("Cast", [mk("Size", [t])], to=TensorProto.FLOAT), flat.name])
@@ -300,7 +307,8 @@ def probe_model(model: Any, views: Sequence[NodeView], half: set[str]) -> tuple[
             nodes.append(helper.make_node("Concat", [count, size], [vec], axis=0, name=vec))
             outputs.append(helper.make_tensor_value_info(vec, TensorProto.FLOAT, [2]))
             tensors.append(STATS_INT + t)
-    graph = helper.make_graph(list(g.node) + b.nodes + nodes, g.name, list(g.input), outputs,
+        ordered += [node, *b.nodes[start:end], *nodes]
+    graph = helper.make_graph(ordered, g.name, list(g.input), outputs,
                               initializer=list(g.initializer) + b.new_inits + [zero, flat],
                               value_info=list(g.value_info))
     return _model_like(model, graph), tensors
@@ -355,6 +363,10 @@ def session(model_or_path: Any, threads: int | None = None) -> Any:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    # run the nodes in the order they are listed (probe_model interleaves reference, emulation and
+    # statistics): ONNX Runtime's default order walks back from the outputs and would compute the whole
+    # reference graph before the first statistic, keeping every activation alive
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         so.intra_op_num_threads = int(threads)
     src = str(model_or_path) if isinstance(model_or_path, Path) else model_or_path.SerializeToString()
