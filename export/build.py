@@ -1,4 +1,5 @@
-"""`python -m export.build --checkpoints CKPT --out OUT --precision fp16|fp32 [--graphs a,b] [--force]`
+"""`python -m export.build --checkpoints CKPT --out OUT --precision fp16|fp32|int8 [--graphs a,b] [--force]
+[--precision-policy FILE] [--calibration CALIB]`
 
 One ONNX graph per contract (DESIGN.md §3) from an IndexTTS2 checkpoint directory, each checked
 (onnx.checker, shape inference, polygraphy lint, I/O against the contract), then TensorRT engines where
@@ -43,7 +44,7 @@ from .wrappers.base import WrapperSpec
 
 log = logging.getLogger("export.build")
 
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32", "int8")      # int8 needs --calibration (calibration/int8.py)
 EXPORT_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = EXPORT_ROOT.parent
 

@@ -179,7 +179,7 @@ class RuntimeAssets:
 class Manifest:
     checkpoint: CheckpointIdentity
     dims: ModelDims
-    precision: str                                 # engine precision requested ("fp16" / "fp32"); ONNX is fp32
+    precision: str                                 # engine precision requested (fp16 / fp32 / int8); ONNX is fp32
     graphs: Mapping[str, GraphEntry]
     tools: Mapping[str, str]                       # package -> version used to export
     gpt: GptTokens = GptTokens()

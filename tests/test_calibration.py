@@ -574,3 +574,17 @@ def test_cli_errors_are_clear(tmp_path, tiny_export):
     assert r.returncode == 2 and "missing.wav: file not found" in r.stderr
     r = _cli("int8-gate", "--engines", str(tiny_export[0]), "--calib", str(tmp_path))
     assert r.returncode == 2 and "INT8" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_build_checks_policy_and_calibration_arguments_first(tmp_path, tiny_ckpt):
+    def build(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "export.build", "--checkpoints", str(tiny_ckpt), "--out",
+                               str(tmp_path / "out"), *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    r = build("--precision-policy", str(tmp_path / "nope.json"))
+    assert r.returncode == 2 and "nope.json: file not found" in r.stderr
+    r = build("--precision", "int8")
+    assert r.returncode == 2 and "INT8 needs calibration data" in r.stderr and "(--calibration CALIB)" in r.stderr
+    r = build("--precision", "int8", "--calibration", str(tmp_path))
+    assert r.returncode == 2 and "not a calibration directory" in r.stderr
+    assert not (tmp_path / "out").exists()                    # nothing exported before the refusal
