@@ -2,6 +2,7 @@
 
     python -m calibration collect --engines OUT --checkpoints CKPT --out CALIB [--texts FILE] [--reference WAV ...]
     python -m calibration analyze --engines OUT --calib CALIB [--graphs a,b] [--base default|none|FILE]
+    python -m calibration effect  --engines OUT --calib CALIB [--effect-variants calibrated,base,none]
     python -m calibration report  --calib CALIB [--out REPORT.md]
     python -m calibration int8-gate --engines OUT --calib CALIB          (needs TensorRT, a GPU and int8 plans)
 
@@ -59,7 +60,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from runtime.manifest import read_manifest
 
-    from .effect import measure_effect, open_synthesizers, pick_items, write_emulated_graphs
     from .feeds import FeedStore
     from .fp16_analysis import AnalysisLimits, analysis_json, analyze_graph
     from .policy_writer import calibrated_policy, write_policy
@@ -95,37 +95,88 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     policy = calibrated_policy(base, analyses)
     policy_path = write_policy(policy, args.calib)
     print(f"precision policy -> {policy_path} (sha256 {policy.sha256()[:12]})")
+    (args.calib / EFFECT_NAME).unlink(missing_ok=True)      # measured for the previous policy
     if not args.no_effect and graphs == list(manifest.graphs):
-        from engines.precision import PrecisionPolicy
-
-        variants = [v.strip() for v in args.effect_variants.split(",") if v.strip()]
-        items = pick_items(store.items, args.effect_items)
-        gpt_tokens = args.gpt_tokens or store.meta.get("settings", {}).get("gpt_tokens", 48)
-        summaries = []
-        for v in variants:
-            pol = {"calibrated": policy, "base": base, "none": PrecisionPolicy({})}.get(v)
-            if v not in ("calibrated", "base", "none"):
-                raise InputError(f"effect variant {v!r}: one of calibrated, base, none")
-            emu_dir = args.calib / f"fp16_emulated_{v}"
-            counts = write_emulated_graphs(args.engines, emu_dir, pol, progress=_progress)
-            ref, test = open_synthesizers(args.engines, emu_dir, args.threads)
-            label = {"calibrated": "fp16, calibrated policy", "base": "fp16, base policy",
-                     "none": "fp16, no fp32 islands"}[v]
-            s = measure_effect(ref, test, items, label, gpt_tokens, progress=_progress)
-            summaries.append(s.to_json() | {"fp32_layers": counts})
-            (args.calib / EFFECT_NAME).write_text(json.dumps({"variants": summaries}, indent=1, ensure_ascii=False),
-                                                  encoding="utf-8")
-            ref.close()
-            test.close()
-            if not args.keep_emulated:
-                shutil.rmtree(emu_dir, ignore_errors=True)
-            print(f"  {label}: greedy agreement {100 * s.forced_agreement:.2f}% (teacher-forced), "
-                  f"{100 * s.free_agreement:.2f}% (free-running), min mel SNR {s.min_mel_snr_db:.1f} dB, "
-                  f"min wave SNR {s.min_wav_snr_db:.1f} dB")
+        _run_effect(args, store, {"calibrated": policy, "base": base})
     elif not args.no_effect:
         print("  end-to-end effect skipped: it needs every graph analysed (no --graphs)")
     report = write_report(args.calib)
     print(f"report -> {report} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+EFFECT_LABELS = {"calibrated": "fp16, calibrated policy", "base": "fp16, base policy", "none": "fp16, no fp32 islands"}
+
+
+def _run_effect(args: argparse.Namespace, store, policies: dict) -> None:
+    """Synthesize the chosen items with fp32 graphs and with each variant's fp16-emulated graphs.
+
+    Results are merged into CALIB/effect.json by label (a rerun of one variant replaces only its entry),
+    written after every variant so an interrupted run keeps what it measured.
+    """
+    from engines.precision import PrecisionPolicy
+
+    from .effect import measure_effect, open_synthesizers, pick_items, write_emulated_graphs
+    from .report import EFFECT_NAME
+
+    variants = [v.strip() for v in args.effect_variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in EFFECT_LABELS]
+    if bad:
+        raise InputError(f"effect variants {bad}: each one of {', '.join(EFFECT_LABELS)}")
+    policies = dict(policies, none=PrecisionPolicy({}))
+    items = pick_items(store.items, args.effect_items)
+    gpt_tokens = args.gpt_tokens or store.meta.get("settings", {}).get("gpt_tokens", 48)
+    effect_path = args.calib / EFFECT_NAME
+    summaries = json.loads(effect_path.read_text(encoding="utf-8"))["variants"] if effect_path.is_file() else []
+    for v in variants:
+        label = EFFECT_LABELS[v]
+        emu_dir = args.calib / f"fp16_emulated_{v}"
+        counts = write_emulated_graphs(args.engines, emu_dir, policies[v], progress=_progress)
+        ref, test = open_synthesizers(args.engines, emu_dir, args.threads)
+        try:
+            s = measure_effect(ref, test, items, label, gpt_tokens, progress=_progress)
+        finally:
+            ref.close()
+            test.close()
+        entry = s.to_json() | {"fp32_layers": counts,
+                               "policy_sha256": policies[v].sha256() if policies[v] is not None else None}
+        summaries = [x for x in summaries if x.get("label") != label] + [entry]
+        summaries.sort(key=lambda x: list(EFFECT_LABELS.values()).index(x["label"])
+                       if x.get("label") in EFFECT_LABELS.values() else len(EFFECT_LABELS))
+        tmp = effect_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"variants": summaries}, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(effect_path)
+        if not args.keep_emulated:
+            shutil.rmtree(emu_dir, ignore_errors=True)
+        print(f"  {label}: greedy agreement {100 * s.forced_agreement:.2f}% (teacher-forced), "
+              f"{100 * s.free_agreement:.2f}% (free-running), min mel SNR {s.min_mel_snr_db:.1f} dB, "
+              f"min wave SNR {s.min_wav_snr_db:.1f} dB")
+
+
+def cmd_effect(args: argparse.Namespace) -> int:
+    """The end-to-end effect alone, for a policy an earlier `analyze` wrote (or any policy file)."""
+    from engines.precision import load_policy
+    from runtime.manifest import read_manifest
+
+    from .feeds import FeedStore
+    from .report import write_report
+
+    store = FeedStore.open(args.calib)
+    manifest = read_manifest(args.engines)
+    if store.meta.get("dims") and store.meta["dims"] != asdict(manifest.dims):
+        raise InputError(f"{args.calib} was collected for a model with other sizes than {args.engines} "
+                         f"(dims differ); collect again for this export")
+    policy_file = args.policy or args.calib / "precision_policy.json"
+    variants = [v.strip() for v in args.effect_variants.split(",") if v.strip()]
+    policies = {"base": _base_policy(args.base)}
+    if "calibrated" in variants:
+        if not Path(policy_file).is_file():
+            raise InputError(f"no precision policy at {policy_file}: run `python -m calibration analyze` first "
+                             f"or pass --policy")
+        policies["calibrated"] = load_policy(policy_file)
+    t0 = time.perf_counter()
+    _run_effect(args, store, policies)
+    print(f"report -> {write_report(args.calib)} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -175,6 +226,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.add_argument("--keep-emulated", action="store_true", help="keep the emulated graphs (CALIB/fp16_emulated_*)")
     a.add_argument("--threads", type=int)
     a.set_defaults(func=cmd_analyze)
+    e = sub.add_parser("effect", help="end-to-end effect only (greedy tokens, mel/wave SNR) for chosen variants")
+    e.add_argument("--engines", required=True, type=Path)
+    e.add_argument("--calib", required=True, type=Path)
+    e.add_argument("--policy", type=Path, help="the calibrated policy (default CALIB/precision_policy.json)")
+    e.add_argument("--base", default="default", help="base policy for the 'base' variant: default, none or a file")
+    e.add_argument("--effect-items", type=int, default=4)
+    e.add_argument("--effect-variants", default="calibrated,none", help="calibrated, base, none (comma-separated)")
+    e.add_argument("--gpt-tokens", type=int)
+    e.add_argument("--keep-emulated", action="store_true")
+    e.add_argument("--threads", type=int)
+    e.set_defaults(func=cmd_effect)
     r = sub.add_parser("report", help="write the Markdown report from the records")
     r.add_argument("--calib", required=True, type=Path)
     r.add_argument("--out", type=Path, help="default CALIB/REPORT.md")

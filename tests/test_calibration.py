@@ -564,6 +564,15 @@ def test_cli_analyze_and_report_on_the_tiny_demo(tiny_calib, tiny_export):
         assert f"| {g} |" in report
     assert "## End-to-end effect against float32" in report and "## INT8" in report
     assert not (calib / "fp16_emulated_calibrated").exists()             # removed unless --keep-emulated
+    # the effect alone, for another variant: merged by label, the calibrated entry kept as it was
+    r = _cli("effect", "--engines", str(export), "--calib", str(calib), "--effect-items", "1",
+             "--effect-variants", "none", "--threads", "1")
+    assert r.returncode == 0, r.stderr + r.stdout
+    variants = json.loads((calib / "effect.json").read_text())["variants"]
+    assert [v["label"] for v in variants] == ["fp16, calibrated policy", "fp16, no fp32 islands"]
+    assert variants[0] == effect
+    assert variants[1]["policy_sha256"] is not None and variants[1]["items"][0]["tokens"] > 0
+    assert "fp16, no fp32 islands" in (calib / "REPORT.md").read_text()
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_export):
@@ -572,6 +581,8 @@ def test_cli_errors_are_clear(tmp_path, tiny_export):
     r = _cli("collect", "--engines", str(tiny_export[0]), "--out", str(tmp_path / "c"), "--backend", "ort-cpu",
              "--reference", str(tmp_path / "missing.wav"))
     assert r.returncode == 2 and "missing.wav: file not found" in r.stderr
+    r = _cli("effect", "--engines", str(tiny_export[0]), "--calib", str(tmp_path))
+    assert r.returncode == 2 and "not a calibration directory" in r.stderr and "Traceback" not in r.stderr
     r = _cli("int8-gate", "--engines", str(tiny_export[0]), "--calib", str(tmp_path))
     assert r.returncode == 2 and "INT8" in r.stderr and "Traceback" not in r.stderr
 
