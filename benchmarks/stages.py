@@ -151,13 +151,13 @@ def measure_all(backends: list[OpenedBackend], work: Workload, settings: Setting
                 progress: Callable[[str], None]) -> list[BackendResult]:
     """Every stage, then end to end, for all backends at once: runs interleaved round by round
     (measure.measure_interleaved), so the machine's drift is shared by all columns."""
-    from runtime.audio import load_audio
+    from runtime.frontend.audio import load_audio
     from runtime.cfm import euler_solve
-    from runtime.features import campplus_features, seamless_features
-    from runtime.generate import generate
-    from runtime.mel import s2mel_mel
+    from runtime.frontend.features import campplus_features, seamless_features
+    from runtime.gpt.generate import generate
+    from runtime.frontend.mel import s2mel_mel
     from runtime.request import SynthesisRequest
-    from runtime.resample import resample_sinc
+    from runtime.frontend.resample import resample_sinc
     from runtime.speaker import SEMANTIC_SR, SPEAKER_SR
 
     results = {b.name: BackendResult(b.name, b.load_s, None) for b in backends}
@@ -249,7 +249,7 @@ def machine() -> dict[str, Any]:
     """What this was measured on."""
     import platform
 
-    from runtime import gpu
+    from runtime.trt import gpu
 
     cpu = "unknown"
     try:
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:    # "no stop token within max_mel_tokens" is the point of a fixed length here
-        for name in ("runtime.generate", "runtime.host_steps"):
+        for name in ("runtime.gpt.generate", "runtime.gpt.codes"):
             logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.perf_counter()
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.generate import FAKE_PROMPT_ID, GenerationConfig
-from runtime.sampling import ProcessorSettings, process_scores_
+from runtime.gpt.generate import FAKE_PROMPT_ID, GenerationConfig
+from runtime.gpt.sampling import ProcessorSettings, process_scores_
 
 from .fp16_emulation import emulated_model, fp16_nodes, node_views, policy_fp32, save_model
 

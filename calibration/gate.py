@@ -114,7 +114,7 @@ def refused_graphs(calib: str | Path) -> dict[str, str]:
 
 def refuse_plans(engines_dir: Path, decisions: Mapping[str, GateDecision]) -> list[Path]:
     """Rename the refused graphs' INT8 plans (and records) so that no runtime loads them."""
-    from runtime.engine_plan import plan_paths
+    from runtime.trt.engine_plan import plan_paths
 
     moved = []
     for graph, d in decisions.items():
@@ -131,7 +131,7 @@ def refuse_plans(engines_dir: Path, decisions: Mapping[str, GateDecision]) -> li
 def run_int8_gate(engines_dir: Path, calib: Path, n_items: int, progress: Callable[[str], None],
                   limits: Int8Limits = Int8Limits()) -> int:
     """The CLI's `int8-gate`: needs TensorRT, a GPU and INT8 plans built with --calibration."""
-    from runtime.engine_plan import plan_paths
+    from runtime.trt.engine_plan import plan_paths
     from runtime.executors import GraphSet, OrtOptions, backend_status
     from runtime.manifest import read_manifest
     from runtime.synthesizer import Synthesizer

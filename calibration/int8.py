@@ -15,7 +15,7 @@ The pieces, each testable without a GPU except the last call into TensorRT:
 - `entropy_calibrator(trt, batches, cache)`: a `trt.IInt8EntropyCalibrator2` subclass
   (`get_batch_size`, `get_batch(names) -> [device pointers]` or `[]` when done, `read_calibration_cache`,
   `write_calibration_cache`; docs: TensorRT 10.7 Python API, infer/Int8/EntropyCalibrator2.html). Device
-  buffers come from runtime/cuda.py (cuda-python), one per input, reused and grown as needed.
+  buffers come from runtime/trt/cuda.py (cuda-python), one per input, reused and grown as needed.
 - `calibrator_factory(calib_dir)`: the engines' `CalibratorFactory` (engines/calibration_hook.py); it
   returns None for graphs the INT8 gate refused (calibration/gate.py), so they are built fp16.
 
@@ -186,9 +186,9 @@ def parse_trt_cache(blob: bytes) -> tuple[str, dict[str, float]]:
 
 
 def entropy_calibrator(trt: Any, batches: CalibrationBatches, cache: CalibrationCache, cuda: Any = None) -> Any:
-    """A `trt.IInt8EntropyCalibrator2` feeding `batches` through device buffers (runtime/cuda.py)."""
+    """A `trt.IInt8EntropyCalibrator2` feeding `batches` through device buffers (runtime/trt/cuda.py)."""
     if cuda is None:
-        from runtime import cuda
+        from runtime.trt import cuda
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from runtime.errors import BackendError, InputError, ToolkitError
 
 if TYPE_CHECKING:
-    from runtime.engine_plan import GpuInfo
+    from runtime.trt.engine_plan import GpuInfo
     from runtime.manifest import Manifest
 
     from .calibration_hook import CalibratorFactory
@@ -40,8 +40,8 @@ class EngineBuildFailures(BackendError):
 def available() -> tuple[bool, str]:
     """(True, description) when TensorRT imports and a CUDA GPU is visible, else (False, reason).
 
-    The probe itself is runtime.gpu's, shared with the runtime's backend choice."""
-    from runtime.gpu import tensorrt
+    The probe itself is runtime.trt.gpu's, shared with the runtime's backend choice."""
+    from runtime.trt.gpu import tensorrt
 
     probe = tensorrt()
     return probe.ok, probe.detail
@@ -57,7 +57,7 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
     shipped default; `workspace_gib`: TensorRT's workspace pool limit; `calibrator`: the INT8 hook
     (required for int8). `trt` / `gpu` replace the tensorrt module and the GPU identity (tests).
     -> the plan paths, in manifest order. Raises EngineBuildFailures after trying every graph."""
-    from runtime.engine_plan import PRECISIONS
+    from runtime.trt.engine_plan import PRECISIONS
 
     from .builder import GIB, BuildSettings, ensure_plan, import_tensorrt
     from .precision import load_policy
@@ -73,7 +73,7 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
     settings = BuildSettings(precision, load_policy(policy_path), int(workspace_gib * GIB), calibrator)
     trt = trt if trt is not None else import_tensorrt()
     if gpu is None:
-        from runtime.gpu import gpu_info
+        from runtime.trt.gpu import gpu_info
 
         gpu = gpu_info(settings.device)
         if gpu is None:

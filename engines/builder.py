@@ -2,7 +2,7 @@
 
 Two layers, so that everything but the TensorRT calls is testable on a machine without a GPU:
 - pure decisions: which builder flags a precision needs (`builder_flags`), the optimization-profile
-  `set_shape` calls of a graph (`profile_calls`, from runtime.engine_plan.engine_profiles: gpt_decode
+  `set_shape` calls of a graph (`profile_calls`, from runtime.trt.engine_plan.engine_profiles: gpt_decode
   gets one profile per KV-cache bucket with cache_len fixed), the plan's key (`engine_key`) and whether
   an existing plan can be reused (`cache_decision`);
 - thin TensorRT calls (`build_plan`), each as documented for TensorRT 10 (see the URLs at each step).
@@ -26,7 +26,7 @@ Build steps and why:
 5. The shared timing cache `OUT/engines/timing.cache` (created empty if absent or unusable, saved
    atomically after each successful build) and a progress monitor logging the build phases.
 6. `build_serialized_network` (None = failure) -> the plan, written atomically, then its sidecar
-   record (runtime.engine_plan.PlanRecord: key, plan sha256, the fp32 layers, build time).
+   record (runtime.trt.engine_plan.PlanRecord: key, plan sha256, the fp32 layers, build time).
 
 Deprecations to know (TENSORRT_API.md §2-3): the precision flags and per-layer precision are deprecated
 since TensorRT 10.12 (strong typing supersedes them) and implicit INT8 calibration since 10.1; they work
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from runtime.engine_plan import (ENGINES_DIR, PRECISIONS, TIMING_CACHE, EngineKey, GpuInfo, PlanRecord,
+from runtime.trt.engine_plan import (ENGINES_DIR, PRECISIONS, TIMING_CACHE, EngineKey, GpuInfo, PlanRecord,
                                  engine_profiles, plan_paths, read_record, write_record)
 from runtime.errors import BackendError, CheckpointError, ContractError, EngineMismatchError, InputError
 from runtime.manifest import GraphEntry, sha256_file
@@ -166,8 +166,8 @@ def cache_decision(expected: EngineKey, plan: Path, sidecar: Path) -> CacheDecis
 
 
 def import_tensorrt() -> Any:
-    """tensorrt, checked to be TensorRT 10 (runtime.gpu.import_tensorrt: BackendError otherwise)."""
-    from runtime.gpu import import_tensorrt as checked_import
+    """tensorrt, checked to be TensorRT 10 (runtime.trt.gpu.import_tensorrt: BackendError otherwise)."""
+    from runtime.trt.gpu import import_tensorrt as checked_import
 
     return checked_import()
 
@@ -415,7 +415,7 @@ def ensure_plan(entry: GraphEntry, root: str | Path, settings: BuildSettings, *,
     tag = tag or entry.name
     trt = trt if trt is not None else import_tensorrt()
     if gpu is None:
-        from runtime.gpu import gpu_info
+        from runtime.trt.gpu import gpu_info
 
         gpu = gpu_info(settings.device)
         if gpu is None:

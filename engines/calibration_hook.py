@@ -4,7 +4,7 @@ itself (data, cache, batches) is a later calibration issue's.
 `CalibratorFactory(graph, entry, profile) -> calibrator or None` is called once per graph by
 engines/builder.py when `precision == "int8"`:
 - `graph`, `entry`: the graph's name and manifest entry (its inputs and ranges);
-- `profile`: the plan's first optimization profile (runtime.engine_plan.Profile); the builder sets
+- `profile`: the plan's first optimization profile (runtime.trt.engine_plan.Profile); the builder sets
   that profile as the calibration profile (`config.set_calibration_profile`), where TensorRT replaces
   min and max by opt, so the calibrator must feed batches at the profile's opt shapes;
 - returns a TensorRT calibrator object (e.g. a `trt.IInt8EntropyCalibrator2` subclass that called
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from runtime.errors import InputError
 
 if TYPE_CHECKING:
-    from runtime.engine_plan import Profile
+    from runtime.trt.engine_plan import Profile
     from runtime.manifest import GraphEntry
 
 INT8_NEEDS_CALIBRATION = ("INT8 needs calibration data (python -m calibration ...): no calibrator was given; "

@@ -48,7 +48,7 @@ CORPUS_ZH = """\
 
 def corpus_lines() -> list[str]:
     """The corpus as tokenizer-ready lines (CJK split, upper-cased)."""
-    from runtime.text.cjk import tokenize_by_cjk_char
+    from runtime.frontend.text.cjk import tokenize_by_cjk_char
 
     lines = (CORPUS_EN + CORPUS_ZH).splitlines()
     return [tokenize_by_cjk_char(line) for line in lines if line.strip()]

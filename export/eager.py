@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.audio import check_not_silent, load_audio
+from runtime.frontend.audio import check_not_silent, load_audio
 from runtime.cfm import mel_length
 from runtime.errors import CheckpointError
-from runtime.features import campplus_features, seamless_features
-from runtime.mel import s2mel_mel
-from runtime.resample import resample_sinc
+from runtime.frontend.features import campplus_features, seamless_features
+from runtime.frontend.mel import s2mel_mel
+from runtime.frontend.resample import resample_sinc
 
 from .checkpoint import as_state_dict, read_torch_file
 from .layout import CheckpointLayout

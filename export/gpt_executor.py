@@ -1,9 +1,9 @@
-"""The eager executor of the two GPT step graphs: runtime.gpt_steps.GptSteps over a UnifiedVoice.
+"""The eager executor of the two GPT step graphs: runtime.gpt.steps.GptSteps over a UnifiedVoice.
 
 upstream: the KV-cached GPT2InferenceModel calls of indextts/gpt/model_v2.py:inference_speech,
 expressed as the `gpt_prefill` / `gpt_decode` contracts of DESIGN.md §3 (UPSTREAM.md §3.1.6).
 
-The decode loop (runtime/generate.py) is torch-free and speaks numpy feeds; this adapter lets it drive
+The decode loop (runtime/gpt/generate.py) is torch-free and speaks numpy feeds; this adapter lets it drive
 the eager PyTorch model exactly as it will drive ONNX Runtime or TensorRT engines later. Inputs are
 wrapped with `torch.from_numpy` (no copy; the loop's preallocated cache slices are read in place) and
 run under `torch.inference_mode`; outputs come back as numpy arrays sharing the result tensors' memory.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from runtime.errors import ContractError
-from runtime.gpt_steps import Feed, GptGeometry, kv_cache_name
+from runtime.gpt.steps import Feed, GptGeometry, kv_cache_name
 
 from .models.unified_voice import UnifiedVoice
 

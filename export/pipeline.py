@@ -22,18 +22,32 @@ import numpy as np
 import torch
 
 from runtime.caches import LRU, audio_key
-from runtime.emotion import EmotionPlan
-from runtime.generate import GenerationConfig
+from runtime.emotion import EmotionPlan, emotion_plan, final_emovec
+from runtime.frontend.text.normalize import TextNormalizer
+from runtime.frontend.text.tokenizer import TextTokenizer, text_segments
+from runtime.gpt.codes import segment_codes
+from runtime.gpt.generate import GenerationConfig
+from runtime.gpt.sampling import DrawSource
 from runtime.randomness import RandomStreams
-from runtime.request import (DecoderSettings, SegmentResult, SynthesisRequest, SynthesisResult,  # noqa: F401
-                             join_segments)
-from runtime.sampling import DrawSource
-from runtime.host_steps import Laps, emotion_plan, final_emovec, log_segment, segment_codes, text_segments
-from runtime.text.normalize import TextNormalizer
-from runtime.text.tokenizer import TextTokenizer
+from runtime.request import (  # noqa: F401
+    DecoderSettings,
+    SegmentResult,
+    SynthesisRequest,
+    SynthesisResult,
+    join_segments,
+)
+from runtime.timing import Laps, log_segment
 from runtime.wav import to_pcm16
 
-from .eager import EagerModels, SpeakerPrompt, codes_to_mel, emotion_features, mel_length, prepare_speaker, vocode
+from .eager import (
+    EagerModels,
+    SpeakerPrompt,
+    codes_to_mel,
+    emotion_features,
+    mel_length,
+    prepare_speaker,
+    vocode,
+)
 from .emotion_matrices import load_emotion_matrices
 from .gpt_executor import EagerGptSteps
 
@@ -84,7 +98,7 @@ class EagerIndexTTS2:
 
     def _text_to_emotion(self, text: str) -> dict[str, float]:
         if self._qwen is None:
-            from runtime.emotion_llm import QwenEmotion
+            from runtime.emotion.llm import QwenEmotion
 
             self._qwen = QwenEmotion(self.models.layout.main_file("qwen_emo"),
                                      max_new_tokens=self._emo_text_max_new_tokens)

@@ -1,7 +1,7 @@
 """The tiny random demo emotion LLM (a Qwen3 causal LM + byte-level tokenizer) in the layout of the
 checkpoint's `qwen0.6bemo4-merge/`, for tests and the demo checkpoint. Its answers are garbage, so the
 calm fallback of the answer parsing applies. The emotion LLM itself (prompt, generation, parsing) is
-runtime/emotion_llm.py.
+runtime/emotion/llm.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ _PUBLIC = {
     "SynthesisResult": "runtime.request",
     "SegmentResult": "runtime.request",
     "DecoderSettings": "runtime.request",
-    "GenerationConfig": "runtime.generate",
+    "GenerationConfig": "runtime.gpt.generate",
     "OrtOptions": "runtime.executors.ort",
 }
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .emotion import EmotionMatrices
-from .errors import CheckpointError
-from .manifest import AssetFile, Manifest
-from .text.normalize import TextNormalizer
-from .text.tokenizer import TextTokenizer
+from runtime.emotion import EmotionMatrices
+from runtime.errors import CheckpointError
+from runtime.frontend.text.normalize import TextNormalizer
+from runtime.frontend.text.tokenizer import TextTokenizer
+from runtime.manifest import AssetFile, Manifest
 
 REBUILD = "re-run python -m export.build --checkpoints CKPT --out DIR (graphs are reused, the assets written)"
 

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
-from .errors import InputError
+from runtime.errors import InputError
 
 T = TypeVar("T")
 

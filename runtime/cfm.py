@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .executors.base import Executor
+from runtime.executors.base import Executor
 
 MEL_FRAMES_PER_CODE = 1.72    # upstream: target_lengths = (code_lens * 1.72).long(), float32
 

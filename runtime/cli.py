@@ -19,11 +19,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .cli_args import add_generation_args, add_input_args, decoder_settings, generation_config, synthesis_request
-from .errors import ToolkitError
-from .executors import BACKENDS, AUTO_ORDER, OrtOptions, backend_status
-from .manifest import file_problems, read_manifest
-from .wav import StreamingWavWriter, check_output_path, write_wav_atomic
+from runtime.cli_args import (
+    add_generation_args,
+    add_input_args,
+    decoder_settings,
+    generation_config,
+    synthesis_request,
+)
+from runtime.errors import ToolkitError
+from runtime.executors import AUTO_ORDER, BACKENDS, OrtOptions, backend_status
+from runtime.manifest import file_problems, read_manifest
+from runtime.wav import StreamingWavWriter, check_output_path, write_wav_atomic
 
 log = logging.getLogger("runtime")
 
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def synthesize(args: argparse.Namespace) -> int:
-    from .synthesizer import Synthesizer
+    from runtime.synthesizer import Synthesizer
 
     t0 = time.perf_counter()
     request = synthesis_request(args)            # every argument checked before anything is loaded
@@ -105,7 +111,7 @@ def _run(tts, args: argparse.Namespace, request, generation, decoder) -> tuple[f
             gap = None
             for seg in tts.synthesize_segments(request, generation, decoder, seed=args.seed):
                 if segments:
-                    from .request import silence
+                    from runtime.request import silence
 
                     gap = gap if gap is not None else silence(tts.sample_rate, request.interval_silence_ms)
                     writer.write(gap)

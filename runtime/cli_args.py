@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import InputError
-from .generate import GenerationConfig
-from .request import DecoderSettings, SynthesisRequest
+from runtime.errors import InputError
+from runtime.gpt.generate import GenerationConfig
+from runtime.request import DecoderSettings, SynthesisRequest
 
 _GEN = GenerationConfig()
 _DEC = DecoderSettings()

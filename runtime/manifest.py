@@ -24,10 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .contracts import CONTRACT_VERSION, DERIVED_AXES, DYNAMIC_AXES, AxisRange, GraphContract, ModelDims, TensorSpec
-from .emotion import DEFAULT_EMO_NUM
-from .errors import CheckpointError, ContractError
-from .generate import GenerationConfig
+from runtime.contracts import (
+    CONTRACT_VERSION,
+    DERIVED_AXES,
+    DYNAMIC_AXES,
+    AxisRange,
+    GraphContract,
+    ModelDims,
+    TensorSpec,
+)
+from runtime.emotion import DEFAULT_EMO_NUM
+from runtime.errors import CheckpointError, ContractError
+from runtime.gpt.generate import GenerationConfig
 
 FORMAT = "indextts2-engines/manifest"
 FORMAT_VERSION = 1

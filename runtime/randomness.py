@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sampling import DrawSource, RngDraws
+from runtime.gpt.sampling import DrawSource, RngDraws
 
 MEL_CHANNELS = 80
 

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .emotion import EmotionPlan
-from .errors import InputError
+from runtime.emotion import EmotionPlan
+from runtime.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ from typing import Mapping
 
 import numpy as np
 
-from .audio import check_not_silent, load_audio
-from .errors import InputError
-from .executors.base import Executor
-from .features import campplus_features, seamless_features
-from .mel import s2mel_mel
-from .resample import resample_sinc
+from runtime.errors import InputError
+from runtime.executors.base import Executor
+from runtime.frontend.audio import check_not_silent, load_audio
+from runtime.frontend.features import campplus_features, seamless_features
+from runtime.frontend.mel import s2mel_mel
+from runtime.frontend.resample import resample_sinc
 
 SPEAKER_SR = 22050      # librosa.load default rate for the speaker prompt
 SEMANTIC_SR = 16000     # w2v-BERT and CAMPPlus rate

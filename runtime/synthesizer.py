@@ -5,7 +5,7 @@ order, 2.3-2.4 references, 2.6 text, 2.7 the per-segment loop, 2.8 output); DESI
 
 Per request: text -> segments (normalize, SentencePiece, segmentation); the emotion plan; the speaker
 prompt (cached by audio content); the conditioning (spk_latent, emovec: merge with the emotion
-reference, or the emotion-vector mix). Per segment: GPT prefill + decode loop (runtime/generate.py over
+reference, or the emotion-vector mix). Per segment: GPT prefill + decode loop (runtime/gpt/generate.py over
 the preallocated KV cache), `gpt_latent`, `length_regulator`, the Euler loop over `dit_step`
 (runtime/cfm.py), `bigvgan`, int16. Segments are yielded as they finish (`synthesize_segments`), or
 joined with silence (`synthesize`).
@@ -30,23 +30,31 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from .assets import load_emotion_matrices, load_tokenizer
-from .caches import LRU, audio_key
-from .cfm import euler_solve, mel_length, regulate
-from .emotion import EmotionPlan
-from .contracts import GRAPH_NAMES
-from .errors import ContractError, InputError
-from .executors import GraphSet, OrtOptions, resolve_backend
-from .executors.base import Executor
-from .generate import GenerationConfig
-from .gpt_graphs import GraphGptSteps, geometry_of
-from .manifest import Manifest, read_manifest
-from .randomness import RandomStreams
-from .request import DecoderSettings, SegmentResult, SynthesisRequest, SynthesisResult, join_segments
-from .sampling import DrawSource
-from .host_steps import Laps, emotion_plan, final_emovec, log_segment, segment_codes, text_segments
-from .speaker import SpeakerPrompt, prepare_emotion, prepare_speaker
-from .wav import to_pcm16
+from runtime.assets import load_emotion_matrices, load_tokenizer
+from runtime.caches import LRU, audio_key
+from runtime.cfm import euler_solve, mel_length, regulate
+from runtime.contracts import GRAPH_NAMES
+from runtime.emotion import EmotionPlan, emotion_plan, final_emovec
+from runtime.errors import ContractError, InputError
+from runtime.executors import GraphSet, OrtOptions, resolve_backend
+from runtime.executors.base import Executor
+from runtime.frontend.text.tokenizer import text_segments
+from runtime.gpt.codes import segment_codes
+from runtime.gpt.generate import GenerationConfig
+from runtime.gpt.graph_steps import GraphGptSteps, geometry_of
+from runtime.gpt.sampling import DrawSource
+from runtime.manifest import Manifest, read_manifest
+from runtime.randomness import RandomStreams
+from runtime.request import (
+    DecoderSettings,
+    SegmentResult,
+    SynthesisRequest,
+    SynthesisResult,
+    join_segments,
+)
+from runtime.speaker import SpeakerPrompt, prepare_emotion, prepare_speaker
+from runtime.timing import Laps, log_segment
+from runtime.wav import to_pcm16
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +100,7 @@ class Synthesizer:
             self.backend = resolve_backend(backend, self.root, engine_precision)
             graph_set = GraphSet(self.manifest, self.root, self.backend, ort_options, engine_precision)
             if self.backend == "trt":           # the GPT steps keep their KV cache on the device
-                from .gpt_trt import open_trt_gpt_steps
+                from runtime.trt.gpt_steps import open_trt_gpt_steps
 
                 gpt_steps = open_trt_gpt_steps(self.manifest, self.root, engine_precision)
             # every file checked and loaded now, not in the middle of a request
@@ -147,7 +155,7 @@ class Synthesizer:
             if not self.manifest.assets.emotion_llm:
                 raise InputError("emotion from text needs the checkpoint's emotion LLM (qwen0.6bemo4-merge), "
                                  "and this export has none; use --emo-vector or --emo-audio")
-            from .emotion_llm import QwenEmotion
+            from runtime.emotion.llm import QwenEmotion
 
             self._llm = QwenEmotion(self.manifest.assets.emotion_llm, max_new_tokens=self._emo_text_max_new_tokens)
         return self._llm.inference(text)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from runtime.errors import InputError
 
 
 def to_pcm16(wav: np.ndarray) -> np.ndarray:

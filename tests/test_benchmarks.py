@@ -79,8 +79,8 @@ def test_fixed_length_steps_hide_the_stop_token_and_pass_the_rest_through() -> N
 
 def test_fixed_length_generation_runs_to_the_cap(tiny_export) -> None:
     from runtime.executors.ort import OrtExecutor
-    from runtime.generate import GenerationConfig, generate
-    from runtime.gpt_graphs import GraphGptSteps, geometry_of
+    from runtime.gpt.generate import GenerationConfig, generate
+    from runtime.gpt.graph_steps import GraphGptSteps, geometry_of
     from runtime.manifest import read_manifest
 
     root = tiny_export[0]

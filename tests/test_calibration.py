@@ -347,7 +347,7 @@ def test_fit_feed_crops_and_tiles_dynamic_axes():
 
 
 def test_calibration_batches_are_at_the_profile_opt_shapes(tiny_calib, tiny_export):
-    from runtime.engine_plan import engine_profiles
+    from runtime.trt.engine_plan import engine_profiles
 
     manifest = read_manifest(tiny_export[0])
     store = FeedStore.open(tiny_calib[0])
@@ -390,7 +390,7 @@ def test_calibration_cache_file_round_trip_and_refusals(tmp_path, caplog):
 
 
 class _FakeCuda:
-    """runtime.cuda's surface the calibrator uses, over host memory."""
+    """runtime.trt.cuda's surface the calibrator uses, over host memory."""
 
     def __init__(self) -> None:
         self.memory: dict[int, np.ndarray] = {}
@@ -430,7 +430,7 @@ class _FakeTrtInt8:
 
 
 def test_entropy_calibrator_serves_device_copies_and_uses_the_cache(tiny_calib, tiny_export, tmp_path):
-    from runtime.engine_plan import engine_profiles
+    from runtime.trt.engine_plan import engine_profiles
 
     manifest = read_manifest(tiny_export[0])
     store = FeedStore.open(tiny_calib[0])

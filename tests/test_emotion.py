@@ -256,7 +256,7 @@ def test_clamp_and_calm_fallback() -> None:
 # ---- the emotion LLM -----------------------------------------------------------------------------------
 
 def test_strip_thinking_and_end_id() -> None:
-    from runtime.emotion_llm import THINK_END_ID, strip_thinking, think_end_id
+    from runtime.emotion.llm import THINK_END_ID, strip_thinking, think_end_id
 
     assert strip_thinking([5, 9, 7, 9, 3, 4], 9) == [3, 4]
     assert strip_thinking([5, 6], 9) == [5, 6] and strip_thinking([5, 6], None) == [5, 6]
@@ -271,7 +271,7 @@ def test_strip_thinking_and_end_id() -> None:
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    from runtime.emotion_llm import QwenEmotion
+    from runtime.emotion.llm import QwenEmotion
 
     with pytest.raises(CheckpointError, match="qwen0.6bemo4-merge.*not found"):
         QwenEmotion(tmp_path / "qwen0.6bemo4-merge")
@@ -284,7 +284,7 @@ def test_missing_directory(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_qwen(tmp_path_factory: pytest.TempPathFactory):
     from export.qwen_emotion import write_demo_qwen_emotion
-    from runtime.emotion_llm import QwenEmotion
+    from runtime.emotion.llm import QwenEmotion
 
     directory = write_demo_qwen_emotion(tmp_path_factory.mktemp("qwen") / "qwen0.6bemo4-merge",
                                         torch.Generator().manual_seed(0))

@@ -28,7 +28,7 @@ from engines.calibration_hook import INT8_NEEDS_CALIBRATION
 from engines.precision import (DEFAULT_POLICY_PATH, LayerInfo, PrecisionPolicy, apply_precision, load_policy,
                                select_fp32_layers)
 from export import build as build_mod
-from runtime.engine_plan import GpuInfo, decode_buckets, plan_paths, read_record
+from runtime.trt.engine_plan import GpuInfo, decode_buckets, plan_paths, read_record
 from runtime.errors import BackendError, CheckpointError, ContractError, InputError
 from runtime.manifest import read_manifest, sha256_file
 

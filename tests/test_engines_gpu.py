@@ -7,7 +7,7 @@ at fp32 and fp16, each engine run on the same seeded inputs as ONNX Runtime (CPU
 
 Skipped (with the probe's reason) where TensorRT or an NVIDIA GPU is missing; written to run unchanged on
 a machine with TensorRT 10, cuda-python and a GPU. The engines run through the runtime's TensorRT
-executor (`runtime.executors.trt.TrtExecutor(entry, root, precision).run(feed) -> dict`), imported lazily.
+executor (`runtime.trt.executor.TrtExecutor(entry, root, precision).run(feed) -> dict`), imported lazily.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import gpu
+from runtime.trt import gpu
 
 PROBE = gpu.tensorrt()
 pytestmark = [pytest.mark.gpu,
@@ -92,7 +92,7 @@ def engine_cases(contract, entry) -> list[tuple[str, dict[str, int]]]:
     graph, whose plan only takes the KV-cache bucket lengths (one static profile per bucket)."""
     from export.dummy import describe
     from export.verify import cases
-    from runtime.engine_plan import decode_buckets
+    from runtime.trt.engine_plan import decode_buckets
 
     if entry.name != "gpt_decode":
         return cases(contract)
@@ -108,9 +108,9 @@ def run_both(graph: str, precision: str, root: Path, manifest, graph_kit):
     from export.dummy import feed_for
 
     try:
-        from runtime.executors.trt import TrtExecutor
+        from runtime.trt.executor import TrtExecutor
     except ImportError as err:
-        pytest.fail(f"runtime/executors/trt.py (TrtExecutor) is needed to run engines: {err}")
+        pytest.fail(f"runtime/trt/executor.py (TrtExecutor) is needed to run engines: {err}")
     dims, contracts, wrappers = graph_kit
     entry, contract = manifest.graph(graph), contracts[graph]
     session = ort.InferenceSession(str(entry.path(root)), providers=["CPUExecutionProvider"])
@@ -140,7 +140,7 @@ GRAPHS = ("semantic_encoder", "semantic_codec", "campplus", "speaker_conditioner
 def test_every_graph_has_a_plan_per_precision(plans, manifest, gpu_export):
     from engines.builder import engine_key
     from engines.precision import load_policy
-    from runtime.engine_plan import plan_paths, read_record
+    from runtime.trt.engine_plan import plan_paths, read_record
 
     policy, trt_version, here = load_policy(), gpu.tensorrt_version(), gpu.gpu_info(0)
     assert set(GRAPHS) <= set(manifest.graphs)

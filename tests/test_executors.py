@@ -13,8 +13,8 @@ import pytest
 from runtime.errors import BackendError, ContractError, EngineMismatchError, InputError
 from runtime.executors import GraphSet, OrtExecutor, backend_status, resolve_backend
 from runtime.executors import ort as ort_module
-from runtime.generate import GenerationConfig, generate
-from runtime.gpt_graphs import GraphGptSteps, geometry_of
+from runtime.gpt.generate import GenerationConfig, generate
+from runtime.gpt.graph_steps import GraphGptSteps, geometry_of
 from runtime.manifest import read_manifest
 from runtime.request import DecoderSettings, SynthesisRequest
 from runtime.synthesizer import Synthesizer

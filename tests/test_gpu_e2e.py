@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import gpu
-from runtime.generate import GenerationConfig
+from runtime.trt import gpu
+from runtime.gpt.generate import GenerationConfig
 from runtime.request import DecoderSettings, SynthesisRequest
 
 pytestmark = [pytest.mark.gpu,

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from runtime import gpu
+from runtime.trt import gpu
 
 PROBE = gpu.tensorrt()
 pytestmark = [pytest.mark.gpu,
@@ -37,7 +37,7 @@ def test_int8_plans_are_calibrated_cached_and_gated(calibrated):
     import engines
     from calibration.gate import GATE_NAME, run_int8_gate
     from calibration.int8 import INT8_DIR, calibrator_factory
-    from runtime.engine_plan import plan_paths
+    from runtime.trt.engine_plan import plan_paths
     from runtime.manifest import read_manifest
 
     out, calib = calibrated
@@ -70,7 +70,7 @@ def test_fp16_plans_follow_a_calibrated_policy(calibrated):
     from calibration.fp16_analysis import AnalysisLimits, analyze_graph
     from calibration.feeds import FeedStore
     from calibration.policy_writer import calibrated_policy, write_policy
-    from runtime.engine_plan import plan_paths
+    from runtime.trt.engine_plan import plan_paths
     from runtime.manifest import read_manifest
 
     out, calib = calibrated

@@ -15,8 +15,8 @@ import soundfile as sf
 from export.demo import write_demo
 from export.pipeline import DecoderSettings, EagerIndexTTS2, SynthesisRequest
 from runtime.errors import InputError
-from runtime.generate import GenerationConfig
-from runtime.sampling import ReplayDraws, RngDraws
+from runtime.gpt.generate import GenerationConfig
+from runtime.gpt.sampling import ReplayDraws, RngDraws
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = DecoderSettings(steps=3)

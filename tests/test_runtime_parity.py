@@ -20,7 +20,7 @@ import pytest
 
 from export.pipeline import EagerIndexTTS2
 from export.torch_executor import torch_executors
-from runtime.generate import GenerationConfig
+from runtime.gpt.generate import GenerationConfig
 from runtime.request import DecoderSettings, SynthesisRequest, SynthesisResult
 from runtime.synthesizer import Synthesizer
 

@@ -20,8 +20,8 @@ from export.gpt_executor import EagerGptSteps, geometry_of
 from export.onnx_export import export_onnx
 from export.wrappers.gpt import WRAPPERS, GptLimits
 from runtime.contracts import GraphContract, ModelDims, build_contracts
-from runtime.generate import GenerationConfig, generate
-from runtime.gpt_steps import Feed, GptGeometry
+from runtime.gpt.generate import GenerationConfig, generate
+from runtime.gpt.steps import Feed, GptGeometry
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -168,7 +168,7 @@ def test_graph_is_trt_friendly(name: str, exported: dict[str, Path]) -> None:
 
 
 class OrtGptSteps:
-    """runtime.gpt_steps.GptSteps over ONNX Runtime sessions of the two exported step graphs."""
+    """runtime.gpt.steps.GptSteps over ONNX Runtime sessions of the two exported step graphs."""
 
     def __init__(self, prefill: Path, decode: Path, geometry: GptGeometry) -> None:
         self.geometry = geometry
@@ -193,7 +193,7 @@ class OrtGptSteps:
                          ids=["greedy", "beam3"])
 def test_generation_through_ort_matches_eager(config: GenerationConfig, models: EagerModels,
                                               exported: dict[str, Path]) -> None:
-    """runtime.generate.generate gives the same codes through ORT prefill + decode as through the eager model
+    """runtime.gpt.generate.generate gives the same codes through ORT prefill + decode as through the eager model
     (the beam case feeds batch 3 and reorders the cache between steps)."""
     rng = np.random.default_rng(4)
     cfg = models.gpt.cfg

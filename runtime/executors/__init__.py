@@ -12,18 +12,23 @@ import threading
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from ..errors import BackendError, InputError
-from ..gpu import Probe, cuda_devices, tensorrt
-from ..engine_plan import ENGINES_DIR, plan_paths
-from ..manifest import Manifest, read_manifest
-from .base import Executor, Feed, check_feed
-from .ort import OrtExecutor, OrtOptions, cuda_provider_available, import_ort
+from runtime.errors import BackendError, InputError
+from runtime.executors.base import Executor, Feed, check_feed
+from runtime.executors.ort import (
+    OrtExecutor,
+    OrtOptions,
+    cuda_provider_available,
+    import_ort,
+)
+from runtime.manifest import Manifest, read_manifest
+from runtime.trt.engine_plan import ENGINES_DIR, plan_paths
+from runtime.trt.gpu import Probe, cuda_devices, tensorrt
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu")
 AUTO_ORDER = ("trt", "ort-cuda", "ort-cpu")
-#: graphs whose TensorRT executor replays CUDA graphs (gpt_decode's is opened by runtime/gpt_trt.py)
+#: graphs whose TensorRT executor replays CUDA graphs (gpt_decode's is opened by runtime/trt/gpt_steps.py)
 CUDA_GRAPH_GRAPHS = ("dit_step",)
 
 __all__ = ["BACKENDS", "Executor", "Feed", "GraphSet", "OrtExecutor", "OrtOptions", "backend_status",
@@ -88,7 +93,7 @@ def open_executor(manifest: Manifest, root: str | Path, name: str, backend: str,
     if backend in ("ort-cpu", "ort-cuda"):
         return OrtExecutor(entry, root, backend, ort_options)
     if backend == "trt":
-        from .trt import TrtExecutor
+        from runtime.trt.executor import TrtExecutor
 
         # static shapes for all 25 steps of a segment: the Euler step is replayed from a CUDA graph
         return TrtExecutor(entry, root, precision or manifest.precision, cuda_graphs=name in CUDA_GRAPH_GRAPHS)

@@ -21,8 +21,8 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..errors import ContractError
-from ..manifest import GraphEntry, TensorSignature
+from runtime.errors import ContractError
+from runtime.manifest import GraphEntry, TensorSignature
 
 Feed = dict[str, np.ndarray]
 

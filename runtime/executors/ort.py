@@ -26,9 +26,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import BackendError, CheckpointError, ContractError, EngineMismatchError
-from ..manifest import GraphEntry
-from .base import Feed, check_feed, check_outputs
+from runtime.errors import (
+    BackendError,
+    CheckpointError,
+    ContractError,
+    EngineMismatchError,
+)
+from runtime.executors.base import Feed, check_feed, check_outputs
+from runtime.manifest import GraphEntry
 
 log = logging.getLogger(__name__)
 

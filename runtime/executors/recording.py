@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .base import Executor, Feed
+from runtime.executors.base import Executor, Feed
 
 
 @dataclass

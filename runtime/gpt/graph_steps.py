@@ -1,0 +1,43 @@
+"""The GPT step seam (runtime/gpt/steps.py) over two executors: `gpt_prefill` and `gpt_decode`.
+
+Any backend's executors plug in here, so the decode loop (runtime/gpt/generate.py) drives ONNX Runtime,
+TensorRT or the eager torch executor the same way. The decode outputs (`logits` (B, V), `kv_new`) are
+written into buffers allocated once per beam count: with the cache views, `mel_ids`, `mel_pos` and
+`kv_mask` that the loop keeps in place, a decode step binds nothing new and allocates nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.executors.base import Executor, Feed
+from runtime.gpt.steps import GptGeometry
+from runtime.manifest import Manifest
+
+
+def geometry_of(manifest: Manifest) -> GptGeometry:
+    dims, tokens = manifest.dims, manifest.gpt
+    return GptGeometry(layers=dims.layers, heads=dims.heads, head_dim=dims.head_dim, vocab_size=dims.vocab,
+                       start_mel_token=tokens.start_mel_token, stop_mel_token=tokens.stop_mel_token,
+                       max_mel_tokens=tokens.max_mel_tokens)
+
+
+class GraphGptSteps:
+    """`prefill` / `decode` (GptSteps protocol) on executors of the two GPT graphs."""
+
+    def __init__(self, prefill: Executor, decode: Executor, geometry: GptGeometry) -> None:
+        self._prefill, self._decode, self.geometry = prefill, decode, geometry
+        self._outputs: dict[int, Feed] = {}
+
+    def prefill(self, feed: Feed) -> Feed:
+        return self._prefill.run(feed)
+
+    def decode(self, feed: Feed) -> Feed:
+        beams = feed["mel_ids"].shape[0]
+        out = self._outputs.get(beams)
+        if out is None:
+            g = self.geometry
+            out = {"logits": np.empty((beams, g.vocab_size), np.float32),
+                   "kv_new": np.empty((g.layers, 2, beams, g.heads, 1, g.head_dim), np.float32)}
+            self._outputs[beams] = out
+        return self._decode.run(feed, outputs=out)

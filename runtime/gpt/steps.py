@@ -1,0 +1,77 @@
+"""The seam between the GPT decode loop and whatever computes the GPT: eager PyTorch now, ONNX Runtime
+and TensorRT engines later.
+
+The loop (runtime/gpt/generate.py) only ever calls `prefill` and `decode` with feeds in the project's one
+currency, `dict[str, np.ndarray]` keyed by the `gpt_prefill` / `gpt_decode` contract names of
+DESIGN.md §3, and reads their outputs by name:
+
+    prefill  {spk_latent (B,32,D) f32, emovec (B,D) f32, text_ids (B,L) i64}
+             -> {logits (B,V) f32, kv (layers,2,B,heads,P,head_dim) f32}          P = L + 37
+    decode   {mel_ids (B,1) i64, mel_pos (B,1) i64, kv_cache.<i> (2,B,heads,S,head_dim) for every layer i,
+              kv_mask (B,S) f32 (1 = attend to that cache row)}
+             -> {logits (B,V) f32, kv_new (layers,2,B,heads,1,head_dim) f32}
+
+`text_ids` have ids 0 and 1 removed by the caller (upstream's prefill drops them); the graphs add
+the start/stop text tokens. `mel_pos` is the explicit mel position of the fed token: the k-th
+generated code is fed at position k + 1 (UPSTREAM.md §3.1.6). The decode step attends to the cache
+rows where `kv_mask` is 1, plus the fed token itself; it returns only the new K/V rows, which the loop
+writes into its own preallocated cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from runtime.contracts import kv_cache_name  # noqa: F401  (re-exported: the decode loop's cache input names)
+
+Feed = dict[str, np.ndarray]
+
+CONDITIONING_ROWS = 34      # 32 perceiver latents + 2 speed embeddings in front of the text
+PREFILL_EXTRA_ROWS = 37     # P = L + 37: conditioning (34) + start/stop text (2) + start mel (1)
+
+
+@dataclass(frozen=True)
+class GptGeometry:
+    """Sizes the loop needs to allocate its KV cache and interpret tokens."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    vocab_size: int          # number_mel_codes (logits width)
+    start_mel_token: int
+    stop_mel_token: int
+    max_mel_tokens: int      # upstream's max_generate_length default is 1500, capped by this
+
+
+class KVCacheLike(Protocol):
+    """What the decode loop needs of a KV cache (runtime/gpt/kv_cache.py:KVCache on the host; a device cache
+    for the TensorRT executor): decode feeds that stay valid until `version` changes, one write of a
+    step's `kv_new` at the next row, and an in-place beam reorder."""
+
+    version: int
+    length: int
+
+    def feeds(self) -> dict: ...
+
+    def append(self, kv_new: object) -> None: ...
+
+    def reorder(self, beam_indices: np.ndarray) -> None: ...
+
+
+class GptSteps(Protocol):
+    """Something that runs the two GPT graphs.
+
+    Optionally it also provides `new_cache(kv, beams, max_rows, buckets) -> KVCacheLike`, called with the
+    prefill's `kv` output; executors that keep K/V on a device use it to keep the cache there (its
+    `feeds()` then hold device views and `kv_new` stays a device buffer). Without it the loop keeps a
+    host KVCache.
+    """
+
+    geometry: GptGeometry
+
+    def prefill(self, feed: Feed) -> Feed: ...
+
+    def decode(self, feed: Feed) -> Feed: ...

@@ -1,0 +1,211 @@
+"""What a TensorRT plan in an export directory was built for, as data both the builder (engines/) and the
+TensorRT executor (runtime/trt/executor.py) read. Torch-free and tensorrt-free.
+
+DESIGN.md §5: one plan per graph and precision; optimization profiles from the manifest's ranges (the
+decode graph: one profile per KV-cache bucket, cache_len fixed, so each bucket's shapes are static and
+its step can be captured in a CUDA graph); a plan is keyed by graph, ONNX sha256, precision, profiles,
+TensorRT version, GPU name and compute capability (plus the precision policy, which changes the plan).
+A plan whose key differs from what this machine would build is rebuilt by the builder and refused by the
+runtime, with a message that says what differs.
+
+Files: `OUT/engines/<graph>.<precision>.plan` and beside it `<graph>.<precision>.json` (the key, the
+profiles and what the build chose), `OUT/engines/timing.cache` (shared TensorRT timing cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from runtime.errors import EngineMismatchError
+from runtime.manifest import GraphEntry, plain_json
+
+ENGINES_DIR = "engines"
+TIMING_CACHE = "timing.cache"
+SIDECAR_FORMAT = "indextts2-engines/plan"
+SIDECAR_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+#: KV-cache buckets of the host runtime (runtime/gpt/kv_cache.py); the engines add the contract maximum.
+DECODE_GRAPH = "gpt_decode"
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str                      # e.g. "NVIDIA GeForce RTX 3090"
+    compute_capability: str        # e.g. "8.6"
+
+    def describe(self) -> str:
+        return f"{self.name} (compute capability {self.compute_capability})"
+
+
+@dataclass(frozen=True)
+class InputProfile:
+    """One input's (min, opt, max) shapes in one optimization profile."""
+
+    name: str
+    min: Shape
+    opt: Shape
+    max: Shape
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: a label (e.g. "cache_len=512") and every input's shape range."""
+
+    label: str
+    inputs: tuple[InputProfile, ...]
+
+    def shapes(self) -> dict[str, tuple[Shape, Shape, Shape]]:
+        return {i.name: (i.min, i.opt, i.max) for i in self.inputs}
+
+    def admits(self, shapes: Mapping[str, Shape]) -> bool:
+        """Whether concrete input shapes fall inside this profile."""
+        for i in self.inputs:
+            s = shapes.get(i.name)
+            if s is None or len(s) != len(i.min):
+                return False
+            if any(not (lo <= v <= hi) for v, lo, hi in zip(s, i.min, i.max)):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything a plan depends on; two plans with equal keys are interchangeable."""
+
+    graph: str
+    onnx_sha256: str
+    precision: str
+    profiles: tuple[Profile, ...]
+    trt_version: str
+    gpu: GpuInfo
+    policy_sha256: str = ""        # the precision policy applied ("" = none)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def differences(self, other: "EngineKey") -> list[str]:
+        """Human-readable reasons why a plan built for `other` is not one for `self`."""
+        out = []
+        if other.graph != self.graph:
+            out.append(f"it is a plan of graph '{other.graph}', not '{self.graph}'")
+        if other.onnx_sha256 != self.onnx_sha256:
+            out.append("it was built from another ONNX file (re-exported since)")
+        if other.precision != self.precision:
+            out.append(f"it was built for {other.precision}, not {self.precision}")
+        if other.trt_version != self.trt_version:
+            out.append(f"it was built with TensorRT {other.trt_version}, this is TensorRT {self.trt_version}")
+        if other.gpu != self.gpu:
+            out.append(f"it was built for {other.gpu.describe()}, this GPU is {self.gpu.describe()}")
+        if other.profiles != self.profiles:
+            out.append("its optimization profiles differ from the manifest's ranges")
+        if other.policy_sha256 != self.policy_sha256:
+            out.append("it was built with another precision policy")
+        return out
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """The sidecar of a plan: its key, the plan's sha256 and what the build decided."""
+
+    key: EngineKey
+    plan_sha256: str
+    fp32_layers: tuple[str, ...] = ()          # layers forced to fp32 in an fp16/int8 plan
+    build_seconds: float = 0.0
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+
+def plan_paths(root: str | Path, graph: str, precision: str) -> tuple[Path, Path]:
+    """(plan, sidecar) paths of one graph's plan in export directory `root`."""
+    folder = Path(root) / ENGINES_DIR
+    return folder / f"{graph}.{precision}.plan", folder / f"{graph}.{precision}.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profiles
+
+
+def decode_buckets(entry: GraphEntry, host_buckets: Sequence[int] = (256, 512, 1024, 2048)) -> tuple[int, ...]:
+    """The KV-cache lengths the decode plan has a profile for: the host buckets inside the contract's
+    cache_len range, plus the range's maximum (so every request fits a bucket)."""
+    r = entry.ranges["cache_len"]
+    inside = [b for b in sorted(host_buckets) if r.min <= b < r.max]
+    return tuple(inside + [r.max])
+
+
+def engine_profiles(entry: GraphEntry) -> tuple[Profile, ...]:
+    """The optimization profiles of `entry`'s plan: one from the manifest's ranges, except `gpt_decode`,
+    which gets one per KV-cache bucket with cache_len fixed (static shapes per bucket)."""
+    if entry.name != DECODE_GRAPH:
+        return (_profile("default", entry, {a: (r.min, r.opt, r.max) for a, r in entry.ranges.items()}),)
+    profiles = []
+    for bucket in decode_buckets(entry):
+        axes = {a: (r.min, r.opt, r.max) for a, r in entry.ranges.items()}
+        axes["cache_len"] = (bucket, bucket, bucket)
+        profiles.append(_profile(f"cache_len={bucket}", entry, axes))
+    return tuple(profiles)
+
+
+def _profile(label: str, entry: GraphEntry, axes: Mapping[str, tuple[int, int, int]]) -> Profile:
+    points = [{a: v[i] for a, v in axes.items()} for i in range(3)]
+    inputs = tuple(InputProfile(t.name, *(tuple(t.concrete(p)) for p in points)) for t in entry.inputs)
+    return Profile(label, inputs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sidecar files
+
+
+def write_record(path: str | Path, record: PlanRecord) -> None:
+    """Write a plan's sidecar atomically."""
+    path = Path(path)
+    data = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, **plain_json(dataclasses.asdict(record))}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: str | Path) -> PlanRecord:
+    """A plan's sidecar; unreadable or of another format -> EngineMismatchError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != SIDECAR_FORMAT or data.get("version") != SIDECAR_VERSION:
+            raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r}")
+        k = data["key"]
+        key = EngineKey(
+            graph=str(k["graph"]), onnx_sha256=str(k["onnx_sha256"]), precision=str(k["precision"]),
+            profiles=tuple(Profile(str(p["label"]), tuple(
+                InputProfile(str(i["name"]), tuple(i["min"]), tuple(i["opt"]), tuple(i["max"])) for i in p["inputs"]))
+                for p in k["profiles"]),
+            trt_version=str(k["trt_version"]), gpu=GpuInfo(str(k["gpu"]["name"]), str(k["gpu"]["compute_capability"])),
+            policy_sha256=str(k.get("policy_sha256", "")))
+        return PlanRecord(key, str(data["plan_sha256"]), tuple(data.get("fp32_layers", ())),
+                          float(data.get("build_seconds", 0.0)), dict(data.get("notes", {})))
+    except FileNotFoundError as err:
+        raise EngineMismatchError(f"{path}: the plan's record is missing; rebuild with python -m export.build") from err
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise EngineMismatchError(f"{path}: unreadable plan record ({err}); rebuild with python -m export.build") \
+            from err
+
+
+def check_record(record: PlanRecord, expected: EngineKey, plan: str | Path) -> None:
+    """Refuse a plan built for another key, saying what differs."""
+    reasons = expected.differences(record.key)
+    if reasons:
+        raise EngineMismatchError(f"{plan}: this engine cannot run here: " + "; ".join(reasons)
+                                  + ". Rebuild it on this machine with python -m export.build")

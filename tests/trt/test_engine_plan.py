@@ -1,0 +1,110 @@
+"""What a TensorRT plan is keyed by (runtime/trt/engine_plan.py): profiles from the manifest, key differences
+in words, the sidecar round trip, and the GPU probes on a machine without a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from runtime.errors import EngineMismatchError
+from runtime.manifest import read_manifest
+from runtime.trt import gpu
+from runtime.trt.engine_plan import (
+    EngineKey,
+    GpuInfo,
+    PlanRecord,
+    check_record,
+    decode_buckets,
+    engine_profiles,
+    plan_paths,
+    read_record,
+    write_record,
+)
+
+RTX3090 = GpuInfo("NVIDIA GeForce RTX 3090", "8.6")
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_export):
+    return read_manifest(tiny_export[0])
+
+
+def _key(manifest, graph="gpt_decode", **changes) -> EngineKey:
+    entry = manifest.graph(graph)
+    key = EngineKey(graph, entry.sha256, "fp16", engine_profiles(entry), "10.13.0.35", RTX3090, "abc")
+    return dataclasses.replace(key, **changes)
+
+
+def test_decode_has_one_static_profile_per_bucket(manifest) -> None:
+    entry = manifest.graph("gpt_decode")
+    r = entry.ranges["cache_len"]
+    assert decode_buckets(entry) == (256, 512, 1024, 2048, r.max)
+    profiles = engine_profiles(entry)
+    assert [p.label for p in profiles] == [f"cache_len={b}" for b in decode_buckets(entry)]
+    for bucket, profile in zip(decode_buckets(entry), profiles):
+        shapes = profile.shapes()
+        lo, opt, hi = shapes["kv_cache.0"]
+        assert lo[3] == opt[3] == hi[3] == bucket                         # cache_len fixed
+        assert (lo[1], opt[1], hi[1]) == (1, 3, 4)                        # beams from the manifest
+        assert shapes["kv_mask"][2] == (4, bucket)
+        assert profile.admits({n: s[1] for n, s in shapes.items()})
+    other = {n: s[1] for n, s in profiles[0].shapes().items()}
+    other["kv_mask"] = (3, 300)
+    assert not profiles[0].admits(other)
+
+
+def test_other_graphs_take_the_manifest_ranges(manifest) -> None:
+    entry = manifest.graph("dit_step")
+    (profile,) = engine_profiles(entry)
+    assert profile.shapes()["x"] == ((1, 80, 3), (1, 80, 800), (4, 80, 4500))
+    assert profile.shapes()["cfg_rate"] == ((1,), (1,), (1,))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"gpu": GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")}, "built for NVIDIA A100-SXM4-80GB (compute capability 8.0), "
+                                                       "this GPU is NVIDIA GeForce RTX 3090 (compute capability 8.6)"),
+    ({"trt_version": "10.4.0"}, "built with TensorRT 10.4.0, this is TensorRT 10.13.0.35"),
+    ({"onnx_sha256": "0" * 64}, "another ONNX file"),
+    ({"precision": "fp32"}, "built for fp32, not fp16"),
+    ({"policy_sha256": "zzz"}, "another precision policy"),
+])
+def test_key_differences_are_said_in_words(manifest, change, words) -> None:
+    want = _key(manifest)
+    got = dataclasses.replace(want, **change)
+    assert want.digest() != got.digest()
+    reasons = want.differences(got)
+    assert len(reasons) == 1 and words in reasons[0]
+
+
+def test_record_round_trip_and_refusal(manifest, tmp_path) -> None:
+    plan, sidecar = plan_paths(tmp_path, "gpt_decode", "fp16")
+    assert (plan.name, sidecar.name, plan.parent.name) == ("gpt_decode.fp16.plan", "gpt_decode.fp16.json", "engines")
+    plan.parent.mkdir()
+    record = PlanRecord(_key(manifest), "f" * 64, ("a/b/Softmax",), 12.5, {"workspace_gib": 4})
+    write_record(sidecar, record)
+    assert read_record(sidecar) == record
+    check_record(record, _key(manifest), plan)                            # same key: accepted
+    with pytest.raises(EngineMismatchError, match=r"cannot run here: it was built for NVIDIA GeForce RTX 3090 \(compute "
+                       r"capability 8.6\), this GPU is NVIDIA A100"):
+        check_record(record, _key(manifest, gpu=GpuInfo("NVIDIA A100", "8.0")), plan)
+
+
+def test_unreadable_records_are_named(tmp_path) -> None:
+    path = tmp_path / "x.json"
+    with pytest.raises(EngineMismatchError, match="record is missing"):
+        read_record(path)
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(EngineMismatchError, match="unreadable plan record"):
+        read_record(path)
+
+
+def test_gpu_probes_without_a_gpu() -> None:
+    """cuda-python is installed by the test extra; without a driver it returns error codes, never raises."""
+    devices = gpu.cuda_devices()
+    if devices.ok:
+        pytest.skip("this machine has a GPU")
+    assert devices.detail and gpu.gpu_info() is None
+    trt = gpu.tensorrt()
+    assert not trt.ok and trt.detail
