@@ -260,7 +260,7 @@ def calibrator_factory(calib_dir: str | Path, limit: int | None = None, trt: Any
             return None
         t = trt
         if t is None:
-            from engines.builder import import_tensorrt
+            from runtime.trt.api import import_tensorrt
 
             t = import_tensorrt()
         opt = {i.name: i.opt for i in profile.inputs}

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from runtime.errors import BackendError, InputError, ToolkitError
 
 if TYPE_CHECKING:
-    from runtime.trt.engine_plan import GpuInfo
     from runtime.manifest import Manifest
+    from runtime.trt.engine_plan import GpuInfo
 
     from .calibration_hook import CalibratorFactory
 
@@ -57,9 +57,10 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
     shipped default; `workspace_gib`: TensorRT's workspace pool limit; `calibrator`: the INT8 hook
     (required for int8). `trt` / `gpu` replace the tensorrt module and the GPU identity (tests).
     -> the plan paths, in manifest order. Raises EngineBuildFailures after trying every graph."""
+    from runtime.trt.api import import_tensorrt
     from runtime.trt.engine_plan import PRECISIONS
 
-    from .builder import GIB, BuildSettings, ensure_plan, import_tensorrt
+    from .builder import GIB, BuildSettings, ensure_plan
     from .precision import load_policy
 
     if precision not in PRECISIONS:

@@ -9,7 +9,7 @@ Two layers, so that everything but the TensorRT calls is testable on a machine w
   The `tensorrt` module is passed in (or imported lazily), never imported at module level.
 
 Build steps and why:
-1. Logger: a `trt.ILogger` subclass routing TensorRT's messages to `logging` ("engines.trt"; TensorRT
+1. Logger: a `trt.ILogger` subclass routing TensorRT's messages to `logging` ("tensorrt"; TensorRT
    INFO goes to DEBUG because it is chatty) and keeping the last errors for the failure message. One
    instance per process: TensorRT keeps the first logger given to a builder as its global logger.
 2. `trt.Builder(logger)`, `builder.create_network(0)` (explicit batch is implicit in TRT 10; a weakly
@@ -52,20 +52,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from runtime.trt.engine_plan import (ENGINES_DIR, PRECISIONS, TIMING_CACHE, EngineKey, GpuInfo, PlanRecord,
-                                 engine_profiles, plan_paths, read_record, write_record)
-from runtime.errors import BackendError, CheckpointError, ContractError, EngineMismatchError, InputError
+from runtime.errors import (
+    BackendError,
+    CheckpointError,
+    ContractError,
+    EngineMismatchError,
+    InputError,
+)
 from runtime.manifest import GraphEntry, sha256_file
+from runtime.trt.api import enum_name, import_tensorrt, trt_logger
+from runtime.trt.engine_plan import (
+    ENGINES_DIR,
+    PRECISIONS,
+    TIMING_CACHE,
+    EngineKey,
+    GpuInfo,
+    PlanRecord,
+    engine_profiles,
+    plan_paths,
+    read_record,
+    write_record,
+)
 
 from .calibration_hook import CalibratorFactory, require_calibrator
 from .precision import PrecisionPolicy, apply_precision
 
 log = logging.getLogger(__name__)
-trt_log = logging.getLogger("engines.trt")
 
 GIB = 1 << 30
 DEFAULT_WORKSPACE_GIB = 4.0
-MAX_KEPT_ERRORS = 20
 
 Shape = tuple[int, ...]
 SetShape = tuple[str, Shape, Shape, Shape]          # profile.set_shape(input, min, opt, max)
@@ -163,46 +178,6 @@ def cache_decision(expected: EngineKey, plan: Path, sidecar: Path) -> CacheDecis
 
 # ---------------------------------------------------------------------------------------------------
 # TensorRT glue
-
-
-def import_tensorrt() -> Any:
-    """tensorrt, checked to be TensorRT 10 (runtime.trt.gpu.import_tensorrt: BackendError otherwise)."""
-    from runtime.trt.gpu import import_tensorrt as checked_import
-
-    return checked_import()
-
-
-def enum_name(value: Any) -> str:
-    name = getattr(value, "name", None)
-    return str(name) if name is not None else str(value).rsplit(".", 1)[-1]
-
-
-_SEVERITY_LEVELS = {"INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING,
-                    "INFO": logging.DEBUG, "VERBOSE": 5}
-_LOGGERS: dict[int, tuple[Any, Any]] = {}
-
-
-def trt_logger(trt: Any) -> Any:
-    """The process's TensorRT logger (an ILogger subclass; `.errors` keeps the last error messages)."""
-    cached = _LOGGERS.get(id(trt))
-    if cached is not None and cached[0] is trt:
-        return cached[1]
-
-    class LoggingLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)                 # required for pybind11 trampolines
-            self.errors: collections.deque[str] = collections.deque(maxlen=MAX_KEPT_ERRORS)
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = _SEVERITY_LEVELS.get(enum_name(severity), logging.WARNING)
-            if level >= logging.ERROR:
-                self.errors.append(str(msg))
-            if trt_log.isEnabledFor(level):
-                trt_log.log(level, "TensorRT: %s", msg)
-
-    logger = LoggingLogger()
-    _LOGGERS[id(trt)] = (trt, logger)
-    return logger
 
 
 def progress_monitor(trt: Any, tag: str) -> Any | None:

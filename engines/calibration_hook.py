@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from runtime.errors import InputError
 
 if TYPE_CHECKING:
-    from runtime.trt.engine_plan import Profile
     from runtime.manifest import GraphEntry
+    from runtime.trt.engine_plan import Profile
 
 INT8_NEEDS_CALIBRATION = ("INT8 needs calibration data (python -m calibration ...): no calibrator was given; "
                           "build fp16 instead, or pass a CalibratorFactory from the calibration step")

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from runtime.errors import InputError
+from runtime.trt.api import enum_name
 
 log = logging.getLogger(__name__)
 
@@ -280,20 +281,14 @@ def _select(graph: str, layers: Sequence[LayerInfo], policy: PrecisionPolicy) ->
 # The TensorRT seam
 
 
-def _enum_name(value: Any) -> str:
-    """'FLOAT' from trt.DataType.FLOAT (pybind11 enums have .name; str() gives 'DataType.FLOAT')."""
-    name = getattr(value, "name", None)
-    return str(name) if name is not None else str(value).rsplit(".", 1)[-1]
-
-
 def layer_info(layer: Any) -> LayerInfo:
     """LayerInfo of one trt.ILayer (name, type, each output's dtype, metadata when the binding has it)."""
     dtypes = []
     for j in range(int(layer.num_outputs)):
         out = layer.get_output(j)
-        dtypes.append(_enum_name(out.dtype) if out is not None else "NONE")
+        dtypes.append(enum_name(out.dtype) if out is not None else "NONE")
     metadata = getattr(layer, "metadata", "") or ""
-    return LayerInfo(str(layer.name), _enum_name(layer.type), tuple(dtypes), str(metadata))
+    return LayerInfo(str(layer.name), enum_name(layer.type), tuple(dtypes), str(metadata))
 
 
 def network_layers(network: Any) -> list[tuple[Any, LayerInfo]]:

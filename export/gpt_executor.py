@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from runtime.contracts import kv_cache_name
 from runtime.errors import ContractError
-from runtime.gpt.steps import Feed, GptGeometry, kv_cache_name
+from runtime.gpt.steps import Feed, GptGeometry
 
 from .models.unified_voice import UnifiedVoice
 

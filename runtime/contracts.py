@@ -20,9 +20,17 @@ OPSET = 18
 
 # Dynamic axes: the free symbolic dimensions of the graphs, one vocabulary for all of them.
 DYNAMIC_AXES = ("batch", "feat_len", "fbank_len", "text_len", "code_len", "seq_len", "mel_len", "cache_len")
+# The GPT's prefix in front of the text rows: 32 perceiver latents + 2 speed embeddings (conditioning),
+# and the prefill's extra rows, P = L + 37: conditioning (34) + start/stop text (2) + start mel (1).
+CONDITIONING_ROWS = 34
+PREFILL_EXTRA_ROWS = CONDITIONING_ROWS + 3
+# The decode cache's sizes (cache_len): the host and device caches grow through these, and the TensorRT
+# engine has one static profile per bucket (plus the contract maximum).
+KV_BUCKETS: tuple[int, ...] = (256, 512, 1024, 2048)
+
 # Derived axes: name -> (free axis, scale, offset): value = scale * free + offset.
 DERIVED_AXES: dict[str, tuple[str, int, int]] = {
-    "prefill_len": ("text_len", 1, 37),     # 34 conditioning rows + start/stop text + start mel
+    "prefill_len": ("text_len", 1, PREFILL_EXTRA_ROWS),
     "wav_len": ("mel_len", 256, 0),         # BigVGAN hop
 }
 STATIC_DIMS = ("sem_dim", "model_dim", "content_dim", "vocab", "layers", "heads", "head_dim", "style_dim",

@@ -22,15 +22,32 @@ import pytest
 
 import engines
 from engines import EngineBuildFailures, build_all
-from engines.builder import (BuildSettings, builder_flags, build_plan, cache_decision, engine_key, ensure_plan,
-                             parser_errors, profile_calls, progress_monitor, timing_cache_path, trt_logger)
+from engines.builder import (
+    BuildSettings,
+    build_plan,
+    builder_flags,
+    cache_decision,
+    engine_key,
+    ensure_plan,
+    parser_errors,
+    profile_calls,
+    progress_monitor,
+    timing_cache_path,
+)
 from engines.calibration_hook import INT8_NEEDS_CALIBRATION
-from engines.precision import (DEFAULT_POLICY_PATH, LayerInfo, PrecisionPolicy, apply_precision, load_policy,
-                               select_fp32_layers)
+from engines.precision import (
+    DEFAULT_POLICY_PATH,
+    LayerInfo,
+    PrecisionPolicy,
+    apply_precision,
+    load_policy,
+    select_fp32_layers,
+)
 from export import build as build_mod
-from runtime.trt.engine_plan import GpuInfo, decode_buckets, plan_paths, read_record
 from runtime.errors import BackendError, CheckpointError, ContractError, InputError
 from runtime.manifest import read_manifest, sha256_file
+from runtime.trt.api import trt_logger
+from runtime.trt.engine_plan import GpuInfo, decode_buckets, plan_paths, read_record
 
 RTX = GpuInfo("NVIDIA GeForce RTX 4090", "8.9")
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")
@@ -623,11 +640,11 @@ def test_logger_and_progress_monitor_route_to_logging(caplog):
     logger = trt_logger(trt)
     assert trt_logger(trt) is logger and logger.base_initialised       # one per module; base __init__ called
     logger.errors.clear()
-    with caplog.at_level(logging.DEBUG, logger="engines"):
+    with caplog.at_level(logging.DEBUG, logger="tensorrt"):
         logger.log(Severity.WARNING, "weights are subnormal")
         logger.log(Severity.INFO, "memory usage")
         logger.log(Severity.ERROR, "tactic failed")
-    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "engines.trt"}
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "tensorrt"}
     assert levels == {"TensorRT: weights are subnormal": logging.WARNING, "TensorRT: memory usage": logging.DEBUG,
                       "TensorRT: tactic failed": logging.ERROR}
     assert list(logger.errors) == ["tactic failed"]

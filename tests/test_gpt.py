@@ -15,8 +15,8 @@ from export.fixtures.runner import open_fixture
 from export.gpt_executor import EagerGptSteps
 from export.models.gpt2 import MASK_NEG
 from export.models.unified_voice import UnifiedVoice, load_gpt, write_demo_gpt
+from runtime.contracts import kv_cache_name
 from runtime.errors import CheckpointError, ContractError
-from runtime.gpt.steps import kv_cache_name
 from tests.conftest import assert_rows_pass, run_fixture_calls
 
 CFG = tiny_spec().config.gpt

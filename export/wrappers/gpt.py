@@ -32,7 +32,7 @@ from torch import nn
 
 from runtime.contracts import GraphContract, ModelDims, kv_cache_name
 from runtime.errors import CheckpointError
-from runtime.gpt.steps import PREFILL_EXTRA_ROWS
+from runtime.contracts import PREFILL_EXTRA_ROWS
 
 from ..models.unified_voice import UnifiedVoice
 from .base import Feed, WrapperSpec

@@ -25,9 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime.contracts import KV_BUCKETS
 from runtime.errors import InputError
 from runtime.gpt.beam import BeamScorer, Hypothesis
-from runtime.gpt.kv_cache import DEFAULT_BUCKETS, KVCache
+from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.sampling import (
     DrawSource,
     ProcessorSettings,
@@ -117,7 +118,7 @@ def prefill_text_ids(text_ids: np.ndarray) -> np.ndarray:
 def generate(steps: GptSteps, spk_latent: np.ndarray, emovec: np.ndarray, text_ids: np.ndarray,
              config: GenerationConfig = GenerationConfig(), draws: DrawSource | None = None,
              seed: int | None = None, *, record: bool = False,
-             cache_buckets: Sequence[int] = DEFAULT_BUCKETS) -> GenerationResult:
+             cache_buckets: Sequence[int] = KV_BUCKETS) -> GenerationResult:
     """Generate one segment's mel codes.
 
     spk_latent (1, 32, D) f32, emovec (1, D) f32, text_ids (L,) or (1, L) (ids 0 / 1 are dropped here).

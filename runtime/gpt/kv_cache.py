@@ -15,9 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.gpt.steps import kv_cache_name
+from runtime.contracts import KV_BUCKETS, kv_cache_name
 
-DEFAULT_BUCKETS: tuple[int, ...] = (256, 512, 1024, 2048)
 PARKED = -1                 # reorder source marker: the beam parked in the spare slot
 
 
@@ -57,7 +56,7 @@ class KVCache:
     """Static KV cache for `batch` rows (beams) that all hold the same number of filled positions."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, batch: int, max_rows: int,
-                 dtype: np.dtype = np.float32, buckets: Sequence[int] = DEFAULT_BUCKETS, rows: int = 1) -> None:
+                 dtype: np.dtype = np.float32, buckets: Sequence[int] = KV_BUCKETS, rows: int = 1) -> None:
         self.layers, self.heads, self.head_dim, self.batch = layers, heads, head_dim, batch
         self.max_rows = max_rows              # the most positions this request can ever hold
         self.buckets = tuple(buckets)
@@ -69,7 +68,7 @@ class KVCache:
 
     @classmethod
     def from_prefill(cls, kv: np.ndarray, batch: int, max_rows: int,
-                     buckets: Sequence[int] = DEFAULT_BUCKETS) -> KVCache:
+                     buckets: Sequence[int] = KV_BUCKETS) -> KVCache:
         """A cache for `batch` beams holding the prefill's K/V (layers, 2, 1 or batch, heads, P, head_dim)."""
         layers, _, _, heads, rows, head_dim = kv.shape
         cache = cls(layers, heads, head_dim, batch, max(max_rows, rows), kv.dtype, buckets, rows=rows)

@@ -25,12 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.contracts import kv_cache_name  # noqa: F401  (re-exported: the decode loop's cache input names)
-
 Feed = dict[str, np.ndarray]
 
-CONDITIONING_ROWS = 34      # 32 perceiver latents + 2 speed embeddings in front of the text
-PREFILL_EXTRA_ROWS = 37     # P = L + 37: conditioning (34) + start/stop text (2) + start mel (1)
 
 
 @dataclass(frozen=True)

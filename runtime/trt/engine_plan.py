@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from runtime.contracts import KV_BUCKETS
 from runtime.errors import EngineMismatchError
 from runtime.manifest import GraphEntry, plain_json
 
@@ -133,7 +134,7 @@ def plan_paths(root: str | Path, graph: str, precision: str) -> tuple[Path, Path
 # Profiles
 
 
-def decode_buckets(entry: GraphEntry, host_buckets: Sequence[int] = (256, 512, 1024, 2048)) -> tuple[int, ...]:
+def decode_buckets(entry: GraphEntry, host_buckets: Sequence[int] = KV_BUCKETS) -> tuple[int, ...]:
     """The KV-cache lengths the decode plan has a profile for: the host buckets inside the contract's
     cache_len range, plus the range's maximum (so every request fits a bucket)."""
     r = entry.ranges["cache_len"]

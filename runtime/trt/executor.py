@@ -69,7 +69,7 @@ from runtime.executors.base import (
     output_shapes,
 )
 from runtime.manifest import GraphEntry, TensorSignature
-from runtime.trt import cuda, gpu
+from runtime.trt import api, cuda, gpu
 from runtime.trt.cuda import DeviceArray, DeviceBuffer, Event, PinnedBuffer, Stream
 from runtime.trt.cuda_graphs import GraphCache, GraphStats
 from runtime.trt.engine_plan import (
@@ -87,11 +87,6 @@ log = logging.getLogger(__name__)
 
 GRAPH_CAPACITY = 8          # instantiated CUDA graphs kept per executor (LRU)
 BUILD_COMMAND = "python -m export.build --checkpoints <checkpoint dir> --out {root} --precision {precision}"
-
-
-def import_tensorrt() -> Any:
-    """tensorrt, checked to be TensorRT 10 (runtime.trt.gpu.import_tensorrt)."""
-    return gpu.import_tensorrt()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,27 +214,6 @@ def _value_key(value: Any) -> tuple:
 # TensorRT glue
 
 
-def _make_logger(trt: Any) -> Any:
-    """A trt.ILogger forwarding to `logging` and remembering the last errors (for our messages)."""
-
-    class _Logger(trt.ILogger):  # type: ignore[misc,name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)          # required explicit base init (pybind11 trampoline)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            name = getattr(severity, "name", str(severity)).upper()
-            if "ERROR" in name:
-                self.errors = (self.errors + [str(msg)])[-20:]
-                log.error("TensorRT: %s", msg)
-            elif "WARNING" in name:
-                log.warning("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
-
-    return _Logger()
-
-
 _ALLOCATOR_CLASSES: dict[int, tuple[Any, type]] = {}     # id(trt module) -> (module, class)
 
 
@@ -301,7 +275,7 @@ class _Context:
         ctx = owner._engine.create_execution_context()
         if ctx is None:
             raise BackendError(f"{self.what}: TensorRT could not create an execution context "
-                               f"(out of GPU memory?): {'; '.join(owner._logger.errors[-3:])}")
+                               f"(out of GPU memory?): {'; '.join(list(owner._logger.errors)[-3:])}")
         self.trt = ctx
         try:
             ctx.set_optimization_profile_async(index, owner.stream.handle)
@@ -381,7 +355,7 @@ class TrtExecutor:
                                   "engines on this GPU machine with "
                                   + BUILD_COMMAND.format(root=self.root, precision=precision))
         record = read_record(sidecar)
-        self._trt = trt if trt is not None else import_tensorrt()     # a clear error without TensorRT 10
+        self._trt = trt if trt is not None else api.import_tensorrt()     # a clear error without TensorRT 10
         version = str(self._trt.__version__)
         here = gpu.gpu_info(0)
         if here is None:
@@ -391,12 +365,12 @@ class TrtExecutor:
         check_record(record, expected, plan_path)
         self.record, self.profiles, self.plan_path = record, expected.profiles, plan_path
 
-        self._logger = _make_logger(self._trt)
+        self._logger = api.trt_logger(self._trt)
         self._runtime = self._trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self._engine is None:
             raise EngineMismatchError(f"{plan_path}: TensorRT {version} could not load the plan ("
-                                      f"{'; '.join(self._logger.errors[-3:]) or 'no error logged'}); rebuild it with "
+                                      f"{'; '.join(list(self._logger.errors)[-3:]) or 'no error logged'}); rebuild it with "
                                       + BUILD_COMMAND.format(root=self.root, precision=precision))
         self._check_engine()
         self._inputs = tuple(t.name for t in entry.inputs)
@@ -510,7 +484,7 @@ class TrtExecutor:
             if ctx.shapes.get(name) != shape:
                 if not ctx.trt.set_input_shape(name, shape):
                     raise ContractError(f"{ctx.what}: TensorRT refused shape {shape} for input '{name}' "
-                                        f"({'; '.join(self._logger.errors[-2:])})")
+                                        f"({'; '.join(list(self._logger.errors)[-2:])})")
                 ctx.shapes[name] = shape
                 changed = True
             changed |= ctx.bind(name, address)
@@ -595,7 +569,7 @@ class TrtExecutor:
         if not ctx.trt.execute_async_v3(self.stream.handle):
             problems = [str(a.error) for a in ctx.allocators.values() if a.error is not None]
             raise BackendError(f"{ctx.what}: TensorRT execute_async_v3 failed: "
-                               + ("; ".join(problems + self._logger.errors[-3:]) or "no error logged"))
+                               + ("; ".join(problems + list(self._logger.errors)[-3:]) or "no error logged"))
 
     def _capture(self, key: tuple) -> Any:
         """Capture one enqueue of the context in `key` into an instantiated CUDA graph (engines/TENSORRT_API.md §6)."""

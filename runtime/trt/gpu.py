@@ -62,7 +62,7 @@ def tensorrt() -> Probe:
             import tensorrt as trt  # type: ignore[import-not-found]
         except Exception as err:  # noqa: BLE001 — a broken install (missing libnvinfer) raises anything
             return Probe(False, f"tensorrt cannot be imported ({type(err).__name__}: {err})")
-        unsupported = _unsupported(getattr(trt, "__version__", ""))
+        unsupported = unsupported_tensorrt(getattr(trt, "__version__", ""))
         if unsupported:
             return Probe(False, unsupported)
         gpu = cuda_devices()
@@ -105,27 +105,10 @@ def tensorrt_version() -> str | None:
         return None
 
 
-def _unsupported(version: str) -> str:
+def unsupported_tensorrt(version: str) -> str:
     """Why this TensorRT version cannot be used ("" when it can)."""
     major = str(version).split(".", 1)[0]
     if major.isdigit() and int(major) == TENSORRT_MAJOR:
         return ""
     return (f"TensorRT {version or '(unknown version)'} is installed; the engine builder and executor are written "
             f"for TensorRT {TENSORRT_MAJOR} (pip install '{TENSORRT_PIN}')")
-
-
-def import_tensorrt():
-    """The tensorrt module, checked to be TensorRT 10; BackendError (with what to install) otherwise."""
-    from runtime.errors import BackendError
-
-    try:
-        import tensorrt as trt  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise BackendError(f"tensorrt is not installed: pip install '{TENSORRT_PIN}' (needs an NVIDIA GPU; without "
-                           "one the ONNX graphs run with --backend ort-cuda or ort-cpu)") from err
-    except Exception as err:  # noqa: BLE001 — a broken install (missing libnvinfer) raises anything
-        raise BackendError(f"tensorrt cannot be imported ({type(err).__name__}: {err})") from err
-    unsupported = _unsupported(getattr(trt, "__version__", ""))
-    if unsupported:
-        raise BackendError(unsupported)
-    return trt

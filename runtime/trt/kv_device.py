@@ -35,9 +35,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from runtime.contracts import kv_cache_name
 from runtime.errors import ContractError
 from runtime.gpt.kv_cache import PARKED, bucket_for, reorder_moves
-from runtime.gpt.steps import kv_cache_name
 from runtime.trt import cuda
 from runtime.trt.cuda import DeviceArray, DeviceBuffer, PinnedBuffer, Stream
 

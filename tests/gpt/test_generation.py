@@ -19,12 +19,13 @@ import torch
 from export.fixtures.kind_generation import beam_outputs, greedy_outputs
 from export.fixtures.kinds import all_handlers
 from export.fixtures.runner import compare, open_fixture, run_fixture
+from runtime.contracts import kv_cache_name
 from runtime.errors import InputError
 from runtime.gpt import sampling
 from runtime.gpt.beam import BeamScorer, FinishedSet, Hypothesis
 from runtime.gpt.generate import GenerationConfig, generate, prefill_text_ids
 from runtime.gpt.kv_cache import KVCache, bucket_for
-from runtime.gpt.steps import GptGeometry, kv_cache_name
+from runtime.gpt.steps import GptGeometry
 from tests.conftest import assert_rows_pass, run_fixture_calls
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from runtime.errors import (
     ContractError,
     EngineMismatchError,
 )
-from runtime.trt import cuda, gpu
+from runtime.trt import api, cuda, gpu
 from runtime.trt.engine_plan import decode_buckets, engine_profiles
 from tests.trt.fakes import (
     A100,
@@ -37,7 +37,7 @@ def test_an_engine_built_for_another_gpu_and_tensorrt_is_refused(manifest, tmp_p
     entry = manifest.graph("dit_step")
     _write_plan(tmp_path, entry, "fp16", A100, "10.4.0.26")
     monkeypatch.setattr(gpu, "gpu_info", lambda device=0: RTX3090)
-    monkeypatch.setattr(gpu, "import_tensorrt", lambda: SimpleNamespace(__version__=TRT_VERSION))
+    monkeypatch.setattr(api, "import_tensorrt", lambda: SimpleNamespace(__version__=TRT_VERSION))
     with pytest.raises(EngineMismatchError) as err:
         TrtExecutor(entry, tmp_path, "fp16")
     message = str(err.value)
