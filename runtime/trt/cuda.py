@@ -7,7 +7,9 @@ Why one module: cuda-python does not raise. Every call returns a tuple `(cudaErr
 somewhere else. Here every call goes through `check`, which turns a non-success code into a
 `BackendError` naming the call and CUDA's own name and description of the error (e.g.
 "cudaMalloc(16 bytes for ...) failed: cudaErrorInsufficientDriver (CUDA driver version is insufficient
-for CUDA runtime version)"), plus a hint for the codes that mean "no usable GPU here".
+for CUDA runtime version)"), plus a hint for the codes that mean "no usable GPU here"; for
+cudaErrorInsufficientDriver the hint is the GPU probe's (runtime/trt/gpu.py: the driver found, the driver
+the wheels need, and the build to install instead).
 
 Seams: the cudart module is looked up by `cudart()` (which asks runtime.trt.gpu.cudart()) at every call, so
 tests substitute a fake module by monkeypatching this one function; nothing is imported at module
@@ -47,9 +49,8 @@ log = logging.getLogger(__name__)
 
 SUCCESS = 0
 #: error codes that mean "no usable GPU here" rather than a bug: a hint is added to their message
+#: (cudaErrorInsufficientDriver, 35, gets the GPU probe's explanation: see `_hint`)
 _HINTS = {
-    35: "the NVIDIA driver is missing or older than this CUDA runtime: is there an NVIDIA GPU with a current "
-        "driver on this machine? (use --backend ort-cpu without one)",             # cudaErrorInsufficientDriver
     100: "no CUDA-capable GPU is visible (check CUDA_VISIBLE_DEVICES and nvidia-smi)",   # cudaErrorNoDevice
     2: "the GPU is out of memory (other processes, or a larger batch / cache than fits)",  # cudaErrorMemoryAllocation
 }
@@ -116,11 +117,22 @@ def check(result: Any, what: str) -> Any:
         err, rest = result, ()
     code = error_code(err)
     if code != SUCCESS:
-        hint = _HINTS.get(code)
+        hint = _hint(code)
         raise BackendError(f"{what} failed: {describe_error(err)}" + (f"; {hint}" if hint else ""))
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def _hint(code: int) -> str | None:
+    if code == 35:                       # cudaErrorInsufficientDriver: which driver, what the wheels need
+        from runtime.trt import gpu
+
+        try:
+            return gpu.insufficient_driver(cudart())
+        except BackendError:
+            return gpu.insufficient_driver(None)
+    return _HINTS.get(code)
 
 
 def clear_last_error() -> None:

@@ -4,18 +4,48 @@ DESIGN.md §3 (export facts): cuda-python 13 imports as `cuda.bindings.runtime` 
 `cuda.cudart`), and `cudaGetDeviceCount` returns an error code instead of raising when there is no GPU.
 Both the engine builder (`engines.available`) and the runtime's backend choice (`--backend auto`,
 `python -m runtime inspect`) ask here, so they always agree. Nothing heavy is imported at module level.
+
+Why the driver check: the unpinned wheels (`tensorrt` 10.x, `cuda-python` 13.x) are CUDA 13 builds, which
+need a driver >= R580. On the R535-R575 drivers many GPU machines run, every CUDA call returns
+cudaErrorInsufficientDriver (35); reported as "no CUDA GPU" that would make every GPU test skip and
+`--backend auto` fall back to ONNX Runtime without a word. So error 35 is reported as what it is: the
+driver found (cudaDriverGetVersion, /proc/driver/nvidia/version), the CUDA major the cuda-python wheel
+targets (cudaRuntimeGetVersion), the driver that major needs, and the build to install instead.
+`gpu_visible` says whether the machine has an NVIDIA GPU at all, without CUDA, so GPU tests can fail
+(rather than skip) where a GPU is visible but the probe fails.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 #: The TensorRT major version the builder and the executor are written against. TensorRT 11 removes what the
 #: fp16-with-fp32-islands build relies on (weakly typed networks, per-layer precision, precision flags), so
 #: another major version is refused up front instead of failing inside a build.
 TENSORRT_MAJOR = 10
 TENSORRT_PIN = "tensorrt>=10,<11"
+
+#: The oldest Linux driver that runs wheels built for each CUDA major (CUDA minor version compatibility:
+#: NVIDIA's "CUDA Compatibility" guide gives CUDA 12.x >= 525 and CUDA 13.x >= 580; the exact versions are
+#: those of the CUDA Toolkit release notes' minor-version-compatibility table).
+MIN_DRIVER: dict[int, str] = {12: "525.60.13", 13: "580.65.06"}
+#: How to install TensorRT 10 and cuda-python for one CUDA major. The bare `tensorrt` 10.x wheel is the CUDA 13
+#: build, and an unpinned `tensorrt-cu12` now resolves to TensorRT 11: both pins matter. A fresh environment,
+#: because the CUDA 12 and 13 TensorRT wheels install the same `tensorrt` module.
+CUDA_BUILDS: dict[int, str] = {
+    12: "pip install 'cuda-python>=12,<13' 'tensorrt-cu12>=10,<11'",
+    13: "pip install 'cuda-python>=13,<14' 'tensorrt-cu13>=10,<11'",
+}
+INSUFFICIENT_DRIVER = 35        # cudaErrorInsufficientDriver
+#: where the kernel driver states its version (Linux), and the device node of the first GPU
+DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
+DEVICE_NODE = Path("/dev/nvidia0")
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,8 @@ def cuda_devices() -> Probe:
         if rt is None:
             return Probe(False, "cuda-python is not installed (needed to find a GPU)")
         err, count = rt.cudaGetDeviceCount()
+        if int(err) == INSUFFICIENT_DRIVER:
+            return Probe(False, insufficient_driver(rt))
         if int(err) != 0:
             return Probe(False, f"no CUDA GPU ({getattr(err, 'name', err)})")
         if count == 0:
@@ -112,3 +144,107 @@ def unsupported_tensorrt(version: str) -> str:
         return ""
     return (f"TensorRT {version or '(unknown version)'} is installed; the engine builder and executor are written "
             f"for TensorRT {TENSORRT_MAJOR} (pip install '{TENSORRT_PIN}')")
+
+
+# ---------------------------------------------------------------------------------------------------
+# cudaErrorInsufficientDriver, explained
+
+
+@dataclass(frozen=True)
+class DriverFacts:
+    """What error 35 is about. CUDA versions are CUDA's integers (1000 * major + 10 * minor, 12020 = 12.2)."""
+
+    driver: str            # the kernel driver's version ("535.104.05"), "" when unknown
+    driver_cuda: int       # newest CUDA the driver supports (cudaDriverGetVersion): 0 = no driver, -1 = unknown
+    wheel_cuda: int        # CUDA the cuda-python wheel targets (cudaRuntimeGetVersion), 0 when unknown
+
+
+def driver_facts(rt: Any) -> DriverFacts:
+    """The driver and wheel versions, each read in the way that cannot raise."""
+    return DriverFacts(nvidia_driver_version(), _cuda_call(rt, "cudaDriverGetVersion", -1),
+                       _cuda_call(rt, "cudaRuntimeGetVersion", 0) or _wheel_cuda())
+
+
+def insufficient_driver(rt: Any = None) -> str:
+    """The message for cudaErrorInsufficientDriver: which driver, which wheels, what they need, what to install."""
+    try:
+        facts = driver_facts(rt if rt is not None else cudart())
+    except Exception:  # noqa: BLE001 — explaining an error must not raise another one
+        facts = DriverFacts("", -1, 0)
+    return explain_insufficient_driver(facts)
+
+
+def explain_insufficient_driver(facts: DriverFacts) -> str:
+    """The error-35 message from the facts (pure: the tests hold each case)."""
+    wheel = facts.wheel_cuda // 1000
+    if facts.driver_cuda == 0:
+        return ("no NVIDIA driver is loaded (cudaDriverGetVersion reports none): is there an NVIDIA GPU with its "
+                "driver on this machine? (use --backend ort-cpu without one)")
+    need = f"needs ≥ {MIN_DRIVER[wheel]}" if wheel in MIN_DRIVER else "needs a newer driver"
+    wheels = f"the CUDA {wheel} wheels" if wheel else "the cuda-python wheel (CUDA version unknown)"
+    oldest, newest = min(MIN_DRIVER), max(MIN_DRIVER)
+    update = (f"update the NVIDIA driver (≥ {MIN_DRIVER[oldest]} runs the CUDA {oldest} build: "
+              f"{CUDA_BUILDS[oldest]}; ≥ {MIN_DRIVER[newest]} the CUDA {newest} build)")
+    if facts.driver_cuda < 0:
+        return f"the NVIDIA driver is missing or too old for {wheels} ({need}); {update}"
+    head = f"driver too old for {wheels}: {_describe_driver(facts)}, {need}"
+    if wheel and facts.driver_cuda >= wheel * 1000:
+        return (f"cudaErrorInsufficientDriver although {_describe_driver(facts)} supports {wheels}: the libcuda "
+                "loaded is not the kernel driver's (check LD_LIBRARY_PATH and the container's driver mounts)")
+    usable = [m for m in sorted(CUDA_BUILDS) if m * 1000 <= facts.driver_cuda and (not wheel or m < wheel)]
+    if usable:
+        return f"{head}; install the CUDA {usable[-1]} build (in a fresh environment): {CUDA_BUILDS[usable[-1]]}"
+    return f"{head}; {update}"
+
+
+def nvidia_driver_version(path: Path | None = None) -> str:
+    """The kernel driver's version from /proc/driver/nvidia/version ("" when absent or unreadable)."""
+    try:
+        text = (path or DRIVER_VERSION_FILE).read_text(errors="replace")
+    except OSError:
+        return ""
+    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return match.group(1) if match else ""
+
+
+def gpu_visible(device_node: Path | None = None, path: str | None = None) -> str | None:
+    """The evidence that this machine has an NVIDIA GPU, found without CUDA ("/dev/nvidia0 exists" or
+    "nvidia-smi on PATH"), or None. `path`: the search path for nvidia-smi (default: $PATH)."""
+    node = device_node or DEVICE_NODE
+    if node.exists():
+        return f"{node} exists"
+    if shutil.which("nvidia-smi", path=path):
+        return "nvidia-smi on PATH"
+    return None
+
+
+def _describe_driver(facts: DriverFacts) -> str:
+    cuda = _cuda_text(facts.driver_cuda)
+    if facts.driver:
+        return f"driver {facts.driver}" + (f" (CUDA {cuda})" if cuda else "")
+    return f"a driver for CUDA {cuda}" if cuda else "driver version unknown"
+
+
+def _cuda_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}" if version > 0 else ""
+
+
+def _cuda_call(rt: Any, name: str, fallback: int) -> int:
+    """An int-returning cudart query ((err, value)); `fallback` when it is missing or fails."""
+    try:
+        err, value = getattr(rt, name)()
+        return int(value) if int(err) == 0 else fallback
+    except Exception:  # noqa: BLE001
+        return fallback
+
+
+def _wheel_cuda() -> int:
+    """The CUDA major of the installed cuda-bindings / cuda-python package (their major is CUDA's), as 1000 * major."""
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            major = importlib.metadata.version(dist).split(".", 1)[0]
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if major.isdigit():
+            return int(major) * 1000
+    return 0

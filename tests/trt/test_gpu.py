@@ -1,7 +1,7 @@
 """The TensorRT runtime pieces on a real GPU (DESIGN.md §4): the GPU probe, the device KV cache against the host
 KVCache, CUDA-graph replay against plain execution (dit_step per length, gpt_decode per bucket inside the decode
-loop), and GPU-side timing. tests/test_trt_runtime.py runs the same logic through fakes on the CPU; these run it
-on the hardware, where copies, captures and replays are real.
+loop), and GPU-side timing. The other tests in tests/trt/ run the same logic through fakes on the CPU; these run
+it on the hardware, where copies, captures and replays are real.
 
 Skipped (with the probe's reason) without TensorRT, cuda-python and an NVIDIA GPU; written to run unchanged on
 a machine with them. Replay must equal plain execution bit for bit: a CUDA graph replays the very kernels the
