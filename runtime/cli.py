@@ -7,7 +7,10 @@
 vector, emotion from text) on the graphs of an export directory with the chosen backend, shows progress
 per segment, and writes a 22.05 kHz 16-bit WAV: atomically, or with `--stream` progressively (each
 segment appended as soon as it is ready; the time to first audio is reported). Any failure leaves no
-output file. `inspect` prints the manifest, the graphs and which backends can run them here.
+output file. Sampling and Euler flags that are not given take the export's recorded defaults
+(manifest.json `sampling` / `synthesis`), so a checkpoint's own defaults reach the user; the effective
+settings are printed before synthesis. `inspect` prints the manifest, the graphs and which backends can run
+them here.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ from runtime.cli_args import (
     add_generation_args,
     add_input_args,
     decoder_settings,
+    describe_settings,
     generation_config,
+    given_generation_flags,
+    manifest_defaults,
     synthesis_request,
 )
-from runtime.errors import ToolkitError
+from runtime.errors import InputError, ToolkitError
 from runtime.executors import AUTO_ORDER, BACKENDS, OrtOptions, backend_status
+from runtime.gpt.generate import GenerationConfig
 from runtime.manifest import file_problems, read_manifest
+from runtime.request import DecoderSettings
 from runtime.wav import StreamingWavWriter, check_output_path, write_wav_atomic
 
 log = logging.getLogger("runtime")
@@ -80,7 +88,11 @@ def synthesize(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     request = synthesis_request(args)            # every argument checked before anything is loaded
-    generation, decoder = generation_config(args), decoder_settings(args)
+    generation, decoder = effective_settings(args)
+    if not args.quiet:
+        given = given_generation_flags(args)
+        print(f"settings: {describe_settings(generation, decoder)} (the export's defaults"
+              + (f"; given: {' '.join(given)})" if given else ")"), flush=True)
     if args.threads < 0:
         raise ToolkitError(f"--threads must be >= 0, got {args.threads}")
     check_output_path(args.out)
@@ -99,6 +111,17 @@ def synthesize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {seconds:.2f} s of audio, {len(segments)} segment(s), {codes} codes{source}; "
           f"backend {tts.backend}, load {t_loaded - t0:.1f} s, synthesis {wall:.1f} s{rtf}")
     return 0
+
+
+def effective_settings(args: argparse.Namespace) -> tuple[GenerationConfig, DecoderSettings]:
+    """The sampling and Euler settings `synthesize` runs with: the export's recorded defaults (read from
+    its manifest alone, no graph opened, so a bad flag fails before anything is loaded) overridden by the
+    flags that were given."""
+    if not args.engines.exists():
+        raise InputError(f"{args.engines}: engine directory not found; create it with "
+                         "python -m export.build --checkpoints CKPT --out DIR")
+    generation, decoder = manifest_defaults(read_manifest(args.engines, check_files=False))
+    return generation_config(args, generation), decoder_settings(args, decoder)
 
 
 def _run(tts, args: argparse.Namespace, request, generation, decoder) -> tuple[float, list, int, str]:

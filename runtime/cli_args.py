@@ -1,17 +1,29 @@
 """Command-line flags shared by the synthesis CLIs (the runtime's and the eager reference's), so both
-accept the same spelling with the same upstream defaults."""
+accept the same spelling, and the one rule that turns them into settings.
+
+Why the sampling and Euler flags default to "not given" (None): the effective settings are the defaults the
+caller hands in, overridden only by the flags the user actually typed. The runtime's CLI hands in the
+export's recorded defaults (manifest.json `sampling` / `synthesis`, see `manifest_defaults`), so a
+checkpoint's own defaults reach a CLI user; the eager CLI has no manifest and hands in the eager pipeline's
+own defaults (upstream infer_v2's, the classes' defaults). An argparse default would silently replace both.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from runtime.errors import InputError
 from runtime.gpt.generate import GenerationConfig
+from runtime.manifest import Manifest
 from runtime.request import DecoderSettings, SynthesisRequest
 
-_GEN = GenerationConfig()
-_DEC = DecoderSettings()
+#: flag destination -> GenerationConfig field (`--greedy` / `--sample` set `do_sample`)
+_GENERATION_FLAGS = ("num_beams", "top_k", "top_p", "temperature", "repetition_penalty", "length_penalty",
+                     "max_mel_tokens")
+#: flag destination -> DecoderSettings field
+_DECODER_FLAGS = {"steps": "steps", "cfg_rate": "cfg_rate"}
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
@@ -34,31 +46,64 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--interval-silence", type=int, default=200, help="silence between segments (ms)")
 
 
-def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    """Sampling and decoder flags (upstream defaults)."""
-    g = parser.add_argument_group("generation (upstream defaults)")
-    g.add_argument("--num-beams", type=int, default=_GEN.num_beams)
-    g.add_argument("--greedy", action="store_true", help="no sampling (greedy / beam search)")
-    g.add_argument("--top-k", type=int, default=_GEN.top_k)
-    g.add_argument("--top-p", type=float, default=_GEN.top_p)
-    g.add_argument("--temperature", type=float, default=_GEN.temperature)
-    g.add_argument("--repetition-penalty", type=float, default=_GEN.repetition_penalty)
-    g.add_argument("--length-penalty", type=float, default=_GEN.length_penalty)
-    g.add_argument("--max-mel-tokens", type=int, default=_GEN.max_mel_tokens)
+def add_generation_args(parser: argparse.ArgumentParser,
+                        defaults_from: str = "the export's recorded defaults, manifest.json") -> None:
+    """Sampling and decoder flags; each defaults to None ("not given"): see the module docstring."""
+    g = parser.add_argument_group(f"generation (flags not given: {defaults_from})")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", dest="greedy", action="store_const", const=True, default=None,
+                      help="no sampling (greedy / beam search)")
+    mode.add_argument("--sample", dest="greedy", action="store_const", const=False,
+                      help="sampling (when the defaults say greedy)")
+    g.add_argument("--num-beams", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--length-penalty", type=float, default=None)
+    g.add_argument("--max-mel-tokens", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling and the CFM noise")
-    g.add_argument("--steps", type=int, default=_DEC.steps, help="Euler steps of the mel decoder")
-    g.add_argument("--cfg-rate", type=float, default=_DEC.cfg_rate, help="classifier-free guidance rate")
+    g.add_argument("--steps", type=int, default=None, help="Euler steps of the mel decoder")
+    g.add_argument("--cfg-rate", type=float, default=None, help="classifier-free guidance rate")
 
 
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(do_sample=not args.greedy, num_beams=args.num_beams, top_k=args.top_k,
-                            top_p=args.top_p, temperature=args.temperature,
-                            repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
-                            max_mel_tokens=args.max_mel_tokens)
+def manifest_defaults(manifest: Manifest) -> tuple[GenerationConfig, DecoderSettings]:
+    """The sampling and Euler defaults an export recorded (what the runtime uses when nothing overrides them)."""
+    return manifest.sampling, DecoderSettings(manifest.synthesis.euler_steps, manifest.synthesis.cfg_rate)
 
 
-def decoder_settings(args: argparse.Namespace) -> DecoderSettings:
-    return DecoderSettings(args.steps, args.cfg_rate)
+def generation_config(args: argparse.Namespace, defaults: GenerationConfig) -> GenerationConfig:
+    """`defaults` with the sampling flags that were given (checked by GenerationConfig: InputError if invalid)."""
+    given = {f: getattr(args, f) for f in _GENERATION_FLAGS if getattr(args, f) is not None}
+    if args.greedy is not None:
+        given["do_sample"] = not args.greedy
+    return dataclasses.replace(defaults, **given)
+
+
+def decoder_settings(args: argparse.Namespace, defaults: DecoderSettings) -> DecoderSettings:
+    """`defaults` with the Euler flags that were given (checked by DecoderSettings: InputError if invalid)."""
+    given = {field: getattr(args, dest) for dest, field in _DECODER_FLAGS.items() if getattr(args, dest) is not None}
+    return dataclasses.replace(defaults, **given)
+
+
+def given_generation_flags(args: argparse.Namespace) -> list[str]:
+    """The sampling / Euler flags the user typed, spelled as on the command line (for the settings line)."""
+    names = [f for f in (*_GENERATION_FLAGS, *_DECODER_FLAGS) if getattr(args, f) is not None]
+    flags = ["--" + n.replace("_", "-") for n in names]
+    if args.greedy is not None:
+        flags.insert(0, "--greedy" if args.greedy else "--sample")
+    return flags
+
+
+def describe_settings(generation: GenerationConfig, decoder: DecoderSettings) -> str:
+    """One line: the effective sampling and Euler settings."""
+    g = generation
+    mode = ("beam sampling" if g.num_beams > 1 else "sampling") if g.do_sample else \
+        ("beam search" if g.num_beams > 1 else "greedy")
+    sampling = f", top-k {g.top_k}, top-p {g.top_p}, temperature {g.temperature}" if g.do_sample else ""
+    return (f"{mode}, {g.num_beams} beam(s){sampling}, repetition penalty {g.repetition_penalty}, "
+            f"length penalty {g.length_penalty}, at most {g.max_mel_tokens} mel tokens; "
+            f"{decoder.steps} Euler steps, CFG rate {decoder.cfg_rate}")
 
 
 def parse_emo_vector(text: str | None) -> tuple[float, ...] | None:

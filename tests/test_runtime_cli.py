@@ -1,5 +1,6 @@
-"""`python -m runtime`: synthesis from an export directory, streaming, inspect, torch-free operation, and
-bad input (clear message, non-zero exit, no output file left behind)."""
+"""`python -m runtime`: synthesis from an export directory, streaming, inspect, torch-free operation, the
+effective sampling / Euler settings (the manifest's recorded defaults, overridden by the flags given), and bad
+input (clear message, non-zero exit, no output file left behind)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import pytest
 import soundfile as sf
 
 from runtime import cli
+from runtime.cli_args import decoder_settings, generation_config
+from runtime.gpt.generate import GenerationConfig
+from runtime.manifest import read_manifest
+from runtime.request import DecoderSettings
 from runtime.synthesizer import Synthesizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +99,102 @@ def test_inspect_names_a_missing_file(export_copy, capsys) -> None:
     (export_copy / "onnx/dit_step.onnx").unlink()
     assert cli.main(["inspect", str(export_copy)]) == 1
     assert "graph 'dit_step': file onnx/dit_step.onnx is missing" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Effective settings: the export's recorded defaults, overridden by the flags actually given
+
+#: recorded defaults unlike every class default (GenerationConfig(), DecoderSettings()); fast on the tiny demo
+RECORDED_SAMPLING = {"do_sample": False, "num_beams": 2, "top_k": 7, "top_p": 0.5, "temperature": 0.6,
+                     "repetition_penalty": 2.0, "length_penalty": 0.5, "max_mel_tokens": 6}
+RECORDED_EULER = {"euler_steps": 2, "cfg_rate": 0.3}
+
+
+@pytest.fixture()
+def recorded_export(export_copy) -> Path:
+    """The tiny export whose manifest records sampling / Euler defaults different from the classes'."""
+    path = export_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["sampling"].update(RECORDED_SAMPLING)
+    data["synthesis"].update(RECORDED_EULER)
+    path.write_text(json.dumps(data))
+    return export_copy
+
+
+def _parse(*flags: str):
+    return cli.build_parser().parse_args(["synthesize", "--engines", "E", "--speaker", "s.wav", "--text", "t",
+                                          "--out", "o.wav", *flags])
+
+
+def test_generation_flags_default_to_not_given() -> None:
+    args = _parse()
+    for dest in ("greedy", "num_beams", "top_k", "top_p", "temperature", "repetition_penalty", "length_penalty",
+                 "max_mel_tokens", "steps", "cfg_rate", "seed"):
+        assert getattr(args, dest) is None, dest
+
+
+def test_given_flags_override_only_themselves() -> None:
+    defaults = GenerationConfig(**RECORDED_SAMPLING)
+    euler = DecoderSettings(steps=4, cfg_rate=0.2)
+    assert generation_config(_parse(), defaults) == defaults
+    assert decoder_settings(_parse(), euler) == euler
+    args = _parse("--top-k", "3", "--sample", "--steps", "9")
+    gen = generation_config(args, defaults)
+    assert gen == GenerationConfig(**{**RECORDED_SAMPLING, "top_k": 3, "do_sample": True})
+    assert decoder_settings(args, euler) == DecoderSettings(steps=9, cfg_rate=0.2)
+    assert generation_config(_parse("--greedy"), GenerationConfig()).do_sample is False
+    with pytest.raises(SystemExit):                                     # one mode, not both
+        _parse("--greedy", "--sample")
+
+
+def test_the_eager_cli_uses_the_eager_pipeline_defaults() -> None:
+    """export.synthesize has no manifest: its unset flags are GenerationConfig() / DecoderSettings()."""
+    from export import synthesize
+
+    args = synthesize.build_parser().parse_args(["--checkpoints", "C", "--speaker", "s.wav", "--text", "t",
+                                                 "--out", "o.wav", "--cfg-rate", "0.5"])
+    assert generation_config(args, GenerationConfig()) == GenerationConfig()
+    assert decoder_settings(args, DecoderSettings()) == DecoderSettings(cfg_rate=0.5)
+
+
+def test_the_cli_takes_the_manifest_defaults(recorded_export) -> None:
+    recorded = read_manifest(recorded_export, check_files=False)
+    assert recorded.sampling != GenerationConfig() and recorded.synthesis.euler_steps != DecoderSettings().steps
+    gen, dec = cli.effective_settings(_parse_at(recorded_export))
+    assert gen == GenerationConfig(**RECORDED_SAMPLING)
+    assert dec == DecoderSettings(steps=2, cfg_rate=0.3)
+    gen, dec = cli.effective_settings(_parse_at(recorded_export, "--max-mel-tokens", "4", "--cfg-rate", "0.9"))
+    assert gen == GenerationConfig(**{**RECORDED_SAMPLING, "max_mel_tokens": 4})
+    assert dec == DecoderSettings(steps=2, cfg_rate=0.9)
+
+
+def _parse_at(engines: Path, *flags: str):
+    args = _parse(*flags)
+    args.engines = engines
+    return args
+
+
+def test_a_cli_run_synthesizes_with_the_manifest_defaults(recorded_export, tiny_ckpt, tmp_path, monkeypatch,
+                                                          capsys) -> None:
+    """One real run: what reaches the synthesizer, what is printed, and the codes it produced."""
+    seen = []
+    real = Synthesizer.synthesize
+
+    def spy(self, request, generation=None, decoder=None, **kw):
+        seen.append((generation, decoder))
+        return real(self, request, generation, decoder, **kw)
+
+    monkeypatch.setattr(Synthesizer, "synthesize", spy)
+    out = tmp_path / "recorded.wav"
+    args = ["synthesize", "--engines", str(recorded_export), "--speaker", str(tiny_ckpt / "examples/speaker.wav"),
+            "--text", "Hello world.", "--out", str(out), "--seed", "0", "--top-k", "5"]
+    assert cli.main(args) == 0
+    assert seen == [(GenerationConfig(**{**RECORDED_SAMPLING, "top_k": 5}), DecoderSettings(steps=2, cfg_rate=0.3))]
+    printed = capsys.readouterr().out
+    assert ("settings: beam search, 2 beam(s), repetition penalty 2.0, length penalty 0.5, at most 6 mel tokens; "
+            "2 Euler steps, CFG rate 0.3 (the export's defaults; given: --top-k)") in printed
+    codes = int(printed.split(" codes")[0].rsplit(" ", 1)[1])
+    assert 0 <= codes <= RECORDED_SAMPLING["max_mel_tokens"] and out.is_file()
 
 
 # ---------------------------------------------------------------------------------------------------
