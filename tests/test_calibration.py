@@ -210,7 +210,7 @@ def test_an_injected_overflow_is_caught_and_forced_to_fp32(tmp_path):
     policy = PrecisionPolicy.from_file(write_policy(policy, tmp_path))
     views = node_views(model)
     assert set(policy_fp32("overflow", views, policy)) == {"net.big/linear/MatMul", "net/mul/Mul"}
-    from test_engines import DataType, FakeLayer, FakeNetwork, FakeTrt
+    from tests.test_engines import DataType, FakeLayer, FakeNetwork, FakeTrt
     layers = [FakeLayer(v.name, "MATRIX_MULTIPLY" if v.op_type == "MatMul" else "ELEMENTWISE") for v in views]
     trt = FakeTrt(lambda p: ([], []))
     forced = apply_precision(FakeNetwork(["x"], layers), "overflow", policy, trt)
@@ -275,7 +275,7 @@ def test_measured_rules_are_exact_node_names():
 
 def test_the_calibrated_policy_is_what_the_builder_marks(tiny_calib, tiny_export, tmp_path):
     from engines.builder import BuildSettings, build_plan
-    from test_engines import BuilderFlag, DataType, FakeLayer, FakeTrt, LayerType
+    from tests.test_engines import BuilderFlag, DataType, FakeLayer, FakeTrt, LayerType
 
     export, _ = tiny_export
     manifest = read_manifest(export)
@@ -457,7 +457,7 @@ def test_entropy_calibrator_serves_device_copies_and_uses_the_cache(tiny_calib, 
 
 def test_calibrator_factory_follows_the_gate_and_reaches_the_builder(tiny_calib, tiny_export, tmp_path):
     from engines.builder import BuildSettings, ensure_plan
-    from test_engines import RTX, BuilderFlag, fake_trt_for
+    from tests.test_engines import RTX, BuilderFlag, fake_trt_for
 
     export, _ = tiny_export
     manifest = read_manifest(export)
