@@ -4,8 +4,9 @@ What differs from runtime/gpt/graph_steps.py:GraphGptSteps (host cache, any back
 - `prefill` writes its `kv` output into a device buffer this object owns (grown when a longer prompt
   needs more, reused otherwise) and returns it as a DeviceArray; `logits` come back to the host;
 - `new_cache` (the optional GptSteps hook the decode loop calls with that `kv`) builds a DeviceKVCache
-  (runtime/trt/kv_device.py) on the decode executor's stream, sized in the decode plan's KV buckets, and
-  frees the previous request's cache first;
+  (runtime/trt/kv_device.py) on the decode executor's stream, sized in the buckets the loop asks for
+  (each must have a profile in the decode plan; see `cache_buckets`), and frees the previous request's
+  cache first;
 - `decode` runs with outputs {"logits": a host (B, V) array, "kv_new": a DeviceArray}, both allocated
   once per beam count; the cache appends `kv_new` on the device. Per step only mel_ids / mel_pos go up
   and the logits come down.
@@ -72,10 +73,11 @@ class TrtGptSteps:
 
     def new_cache(self, kv: DeviceArray | np.ndarray, beams: int, max_rows: int,
                   buckets: Sequence[int] | None = None) -> DeviceKVCache:
-        """The decode loop's cache, on the device, holding the prefill rows for every beam. The loop's
-        `buckets` are ignored: the cache can only take the sizes the decode plan has profiles for."""
+        """The decode loop's cache, on the device, holding the prefill rows for every beam, sized in the
+        loop's `buckets` (cache_buckets: each needs a decode profile; None = every bucket these steps offer)."""
         self.release_cache()
-        self._cache = DeviceKVCache.from_prefill(kv, beams, max_rows, self.buckets, stream=self.stream)
+        sizes = cache_buckets(buckets, self.buckets)
+        self._cache = DeviceKVCache.from_prefill(kv, beams, max_rows, sizes, stream=self.stream)
         self.stream.sync()      # the copies read the prefill buffer, which the next prefill may overwrite
         return self._cache
 
@@ -108,6 +110,26 @@ class TrtGptSteps:
         for obj in self._owned:
             obj.close()
         self._owned = ()
+
+
+def cache_buckets(requested: Sequence[int] | None, offered: Sequence[int]) -> tuple[int, ...]:
+    """The KV capacities a request's device cache may take: the `requested` ones (the decode loop's
+    cache_buckets), each of which must be `offered` (have a profile in the decode plan), plus the offered
+    ones above the largest requested. Why the latter: past its largest bucket the host cache grows to the
+    request's own maximum (runtime.gpt.kv_cache.bucket_for), a size the engine has no profile for; the
+    device cache takes the next profile's size instead, so a request the host loop can run still runs.
+    None or empty -> every offered bucket."""
+    offered = tuple(sorted(set(offered)))
+    if not requested:
+        return offered
+    wanted = tuple(sorted({int(b) for b in requested}))
+    missing = [b for b in wanted if b not in offered]
+    if missing:
+        raise ContractError(f"KV cache buckets {missing} have no optimization profile among the gpt_decode "
+                            f"engine's buckets in use here {list(offered)}; ask for buckets among those "
+                            "(runtime.trt.engine_plan.decode_buckets lists the plan's), or re-export and rebuild "
+                            "with a cache_len range that includes them")
+    return wanted + tuple(b for b in offered if b > wanted[-1])
 
 
 def open_trt_gpt_steps(manifest: Manifest, root: str | Path, precision: str | None = None,

@@ -8,23 +8,37 @@ plan (runtime.trt.engine_plan.decode_buckets: one static optimization profile pe
 breaks beam-permutation cycles, as on the host). Decode feeds: `kv_cache.<i>` = DeviceArray views of
 the layer slices (contiguous (2, B, heads, S, head_dim)) and `kv_mask`.
 
-Every operation is planned first and executed second. The planners (`plan_*`) are pure functions that
-return copy descriptors (`Copy2D`: rows of `width` bytes from src + r*spitch to dst + r*dpitch, i.e.
-exactly cudaMemcpy2DAsync's arguments; `Fill`: a memset) over named regions; the CPU tests execute the
-same descriptors with numpy (`apply_numpy`) and compare against the host KVCache, and DeviceKVCache
-executes them with runtime.trt.cuda on one stream. Why 2D copies: the cache is a stack of
-layers*2*B*heads rows of S*head_dim floats, so
-- append (a step's kv_new (layers, 2, B, heads, 1, head_dim) at row r) is ONE copy: height
-  layers*2*B*heads, width head_dim*4, dst pitch S*head_dim*4, src pitch head_dim*4, dst offset
-  r*head_dim*4; plus mask[:, r] = 1 (height B, width 4, from a pinned buffer of ones);
-- a beam move (reorder, runtime.gpt.kv_cache.reorder_moves) is one copy per (layer, K/V): `heads` rows of
-  n*head_dim*4 bytes (n = filled rows) with pitch S*head_dim*4 (a beam's rows are not equally spaced
-  across layers, so it cannot be a single copy);
-- growth to the next bucket is one copy of the filled rows from the old allocation (new pitch);
-- the prefill K/V (layers, 2, 1 or B, heads, P, head_dim) is one copy when it has every beam, else one
-  per (layer, K/V, beam) (a batch-1 prefill broadcast to the beams, once per request).
-All copies go on the decode executor's stream, so they are ordered with the decode steps without any
-host synchronisation; the host waits only before freeing memory a pending copy may still read.
+Every operation is planned first (runtime/trt/kv_plan.py: pure copy descriptors, one 2D copy per
+append, growth or beam move, tested with numpy against the host KVCache) and executed here with
+runtime.trt.cuda on the decode executor's stream, so the copies are ordered with the decode steps without
+any host synchronisation; the host waits only before freeing memory a pending copy may still read.
+Contiguous copies go out as cudaMemcpyAsync, the others as cudaMemcpy2DAsync (limits: kv_plan).
+
+Beam reorders: O(1) host calls per decode step. Copying only the filled rows of a beam takes one 2D
+copy per (layer, K/V) (a beam's rows are not equally spaced across layers), i.e. 2*layers calls per
+move, ~200 cudaMemcpy2DAsync calls per step at full size (24 layers, 3 beams, up to 4 moves) - as many
+host calls as the replayed decode step saves. Options weighed: a gather kernel (needs NVRTC or a shipped
+cubin: a new dependency for one copy); a double-buffered cache gathered with one strided copy per K/V
+(twice the memory, the decode step's bindings alternating between two sets of addresses, and a gather
+into the other buffer still one copy per destination beam). The choice here: copy whole slots, ONE 2D
+copy per move, and capture the moves of one permutation pattern into a CUDA graph, replayed with ONE
+cudaGraphLaunch whenever the pattern recurs.
+A whole-slot copy no longer depends on the number of filled rows, so the moves of a pattern are the
+same copies at every step of a bucket: the graph is keyed by (bucket, beams, pattern), and the graphs of
+a cache are dropped when it grows (new addresses). Policy (runtime/trt/cuda_graphs.py:GraphCache, LRU
+of REORDER_GRAPHS): first occurrence of a pattern runs plainly (one call per move, <= beams + 1), the
+second captures (begin, one call per move, end, instantiate, graph destroy, launch), every later one is
+a single cudaGraphLaunch - so a pattern that occurs once never pays for an instantiation. Measured in
+the fake (tests/trt/test_kv_device.py::test_reorder_host_calls_do_not_grow_with_layers_or_moves): a
+decode step with a replayed reorder is 3 host calls (kv_new copy, mask copy, graph launch) for any
+number of layers and moves; before, 2 + 2*layers*moves.
+Trade-off: a whole slot moves S rows where only the filled ones matter. Past the first bucket the
+filled rows exceed half the bucket (buckets double), so at most ~2x the bytes; in the first bucket the
+prompt fills at least its 38 rows of 256. At full size a slot is 63 MB at S=256 and 660 MB at S=2688, so
+reorders at large buckets are bandwidth-bound either way (~1 ms a move); only an indirection (a beam ->
+slot map the attention reads) would remove them, which the decode graph's contract does not have.
+Rows past the filled ones are zeros in every beam (appends write row `length`), so moving them keeps
+the device cache equal to the host KVCache, which moves only the filled rows.
 """
 
 from __future__ import annotations
@@ -37,209 +51,39 @@ import numpy as np
 
 from runtime.contracts import kv_cache_name
 from runtime.errors import ContractError
-from runtime.gpt.kv_cache import PARKED, bucket_for, reorder_moves
+from runtime.gpt.kv_cache import bucket_for
 from runtime.trt import cuda
 from runtime.trt.cuda import DeviceArray, DeviceBuffer, PinnedBuffer, Stream
+from runtime.trt.cuda_graphs import GraphCache, GraphStats
+from runtime.trt.kv_plan import (
+    CACHE,
+    FLOAT,
+    HOST_CACHE,
+    HOST_MASK,
+    KV_NEW,
+    MASK,
+    OLD_CACHE,
+    OLD_MASK,
+    ONES,
+    PREFILL,
+    SPARE,
+    Copy2D,
+    Fill,
+    KVLayout,
+    Op,
+    check_op,
+    is_contiguous,
+    plan_append,
+    plan_clear,
+    plan_download,
+    plan_grow,
+    plan_load_prefill,
+    plan_reorder,
+)
 
 log = logging.getLogger(__name__)
 
-FLOAT = 4                        # the cache and mask are float32
-# Region names of the copy descriptors
-CACHE, MASK, SPARE, ONES = "cache", "mask", "spare", "ones"
-KV_NEW, PREFILL, OLD_CACHE, OLD_MASK = "kv_new", "prefill", "old_cache", "old_mask"
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """Sizes of one cache allocation; byte offsets of its rows."""
-
-    layers: int
-    heads: int
-    head_dim: int
-    batch: int
-    capacity: int                # S
-
-    @property
-    def row_bytes(self) -> int:          # one position of one (layer, K/V, beam, head)
-        return self.head_dim * FLOAT
-
-    @property
-    def seq_bytes(self) -> int:          # all S positions of one (layer, K/V, beam, head)
-        return self.capacity * self.row_bytes
-
-    @property
-    def rows(self) -> int:               # number of (layer, K/V, beam, head) sequences
-        return self.layers * 2 * self.batch * self.heads
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.rows * self.seq_bytes
-
-    @property
-    def layer_bytes(self) -> int:
-        return 2 * self.batch * self.heads * self.seq_bytes
-
-    @property
-    def spare_bytes(self) -> int:        # one beam: (layers, 2, heads, S, head_dim)
-        return self.layers * 2 * self.heads * self.seq_bytes
-
-    @property
-    def mask_bytes(self) -> int:
-        return self.batch * self.capacity * FLOAT
-
-    @property
-    def ones_bytes(self) -> int:         # enough ones for mask[:, :S] of every beam
-        return self.batch * self.capacity * FLOAT
-
-    def block(self, lk: int, beam: int) -> int:
-        """Byte offset of (layer*2 + kv = lk, beam, head 0, row 0) in the cache."""
-        return (lk * self.batch + beam) * self.heads * self.seq_bytes
-
-    def shape(self) -> tuple[int, ...]:
-        return (self.layers, 2, self.batch, self.heads, self.capacity, self.head_dim)
-
-
-@dataclass(frozen=True)
-class Copy2D:
-    """`height` rows of `width` bytes: row r from src+src_offset+r*spitch to dst+dst_offset+r*dpitch."""
-
-    dst: str
-    dst_offset: int
-    dpitch: int
-    src: str
-    src_offset: int
-    spitch: int
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class Fill:
-    """`nbytes` bytes of `dst` from `offset` set to byte `value`."""
-
-    dst: str
-    offset: int
-    nbytes: int
-    value: int = 0
-
-
-Op = Copy2D | Fill
-
-
-# ---------------------------------------------------------------------------------------------------
-# Planning (pure)
-
-
-def plan_clear(layout: KVLayout) -> list[Op]:
-    """A new allocation holds zeros (rows past the filled ones are masked, but must be finite)."""
-    return [Fill(CACHE, 0, layout.cache_bytes), Fill(MASK, 0, layout.mask_bytes)]
-
-
-def plan_load_prefill(layout: KVLayout, rows: int, src_batch: int) -> list[Op]:
-    """Prefill K/V (layers, 2, src_batch, heads, rows, head_dim) into rows [0, rows) of every beam
-    (src_batch 1 is broadcast); mask[:, :rows] = 1, mask[:, rows:] = 0."""
-    if rows > layout.capacity:
-        raise ValueError(f"prefill of {rows} rows does not fit a cache of {layout.capacity}")
-    src_seq = rows * layout.row_bytes
-    ops: list[Op] = [Fill(MASK, 0, layout.mask_bytes)]
-    if rows == 0:
-        return ops
-    if src_batch == layout.batch:
-        ops.append(Copy2D(CACHE, 0, layout.seq_bytes, PREFILL, 0, src_seq, src_seq, layout.rows))
-    elif src_batch == 1:
-        for lk in range(layout.layers * 2):
-            for beam in range(layout.batch):
-                ops.append(Copy2D(CACHE, layout.block(lk, beam), layout.seq_bytes, PREFILL,
-                                  lk * layout.heads * src_seq, src_seq, src_seq, layout.heads))
-    else:
-        raise ValueError(f"prefill batch {src_batch} cannot fill {layout.batch} beams (needs 1 or {layout.batch})")
-    ops.append(Copy2D(MASK, 0, layout.capacity * FLOAT, ONES, 0, rows * FLOAT, rows * FLOAT, layout.batch))
-    return ops
-
-
-def plan_append(layout: KVLayout, row: int) -> list[Op]:
-    """A step's kv_new (layers, 2, B, heads, 1, head_dim) into row `row`; mask[:, row] = 1."""
-    if not 0 <= row < layout.capacity:
-        raise ValueError(f"row {row} is outside a cache of {layout.capacity}")
-    rb = layout.row_bytes
-    return [Copy2D(CACHE, row * rb, layout.seq_bytes, KV_NEW, 0, rb, rb, layout.rows),
-            Copy2D(MASK, row * FLOAT, layout.capacity * FLOAT, ONES, 0, FLOAT, FLOAT, layout.batch)]
-
-
-def plan_grow(old: KVLayout, new: KVLayout, filled: int) -> list[Op]:
-    """Clear the new allocation, then copy the `filled` rows (and their mask) from the old one."""
-    if (old.layers, old.heads, old.head_dim, old.batch) != (new.layers, new.heads, new.head_dim, new.batch):
-        raise ValueError(f"growth cannot change the cache's geometry ({old} -> {new})")
-    if filled > min(old.capacity, new.capacity):
-        raise ValueError(f"{filled} filled rows do not fit (capacity {old.capacity} -> {new.capacity})")
-    ops = plan_clear(new)
-    if filled:
-        width = filled * new.row_bytes
-        ops.append(Copy2D(CACHE, 0, new.seq_bytes, OLD_CACHE, 0, old.seq_bytes, width, new.rows))
-        ops.append(Copy2D(MASK, 0, new.capacity * FLOAT, OLD_MASK, 0, old.capacity * FLOAT, filled * FLOAT,
-                          new.batch))
-    return ops
-
-
-def plan_reorder(layout: KVLayout, beam_indices: Sequence[int] | np.ndarray, filled: int) -> list[Op]:
-    """Beam b takes the `filled` rows of beam beam_indices[b]: runtime.gpt.kv_cache.reorder_moves' moves
-    (PARKED = the spare slot), each one copy per (layer, K/V) of `heads` rows."""
-    indices = np.asarray(beam_indices).reshape(-1)
-    if indices.size != layout.batch or (indices.size and (indices.min() < 0 or indices.max() >= layout.batch)):
-        raise ValueError(f"beam indices {indices.tolist()} for {layout.batch} beams")
-    if filled == 0:
-        return []
-    width, pitch = filled * layout.row_bytes, layout.seq_bytes
-    spare_block = layout.heads * layout.seq_bytes          # one (layer, K/V) of the spare slot
-    ops: list[Op] = []
-    for dst, src in reorder_moves(indices):
-        for lk in range(layout.layers * 2):
-            if dst == PARKED:
-                ops.append(Copy2D(SPARE, lk * spare_block, pitch, CACHE, layout.block(lk, src), pitch, width,
-                                  layout.heads))
-            elif src == PARKED:
-                ops.append(Copy2D(CACHE, layout.block(lk, dst), pitch, SPARE, lk * spare_block, pitch, width,
-                                  layout.heads))
-            else:
-                ops.append(Copy2D(CACHE, layout.block(lk, dst), pitch, CACHE, layout.block(lk, src), pitch, width,
-                                  layout.heads))
-    return ops
-
-
-def check_op(op: Op, sizes: Mapping[str, int]) -> None:
-    """Every byte an op touches lies inside its regions (a planning bug must never write past an
-    allocation on the device)."""
-    def inside(region: str, offset: int, pitch: int, width: int, height: int) -> None:
-        if region not in sizes:
-            raise ValueError(f"{op}: unknown region {region!r}")
-        end = offset + (height - 1) * pitch + width
-        if offset < 0 or end > sizes[region]:
-            raise ValueError(f"{op}: bytes [{offset}, {end}) exceed region {region!r} of {sizes[region]} bytes")
-
-    if isinstance(op, Fill):
-        inside(op.dst, op.offset, 0, op.nbytes, 1)
-        return
-    if op.width > op.dpitch or op.width > op.spitch:
-        raise ValueError(f"{op}: width exceeds a pitch")
-    if op.width and op.height:
-        inside(op.dst, op.dst_offset, op.dpitch, op.width, op.height)
-        inside(op.src, op.src_offset, op.spitch, op.width, op.height)
-
-
-def apply_numpy(ops: Sequence[Op], regions: Mapping[str, np.ndarray]) -> None:
-    """Execute descriptors on host byte arrays (flat uint8, one per region): the reference semantics of
-    what DeviceKVCache asks the GPU to do."""
-    sizes = {name: arr.size for name, arr in regions.items()}
-    for op in ops:
-        check_op(op, sizes)
-        if isinstance(op, Fill):
-            regions[op.dst][op.offset:op.offset + op.nbytes] = op.value
-            continue
-        if not (op.width and op.height):
-            continue
-        src = np.lib.stride_tricks.as_strided(regions[op.src][op.src_offset:], (op.height, op.width), (op.spitch, 1))
-        dst = np.lib.stride_tricks.as_strided(regions[op.dst][op.dst_offset:], (op.height, op.width), (op.dpitch, 1))
-        np.copyto(dst, src.copy() if op.src == op.dst else src)
+REORDER_GRAPHS = 32              # instantiated reorder graphs kept per cache (LRU; 3 beams have 26 patterns)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,11 +105,13 @@ class DeviceKVCache:
     (KVCacheLike; the device twin of runtime.gpt.kv_cache.KVCache, which it mirrors operation by operation).
 
     `buckets`: the capacities the decode plan has a profile for; with `fixed_buckets` (the default) a
-    request that would need a larger cache than the largest bucket is refused when it gets there."""
+    request that would need a larger cache than the largest bucket is refused when it gets there.
+    `reorder_graphs`: replay recurring beam reorders as CUDA graphs (module docstring); False issues every
+    move's copy from Python (one call per move)."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, batch: int, max_rows: int,
                  buckets: Sequence[int], rows: int = 1, stream: Stream | None = None,
-                 fixed_buckets: bool = True) -> None:
+                 fixed_buckets: bool = True, reorder_graphs: bool = True) -> None:
         self.layers, self.heads, self.head_dim, self.batch = layers, heads, head_dim, batch
         self.max_rows = max_rows
         self.buckets = tuple(sorted(buckets))
@@ -280,12 +126,15 @@ class DeviceKVCache:
         self._spare: DeviceBuffer | None = None
         self._ones: PinnedBuffer | None = None
         self._feeds: dict[str, Any] | None = None
+        self._graphs = (GraphCache(REORDER_GRAPHS, self._capture_reorder, self._launch, cuda.destroy_exec)
+                        if reorder_graphs else None)
         self.layout = KVLayout(layers, heads, head_dim, batch, 0)
         self._allocate(bucket_for(rows, self.buckets, max_rows))
 
     @classmethod
     def from_prefill(cls, kv: DeviceArray | np.ndarray, beams: int, max_rows: int, buckets: Sequence[int],
-                     stream: Stream | None = None, fixed_buckets: bool = True) -> "DeviceKVCache":
+                     stream: Stream | None = None, fixed_buckets: bool = True,
+                     reorder_graphs: bool = True) -> "DeviceKVCache":
         """A cache for `beams` beams holding the prefill's K/V (layers, 2, 1 or beams, heads, P, head_dim),
         on the device (DeviceArray) or the host (numpy)."""
         if len(kv.shape) != 6 or np.dtype(kv.dtype) != np.float32:
@@ -293,7 +142,7 @@ class DeviceKVCache:
                                 f"got {np.dtype(kv.dtype)}{tuple(kv.shape)}")
         layers, _, _, heads, rows, head_dim = kv.shape
         cache = cls(layers, heads, head_dim, beams, max(max_rows, rows), buckets, rows=rows, stream=stream,
-                    fixed_buckets=fixed_buckets)
+                    fixed_buckets=fixed_buckets, reorder_graphs=reorder_graphs)
         cache.load_prefill(kv)
         return cache
 
@@ -302,6 +151,11 @@ class DeviceKVCache:
     @property
     def capacity(self) -> int:
         return self.layout.capacity
+
+    @property
+    def reorder_stats(self) -> GraphStats | None:
+        """Plain runs, captures and replays of the beam reorders (None without reorder graphs)."""
+        return None if self._graphs is None else self._graphs.stats
 
     @property
     def buffer(self) -> DeviceArray:
@@ -371,20 +225,26 @@ class DeviceKVCache:
             old_mask.close()
 
     def reorder(self, beam_indices: np.ndarray) -> None:
-        """Beam b takes the filled rows of beam `beam_indices[b]` (in place; the spare slot breaks cycles)."""
-        ops = plan_reorder(self.layout, beam_indices, self.length)
+        """Beam b takes the slot of beam `beam_indices[b]` (in place; the spare slot breaks cycles): one copy
+        per move, or one graph launch for a pattern seen before (module docstring)."""
+        indices = tuple(int(i) for i in np.asarray(beam_indices).reshape(-1))
+        ops = plan_reorder(self.layout, indices)
+        if not ops or self.length == 0:
+            return
         if any(isinstance(op, Copy2D) and SPARE in (op.src, op.dst) for op in ops) and self._spare is None:
-            self._spare = DeviceBuffer(self.layout.spare_bytes, "the KV cache's spare beam slot")
-        self._execute(ops)
+            self._spare = DeviceBuffer(self.layout.spare_bytes, "the KV cache's spare beam slot")  # never mid-capture
+        if self._graphs is None:
+            self._execute(ops)
+        else:
+            self._graphs.run(("reorder", self.capacity, self.batch, indices), lambda: self._execute(ops))
 
     def download(self) -> tuple[np.ndarray, np.ndarray]:
         """(cache, mask) copied to the host (tests and debugging; synchronises)."""
         cache = np.empty(self.layout.shape(), np.float32)
         mask = np.empty((self.batch, self.capacity), np.float32)
-        self._execute([Copy2D("host_cache", 0, cache.nbytes, CACHE, 0, cache.nbytes, cache.nbytes, 1),
-                       Copy2D("host_mask", 0, mask.nbytes, MASK, 0, mask.nbytes, mask.nbytes, 1)],
-                      {"host_cache": _Region(cache.ctypes.data, cache.nbytes, False),
-                       "host_mask": _Region(mask.ctypes.data, mask.nbytes, False)})
+        self._execute(plan_download(self.layout),
+                      {HOST_CACHE: _Region(cache.ctypes.data, cache.nbytes, False),
+                       HOST_MASK: _Region(mask.ctypes.data, mask.nbytes, False)})
         self._sync()
         return cache, mask
 
@@ -393,6 +253,8 @@ class DeviceKVCache:
         if self._cache is None and self._mask is None and self._spare is None and self._ones is None:
             return
         self._sync()
+        if self._graphs is not None:
+            self._graphs.clear()
         for buf in (self._cache, self._mask, self._spare, self._ones):
             if buf is not None:
                 buf.close()
@@ -413,6 +275,9 @@ class DeviceKVCache:
     def _allocate(self, size: int, clear: bool = True) -> None:
         self._check_bucket(size)
         layout = KVLayout(self.layers, self.heads, self.head_dim, self.batch, size)
+        if self._graphs is not None and len(self._graphs):     # they copy between the old addresses
+            self._sync()                        # (a launched one may still be running)
+            self._graphs.clear()
         if self._spare is not None:             # the spare slot has the old capacity: drop it (lazily remade)
             self._sync()
             self._spare.close()
@@ -449,8 +314,32 @@ class DeviceKVCache:
                 cuda.memset_async(regions[op.dst].ptr + op.offset, op.value, op.nbytes, self.stream)
                 continue
             dst, src = regions[op.dst], regions[op.src]
-            cuda.memcpy2d_async(dst.ptr + op.dst_offset, op.dpitch, src.ptr + op.src_offset, op.spitch, op.width,
-                                op.height, _KIND[(src.device, dst.device)], self.stream)
+            kind = _KIND[(src.device, dst.device)]
+            if is_contiguous(op):
+                cuda.memcpy_async(dst.ptr + op.dst_offset, src.ptr + op.src_offset, op.width * op.height, kind,
+                                  self.stream)
+            else:
+                cuda.memcpy2d_async(dst.ptr + op.dst_offset, op.dpitch, src.ptr + op.src_offset, op.spitch,
+                                    op.width, op.height, kind, self.stream)
+
+    def _capture_reorder(self, key: tuple) -> Any:
+        """The copies of one reorder pattern (key[-1]) captured into an instantiated CUDA graph (no host
+        synchronisation: the capture records the copies, the launch runs them in stream order)."""
+        ops = plan_reorder(self.layout, key[-1])
+        cuda.begin_capture(self.stream, "thread_local")
+        try:
+            self._execute(ops)
+        except BaseException:
+            cuda.destroy_graph(cuda.end_capture(self.stream))     # end the capture whatever happened
+            raise
+        graph = cuda.end_capture(self.stream)
+        try:
+            return cuda.instantiate(graph)
+        finally:
+            cuda.destroy_graph(graph)
+
+    def _launch(self, graph_exec: Any) -> None:
+        cuda.launch(graph_exec, self.stream)
 
     def _sync(self) -> None:
         self.stream.sync()

@@ -43,6 +43,7 @@ class FakeCudart:
         cudaSuccess = 0
         cudaErrorInvalidValue = 1
         cudaErrorMemoryAllocation = 2
+        cudaErrorInvalidPitchValue = 12
         cudaErrorInsufficientDriver = 35
         cudaErrorStreamCaptureInvalidated = 901
 
@@ -59,6 +60,7 @@ class FakeCudart:
         cudaStreamCaptureModeRelaxed = 2
 
     cudaStreamNonBlocking = 1
+    max_pitch = 2**31 - 1            # cudaDevAttrMaxPitch of current GPUs (tests lower it to try the limit)
 
     def __init__(self) -> None:
         self.device: dict[int, ctypes.Array] = {}
@@ -123,10 +125,28 @@ class FakeCudart:
             work()
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        return self.cudaMemcpy2DAsync(dst, n, src, n, n, 1, kind, stream)
+        return self._copy(dst, n, src, n, n, 1, kind, stream)         # no pitch: no pitch limit
 
     def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
-        if width > dpitch or width > spitch:
+        if max(dpitch, spitch) > self.max_pitch:          # "returns an error if dpitch or spitch exceeds the
+            return (self.cudaError_t.cudaErrorInvalidPitchValue,)        # maximum allowed"
+        return self._copy(dst, dpitch, src, spitch, width, height, kind, stream)
+
+    @staticmethod
+    def overlap(a, a_pitch, b, b_pitch, width, height) -> bool:
+        """Whether two sets of `height` rows of `width` bytes share a byte ("the memory areas may not overlap")."""
+        if a + (height - 1) * a_pitch + width <= b or b + (height - 1) * b_pitch + width <= a:
+            return False
+        rows = sorted([(a + r * a_pitch, 0) for r in range(height)] + [(b + r * b_pitch, 1) for r in range(height)])
+        ends = [-1, -1]
+        for start, side in rows:
+            if start < ends[1 - side]:
+                return True
+            ends[side] = max(ends[side], start + width)
+        return False
+
+    def _copy(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        if width > dpitch or width > spitch or self.overlap(dst, dpitch, src, spitch, width, height):
             return (self.cudaError_t.cudaErrorInvalidValue,)
         src_dev, dst_dev = self._sides(kind)
         span = lambda pitch: (height - 1) * pitch + width  # noqa: E731

@@ -266,6 +266,8 @@ def test_decode_loop_with_the_device_cache_equals_the_host_loop(fake_engines, ma
         np.testing.assert_array_equal(np.stack(got.trace.logits), np.stack(want.trace.logits))
         assert decode.graph_stats.replays >= replays + decode_steps - 2 - (2 if grows else 0)
         assert (steps._cache.capacity > 256) == grows and steps._cache.version == (2 if grows else 1)
+        if gen.num_beams > 1:           # recurring beam reorders were replayed as CUDA graphs (kv_device)
+            assert steps._cache.reorder_stats.replays > 0
     stats = decode.graph_stats
     assert stats.failed_captures == 0 and stats.captures >= len(requests)
     steps.close()

@@ -1,31 +1,42 @@
-"""runtime/trt/kv_device.py: the device KV cache's copy plans executed in numpy, and the cache itself through
-the fake cudart, against the host KVCache."""
+"""runtime/trt/kv_plan.py and kv_device.py: the device KV cache's copy plans executed in numpy and checked
+against CUDA's copy limits at full size, and the cache itself through the fake cudart (host calls counted),
+against the host KVCache."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from runtime.errors import ContractError
+from runtime.errors import BackendError, ContractError
 from runtime.gpt.kv_cache import KVCache
 from runtime.trt import cuda
-from runtime.trt.kv_device import (
+from runtime.trt.kv_device import DeviceKVCache
+from runtime.trt.kv_plan import (
     CACHE,
+    HOST_CACHE,
+    HOST_MASK,
     KV_NEW,
     MASK,
+    MAX_PITCH,
     OLD_CACHE,
     OLD_MASK,
     ONES,
+    PREFILL,
     SPARE,
-    DeviceKVCache,
+    Copy2D,
     KVLayout,
     apply_numpy,
+    check_op,
+    is_contiguous,
     plan_append,
+    plan_clear,
+    plan_download,
     plan_grow,
     plan_load_prefill,
     plan_reorder,
+    rows_overlap,
 )
-from tests.trt.fakes import host_view
+from tests.trt.fakes import FakeCudart, host_view
 
 # ---------------------------------------------------------------------------------------------------
 # Device KV cache: copy planning executed with numpy vs the host KVCache
@@ -90,7 +101,8 @@ def test_planned_reorders_equal_the_host_cache() -> None:
         for step in range(6):
             indices = _beam_indices(rng, batch)
             host.reorder(indices)
-            ops = plan_reorder(layout, indices, host.length)
+            ops = plan_reorder(layout, indices)
+            assert all(op.height == 2 * layers for op in ops)               # one copy per move, any layer count
             apply_numpy(ops, regions)
             _assert_same(regions, host, f"reorder {indices.tolist()} at step {step}")
             kv_new = rng.standard_normal((layers, 2, batch, heads, 1, head_dim)).astype(np.float32)
@@ -99,9 +111,9 @@ def test_planned_reorders_equal_the_host_cache() -> None:
                 apply_numpy(plan_append(layout, host.length), regions)
                 host.append(kv_new)
                 _assert_same(regions, host, f"append after reorder {step}")
-    assert plan_reorder(layout, np.arange(layout.batch), 3) == []          # identity: no copies
+    assert plan_reorder(layout, np.arange(layout.batch)) == []          # identity: no copies
     with pytest.raises(ValueError):
-        plan_reorder(layout, np.arange(layout.batch + 1), 3)
+        plan_reorder(layout, np.arange(layout.batch + 1))
 
 
 def test_planned_growth_across_buckets_equals_the_host_cache() -> None:
@@ -137,7 +149,7 @@ def test_planned_growth_across_buckets_equals_the_host_cache() -> None:
             if host.length > 1 and rng.random() < 0.3:
                 indices = _beam_indices(rng, batch)
                 regions[SPARE] = np.zeros(layout.spare_bytes, np.uint8)
-                apply_numpy(plan_reorder(layout, indices, host.length), regions)
+                apply_numpy(plan_reorder(layout, indices), regions)
                 host.reorder(indices)
                 _assert_same(regions, host, "reorder after growth")
         assert grew >= 2
@@ -154,6 +166,56 @@ def test_every_planned_copy_stays_inside_its_regions() -> None:
                                              ONES: np.zeros(layout.ones_bytes, np.uint8)})
     with pytest.raises(ValueError, match="prefill batch 3"):
         plan_load_prefill(KVLayout(2, 3, 4, 4, 8), 2, 3)
+
+
+def _full_size_plans(layout: KVLayout) -> dict[str, list]:
+    """Every plan the device cache issues, at one full-size layout (index patterns with cycles and duplicates)."""
+    plans = {"clear": plan_clear(layout), "download": plan_download(layout),
+             "append": plan_append(layout, layout.capacity - 1),
+             "prefill 1": plan_load_prefill(layout, min(137, layout.capacity), 1),
+             "prefill B": plan_load_prefill(layout, min(137, layout.capacity), layout.batch)}
+    for indices in ([1, 0, 3, 2], [1, 2, 3, 0], [0, 0, 0, 0], [3, 3, 1, 0]):
+        plans[f"reorder {indices}"] = plan_reorder(layout, indices[:layout.batch])
+    smaller = KVLayout(layout.layers, layout.heads, layout.head_dim, layout.batch, layout.capacity // 2)
+    plans["grow"] = plan_grow(smaller, layout, smaller.capacity)
+    return plans
+
+
+@pytest.mark.parametrize("capacity", [256, 2048, 2688])
+def test_full_size_plans_keep_to_the_cuda_copy_limits(capacity) -> None:
+    """The real model (24 layers, 20 heads, head_dim 64) at 4 beams: a 2D copy's pitch stays under
+    cudaMemcpy2DAsync's maximum, copies past it are contiguous (issued as cudaMemcpyAsync), and a beam
+    move is one copy whatever the layer count."""
+    layout = KVLayout(24, 20, 64, 4, capacity)
+    sizes = {CACHE: layout.cache_bytes, MASK: layout.mask_bytes, SPARE: layout.spare_bytes,
+             ONES: layout.ones_bytes, KV_NEW: layout.rows * layout.row_bytes, HOST_CACHE: layout.cache_bytes,
+             HOST_MASK: layout.mask_bytes, PREFILL: layout.cache_bytes,
+             OLD_CACHE: layout.cache_bytes, OLD_MASK: layout.mask_bytes}
+    for name, ops in _full_size_plans(layout).items():
+        for op in ops:
+            check_op(op, sizes)
+            if isinstance(op, Copy2D) and not is_contiguous(op):
+                assert max(op.dpitch, op.spitch) <= MAX_PITCH, (name, op)
+    (cache_copy, _) = plan_download(layout)
+    assert is_contiguous(cache_copy) and cache_copy.width * cache_copy.height == layout.cache_bytes
+    if capacity == 2688:
+        assert layout.cache_bytes > MAX_PITCH                  # 2.6 GB: one 2D row would be refused
+    assert len(plan_reorder(layout, [1, 2, 3, 0])) == 5         # 4-cycle: park, 3 moves, unpark
+
+
+def test_check_op_refuses_what_cudamemcpy2dasync_refuses() -> None:
+    big = {CACHE: 2**33, HOST_CACHE: 2**33}
+    with pytest.raises(ValueError, match="pitch exceeds cudaMemcpy2DAsync's maximum"):
+        check_op(Copy2D(HOST_CACHE, 0, 2**31, CACHE, 0, 2**31, 16, 2), big)
+    check_op(Copy2D(HOST_CACHE, 0, 2**32, CACHE, 0, 2**32, 2**32, 1), big)    # one row: cudaMemcpyAsync
+    layout = KVLayout(2, 3, 4, 3, 8)
+    sizes = {CACHE: layout.cache_bytes}
+    slot, pitch = layout.slot_bytes, 3 * layout.slot_bytes
+    check_op(Copy2D(CACHE, 0, pitch, CACHE, slot, pitch, slot, 4), sizes)         # interleaved beam slots
+    with pytest.raises(ValueError, match="overlap"):
+        check_op(Copy2D(CACHE, 0, pitch, CACHE, slot // 2, pitch, slot, 4), sizes)
+    assert not rows_overlap(0, 10, 5, 10, 5, 3) and rows_overlap(0, 10, 4, 10, 5, 3)
+    assert not rows_overlap(0, 10, 13, 20, 3, 2) and rows_overlap(0, 10, 11, 20, 3, 2)   # unequal pitches
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,3 +282,139 @@ def test_device_cache_refuses_to_grow_past_the_largest_bucket(fake_cuda) -> None
     device.close()
 
 
+
+
+class _CallLog:
+    """The fake cudart behind a proxy that logs every cuda* call the code under test makes."""
+
+    def __init__(self, fake: FakeCudart) -> None:
+        self._fake, self.calls = fake, []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fake, name)
+        if name.startswith("cuda") and callable(attr) and not isinstance(attr, type):
+            def logged(*args):
+                self.calls.append(name)
+                return attr(*args)
+            return logged
+        return attr
+
+
+CAPTURE_TAIL = ["cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphDestroy", "cudaGraphLaunch"]
+
+
+def _decode_steps_calls(fake: FakeCudart, monkeypatch, layers: int, patterns: list[tuple[int, ...]]) -> list[list]:
+    """Decode steps (append kv_new on the device, reorder by the pattern) on a 4-beam device cache; -> each
+    step's cuda calls. The cache is compared with the host KVCache after every step."""
+    log = _CallLog(fake)
+    monkeypatch.setattr(cuda, "cudart", lambda: log)
+    rng = np.random.default_rng(layers)
+    heads, head_dim, batch = 2, 3, 4
+    kv = rng.standard_normal((layers, 2, 1, heads, 3, head_dim)).astype(np.float32)
+    device = DeviceKVCache.from_prefill(kv, batch, 16, (16,))
+    host = KVCache.from_prefill(kv, batch, 16, (16,))
+    shape = (layers, 2, batch, heads, 1, head_dim)
+    kv_new = cuda.DeviceBuffer(int(np.prod(shape)) * 4)
+    steps = []
+    for pattern in patterns:
+        value = rng.standard_normal(shape).astype(np.float32)
+        host_view(kv_new.ptr, shape)[...] = value
+        start = len(log.calls)
+        device.append(kv_new.array(shape))
+        device.reorder(np.array(pattern))
+        steps.append(log.calls[start:])
+        host.append(value)
+        host.reorder(np.array(pattern))
+        _compare_device(device, host, f"{layers} layers, pattern {pattern}")
+    device.close()
+    kv_new.close()
+    assert not fake.device and not fake.execs, "allocations or graph executables left behind"
+    return steps
+
+
+def test_reorder_host_calls_do_not_grow_with_layers_or_moves(fake_cuda, monkeypatch) -> None:
+    """Point (12): the first occurrence of a reorder pattern issues one copy per move, the second captures
+    those copies into a CUDA graph, every later one is one cudaGraphLaunch; a decode step's host calls
+    then are the same 3 for any number of layers and moves."""
+    patterns = [(1, 0, 3, 2), (1, 2, 3, 0), (0, 0, 0, 0), (0, 1, 2, 3)] * 3
+    moves = {p: len(plan_reorder(KVLayout(1, 1, 1, 4, 1), p)) for p in patterns}
+    assert moves == {(1, 0, 3, 2): 6, (1, 2, 3, 0): 5, (0, 0, 0, 0): 3, (0, 1, 2, 3): 0}
+    append = ["cudaMemcpy2DAsync"] * 2                        # kv_new rows, mask column
+    by_layers = {}
+    for layers in (1, 3):
+        steps = _decode_steps_calls(fake_cuda, monkeypatch, layers, patterns)
+        for i, (pattern, calls) in enumerate(zip(patterns, steps)):
+            occurrence, copies = i // 4, ["cudaMemcpy2DAsync"] * moves[pattern]
+            assert calls[:2] == append, calls
+            reorder = [c for c in calls[2:] if c != "cudaMalloc"]      # the spare slot, once, before any capture
+            if not moves[pattern]:
+                assert reorder == []
+            elif occurrence == 0:
+                assert reorder == copies
+            elif occurrence == 1:
+                assert reorder == ["cudaStreamBeginCapture"] + copies + CAPTURE_TAIL
+            else:
+                assert reorder == ["cudaGraphLaunch"]
+                assert len(calls) == 3
+        flat = [c for step in steps for c in step]
+        assert flat.count("cudaMalloc") == 1
+        begin = [i for i, c in enumerate(flat) if c == "cudaStreamBeginCapture"]
+        assert all("cudaMalloc" not in flat[b:flat.index("cudaStreamEndCapture", b)] for b in begin)
+        assert "cudaStreamSynchronize" not in flat            # no host sync in a decode step
+        by_layers[layers] = steps
+    assert by_layers[1] == by_layers[3]                       # the same calls for 1 and 3 layers
+
+
+def test_download_is_one_plain_copy_past_the_2d_pitch_limit(fake_cuda) -> None:
+    """Point (14): the whole cache comes down with cudaMemcpyAsync; as a one-row cudaMemcpy2DAsync its
+    pitch (the cache's size) would exceed the device's maximum pitch and CUDA would refuse it."""
+    rng = np.random.default_rng(7)
+    kv = rng.standard_normal((2, 2, 1, 2, 5, 3)).astype(np.float32)
+    device = DeviceKVCache.from_prefill(kv, 3, 16, (8, 16))
+    host = KVCache.from_prefill(kv, 3, 16, (8, 16))
+    fake_cuda.max_pitch = device.layout.cache_bytes // 2      # below the cache, above every 2D pitch used
+    for step in range(6):
+        new = rng.standard_normal((2, 2, 3, 2, 1, 3)).astype(np.float32)
+        device.append(new)
+        host.append(new)
+        for pattern in ([2, 0, 1], [0, 0, 1]):
+            device.reorder(np.array(pattern))
+            host.reorder(np.array(pattern))
+    _compare_device(device, host, "after reorders under a low pitch limit")
+    out = np.empty(device.layout.cache_bytes, np.uint8)
+    n = device.layout.cache_bytes
+    with pytest.raises(BackendError, match="cudaErrorInvalidPitchValue"):
+        cuda.memcpy2d_async(out.ctypes.data, n, device.buffer.ptr, n, n, 1, "dtoh", device.stream)   # the old way
+    device.close()
+
+
+def test_the_fake_refuses_overlapping_copies(fake_cuda) -> None:
+    """cudaMemcpy(2D)Async: "the memory areas may not overlap"; interleaved rows that share no byte are fine."""
+    buf = cuda.DeviceBuffer(64)
+    cuda.memcpy2d_async(buf.ptr, 16, buf.ptr + 8, 16, 8, 4, "dtod", None)
+    with pytest.raises(BackendError, match="cudaErrorInvalidValue"):
+        cuda.memcpy2d_async(buf.ptr, 16, buf.ptr + 4, 16, 8, 4, "dtod", None)
+    with pytest.raises(BackendError, match="cudaErrorInvalidValue"):
+        cuda.memcpy_async(buf.ptr, buf.ptr + 8, 16, "dtod", None)
+    buf.close()
+
+
+def test_reorders_stay_right_when_captures_fail(fake_cuda) -> None:
+    """An invalidated capture marks the pattern uncapturable (cuda_graphs.GraphCache): plain copies from
+    then on, the same results, nothing left behind."""
+    fake_cuda.invalidate_captures = True
+    rng = np.random.default_rng(3)
+    kv = rng.standard_normal((2, 2, 3, 2, 4, 3)).astype(np.float32)
+    device = DeviceKVCache.from_prefill(kv, 3, 16, (16,))
+    host = KVCache.from_prefill(kv, 3, 16, (16,))
+    for step in range(5):
+        new = rng.standard_normal((2, 2, 3, 2, 1, 3)).astype(np.float32)
+        device.append(new)
+        host.append(new)
+        device.reorder(np.array([2, 0, 1]))
+        host.reorder(np.array([2, 0, 1]))
+        _compare_device(device, host, f"step {step}")
+    stats = device.reorder_stats
+    assert (stats.failed_captures, stats.replays, stats.plain) == (1, 0, 5)
+    device.close()
+    assert not fake_cuda.device and not fake_cuda.graphs and not fake_cuda.execs and not fake_cuda.capturing
