@@ -1,11 +1,21 @@
 """The TensorRT runtime pieces on a real GPU (DESIGN.md §4): the GPU probe, the device KV cache against the host
-KVCache, CUDA-graph replay against plain execution (dit_step per length, gpt_decode per bucket inside the decode
-loop), and GPU-side timing. The other tests in tests/trt/ run the same logic through fakes on the CPU; these run
-it on the hardware, where copies, captures and replays are real.
+KVCache, CUDA-graph replay against plain execution (dit_step per length and gpt_decode per bucket on ONE executor
+and context; the decode loop with and without graphs), and GPU-side timing. tests/trt/test_executor.py and
+test_cuda_graphs.py run the same logic through fakes on the CPU; these run it on the hardware, where copies,
+captures and replays are real.
 
-Skipped (with the probe's reason) without TensorRT, cuda-python and an NVIDIA GPU; written to run unchanged on
-a machine with them. Replay must equal plain execution bit for bit: a CUDA graph replays the very kernels the
-capture recorded, on the same addresses, so any difference is a bookkeeping bug (a stale address or shape).
+Gated by the `gpu` marker (tests/conftest.py: require_gpu): skipped with the probe's reason where no NVIDIA GPU
+is visible, failed where one is visible but TensorRT/CUDA is not usable; written to run unchanged on a machine
+with TensorRT 10, cuda-python and a GPU. Replay must equal plain execution bit for bit: a CUDA graph replays the
+very kernels the capture recorded, on the same addresses, so any difference is a bookkeeping bug (a stale
+address or shape).
+
+Forcing a plain run on the same context: the executor has no switch for it; its documented rule is that a
+context's graphs are dropped whenever its shapes or addresses change (runtime/trt/executor.py, GraphCache.
+invalidate), after which the next run at a key is a warm-up, i.e. plain. So `_drop_graphs` runs one feed of
+another shape admitted by the SAME optimization profile (another mel length for dit_step, another beam count
+in the same KV bucket for gpt_decode), and every run asserts `last_mode`, so the sequence cannot silently
+compare replay with replay.
 """
 
 from __future__ import annotations
@@ -17,14 +27,12 @@ import pytest
 
 from runtime.trt import gpu
 
-PROBE = gpu.tensorrt()
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not PROBE.ok, reason=f"needs TensorRT and an NVIDIA GPU: {PROBE.detail}")]
+pytestmark = [pytest.mark.gpu]
 
 
 @pytest.fixture(scope="module")
 def engines_dir(trt_engines):
-    return trt_engines[0]
+    return trt_engines.root
 
 
 @pytest.fixture(scope="module")
@@ -84,33 +92,81 @@ def test_the_device_kv_cache_mirrors_the_host_cache(batch) -> None:
         stream.close()
 
 
+def _checked_run(executor, feed: dict, mode: str) -> dict:
+    out = executor.run(feed)
+    assert executor.last_mode == mode, f"expected a {mode} run, got {executor.last_mode}"
+    assert executor.last_gpu_ms is not None and executor.last_gpu_ms > 0
+    return out
+
+
+def _assert_same(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=f"{name}: {what}")
+
+
+def replay_equals_plain_on_one_context(executor, feed_of, detour: dict, rounds: int = 2) -> None:
+    """On one CUDA-graph executor, per round: feed a plain (warm-up), a again (capture + launch), b (replay with
+    new values at the same addresses), a (replay); drop the graphs; b plain. Replays and the captured launch
+    must equal the plain runs of the same feed bit for bit. `detour`: a feed of another shape in the same
+    optimization profile (runs plainly and drops the context's graphs)."""
+    def drop_graphs() -> None:
+        _checked_run(executor, detour, "plain")
+
+    drop_graphs()                                       # whatever ran before: the next run is a warm-up
+    for r in range(rounds):
+        a, b = feed_of(2 * r), feed_of(2 * r + 1)
+        plain_a = _checked_run(executor, a, "plain")
+        captured_a = _checked_run(executor, a, "capture")
+        replay_b = _checked_run(executor, b, "replay")
+        replay_a = _checked_run(executor, a, "replay")
+        drop_graphs()
+        plain_b = _checked_run(executor, b, "plain")
+        drop_graphs()
+        assert any(not np.array_equal(plain_a[n], plain_b[n]) for n in plain_a), "feeds a and b give equal outputs"
+        _assert_same(captured_a, plain_a, f"round {r}: the capture's launch vs plain")
+        _assert_same(replay_a, plain_a, f"round {r}: replay vs plain (the captured values)")
+        _assert_same(replay_b, plain_b, f"round {r}: replay vs plain (new values at the same addresses)")
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_dit_step_graph_replay_equals_plain_execution(engines_dir, manifest, graph_kit, precision) -> None:
+def test_dit_step_graph_replay_equals_plain_execution(trt_engines, manifest, graph_kit, precision) -> None:
     from runtime.trt.executor import TrtExecutor
 
+    trt_engines.plan("dit_step", precision)
     entry = manifest.graph("dit_step")
-    with TrtExecutor(entry, engines_dir, precision) as plain, \
-            TrtExecutor(entry, engines_dir, precision, cuda_graphs=True) as graphed:
-        for mel_len in (37, 64):                                    # a new length: a new key, warm-up again
-            modes = []
-            for seed in range(4):                                   # new values at the same shapes and addresses
-                feed = _feed(graph_kit, "dit_step", {"batch": 2, "mel_len": mel_len}, seed)
-                want = plain.run(feed)
-                got = graphed.run(feed)
-                modes.append(graphed.last_mode)
-                for name, value in want.items():
-                    np.testing.assert_array_equal(got[name], value, err_msg=f"{name} len {mel_len} run {seed}")
-                assert graphed.last_gpu_ms is not None and graphed.last_gpu_ms > 0
-            assert modes == ["plain", "capture", "replay", "replay"], modes
+    with TrtExecutor(entry, trt_engines.root, precision, cuda_graphs=True) as graphed:
+        for mel_len, other in ((37, 64), (64, 37)):                 # one profile: every length, one context
+            replay_equals_plain_on_one_context(
+                graphed, lambda seed, n=mel_len: _feed(graph_kit, "dit_step", {"batch": 2, "mel_len": n}, seed),
+                _feed(graph_kit, "dit_step", {"batch": 2, "mel_len": other}, 99))
         stats = graphed.graph_stats
-        assert stats.failed_captures == 0 and stats.captures == 2 and stats.replays == 4
+        assert stats.failed_captures == 0 and stats.captures == 4 and stats.replays == 8, stats
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_decode_step_graph_replay_equals_plain_execution(trt_engines, manifest, graph_kit, precision) -> None:
+    """gpt_decode in its first KV bucket (one static-cache_len profile, one context), beams 3, the detour at
+    beam count 1 of the same profile."""
+    from runtime.trt.engine_plan import decode_buckets
+    from runtime.trt.executor import TrtExecutor
+
+    trt_engines.plan("gpt_decode", precision)
+    entry = manifest.graph("gpt_decode")
+    bucket = decode_buckets(entry)[0]
+    with TrtExecutor(entry, trt_engines.root, precision, cuda_graphs=True) as graphed:
+        replay_equals_plain_on_one_context(
+            graphed, lambda seed: _feed(graph_kit, "gpt_decode", {"batch": 3, "cache_len": bucket}, seed),
+            _feed(graph_kit, "gpt_decode", {"batch": 1, "cache_len": bucket}, 99))
+        stats = graphed.graph_stats
+        assert stats.failed_captures == 0 and stats.captures == 2 and stats.replays == 4, stats
 
 
 @pytest.mark.parametrize("config", [
     {"do_sample": False, "num_beams": 1, "max_mel_tokens": 60},
     {"do_sample": True, "num_beams": 3, "max_mel_tokens": 60},
 ])
-def test_decode_loop_replaying_graphs_equals_plain_decode(engines_dir, manifest, config) -> None:
+def test_decode_loop_replaying_graphs_equals_plain_decode(trt_engines, engines_dir, manifest, config) -> None:
     from runtime.gpt.generate import GenerationConfig, generate
     from runtime.trt.gpt_steps import open_trt_gpt_steps
 
@@ -120,6 +176,7 @@ def test_decode_loop_replaying_graphs_equals_plain_decode(engines_dir, manifest,
     emo = rng.standard_normal((1, d)).astype(np.float32)
     text = rng.integers(2, manifest.dims.text_vocab, 30).astype(np.int64)
     gen = GenerationConfig(**config)
+    trt_engines.require(["gpt_prefill", "gpt_decode"], "fp32")
     steps = {}
     try:
         steps["plain"] = open_trt_gpt_steps(manifest, engines_dir, "fp32", cuda_graphs=False)
