@@ -65,8 +65,10 @@ TRT_PRECISIONS = ("fp32", "fp16")
 
 def gpu_visible() -> bool:
     """Whether this machine shows an NVIDIA GPU at all, whatever the Python packages say: the driver's device
-    node or nvidia-smi. (To be swapped for runtime.trt.gpu.gpu_visible() once that lands.)"""
-    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+    node or nvidia-smi (runtime.trt.gpu.gpu_visible, which names the evidence)."""
+    from runtime.trt import gpu
+
+    return gpu.gpu_visible() is not None
 
 
 @functools.lru_cache(maxsize=1)

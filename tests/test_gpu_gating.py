@@ -95,18 +95,15 @@ def test_the_setup_hook_gates_gpu_marked_tests_only(monkeypatch) -> None:
 
 @pytest.mark.parametrize("node, smi, visible", [(False, None, False), (True, None, True),
                                                  (False, "/usr/bin/nvidia-smi", True)])
-def test_visibility_is_the_device_node_or_nvidia_smi(monkeypatch, node, smi, visible) -> None:
-    seen = []
+def test_visibility_is_the_device_node_or_nvidia_smi(monkeypatch, tmp_path, node, smi, visible) -> None:
+    from runtime.trt import gpu
 
-    class FakePath(type(Path())):
-        def exists(self, *a, **k) -> bool:
-            seen.append(str(self))
-            return node
-
-    monkeypatch.setattr(gate, "Path", FakePath)
-    monkeypatch.setattr(gate.shutil, "which", lambda name: smi if name == "nvidia-smi" else None)
+    device = tmp_path / "nvidia0"
+    if node:
+        device.touch()
+    monkeypatch.setattr(gpu, "DEVICE_NODE", device)
+    monkeypatch.setattr(gpu.shutil, "which", lambda name, path=None: smi if name == "nvidia-smi" else None)
     assert gate.gpu_visible() is visible
-    assert seen == ["/dev/nvidia0"]
 
 
 @pytest.mark.parametrize("module", GPU_MODULES)
