@@ -239,6 +239,16 @@ def check_network_inputs(network: Any, entry: GraphEntry) -> None:
     if sorted(got) != sorted(want):
         raise ContractError(f"graph '{entry.name}': the ONNX file's inputs {got} are not the manifest's {want}; "
                             "re-export with python -m export.build --force")
+    # A shape-tensor input needs IOptimizationProfile.set_shape_input value ranges and a host binding at run
+    # time (its engine location is HOST); the contracts declare no value ranges and the executor binds device
+    # pointers, so such a graph is refused here, before a build that would fail without the ranges.
+    shape_inputs = [network.get_input(i).name for i in range(int(network.num_inputs))
+                    if getattr(network.get_input(i), "is_shape_tensor", False)]
+    if shape_inputs:
+        raise ContractError(f"graph '{entry.name}': TensorRT treats input(s) {shape_inputs} as shape tensors (their "
+                            "values set shapes, read on the host; a profile would need set_shape_input value ranges, "
+                            "which the contracts do not declare); keep them data tensors in the exported graph and "
+                            "re-export with python -m export.build --force")
 
 
 @dataclass

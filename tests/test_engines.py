@@ -67,8 +67,8 @@ ErrorCode = enum.Enum("ErrorCode", "SUCCESS INVALID_GRAPH UNSUPPORTED_NODE")
 
 
 class FakeTensor:
-    def __init__(self, name: str, dtype=DataType.FLOAT) -> None:
-        self.name, self.dtype = name, dtype
+    def __init__(self, name: str, dtype=DataType.FLOAT, is_shape_tensor: bool = False) -> None:
+        self.name, self.dtype, self.is_shape_tensor = name, dtype, is_shape_tensor
 
 
 class FakeLayer:
@@ -138,11 +138,18 @@ class FakeParserError:
 class FakeProfile:
     def __init__(self) -> None:
         self.shapes: list[tuple] = []
+        self.shape_inputs: list[tuple] = []
 
     def set_shape(self, input, min, opt, max) -> None:  # noqa: A002 — TensorRT's keyword names
         if not (len(min) == len(opt) == len(max) and all(a <= b <= c for a, b, c in zip(min, opt, max))):
             raise RuntimeError(f"Shape provided for min is inconsistent ({input})")
         self.shapes.append((input, tuple(min), tuple(opt), tuple(max)))
+
+    def set_shape_input(self, input, min, opt, max) -> None:  # noqa: A002 — TensorRT's keyword names
+        """Value ranges of a shape-tensor input (the binding raises on inconsistent values)."""
+        if not (len(min) == len(opt) == len(max) and all(a <= b <= c for a, b, c in zip(min, opt, max))):
+            raise RuntimeError("min input provided for shape tensor is inconsistent with other inputs.")
+        self.shape_inputs.append((input, tuple(min), tuple(opt), tuple(max)))
 
 
 class FakeTimingCache:
@@ -624,6 +631,25 @@ def test_network_inputs_and_profiles_are_checked(manifest, root, policy):
     trt.reject_profiles = True
     with pytest.raises(ContractError, match="TensorRT rejected the optimization profile"):
         build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
+
+
+def test_a_shape_tensor_input_is_refused_before_the_build():
+    """An input TensorRT makes a shape tensor (HOST location at run time) would need set_shape_input value
+    ranges that no contract declares: refused, naming it (runtime/trt/executor.py refuses such a plan too)."""
+    from types import SimpleNamespace
+
+    from engines.builder import check_network_inputs
+
+    entry = SimpleNamespace(name="length_regulator", inputs=[SimpleNamespace(name="s"), SimpleNamespace(name="ylens")])
+    network = FakeNetwork(["s", "ylens"], [])
+    check_network_inputs(network, entry)                                  # data tensors: fine
+    network.inputs[1].is_shape_tensor = True
+    with pytest.raises(ContractError, match=r"treats input\(s\) \['ylens'\] as shape tensors .* set_shape_input"):
+        check_network_inputs(network, entry)
+    profile = FakeProfile()
+    profile.set_shape_input("n", [1], [2], [3])
+    with pytest.raises(RuntimeError, match="inconsistent"):
+        profile.set_shape_input("n", [3], [2], [1])
 
 
 def test_a_stale_timing_cache_is_replaced(manifest, root, policy, caplog):

@@ -13,11 +13,18 @@ caller. Input arrays must stay unchanged until `run` returns (backends may bind 
 Feeds are checked against the manifest's signature of the graph (names, dtypes, ranks, static sizes,
 one size per dynamic axis) so that a wrong feed is a `ContractError` naming the tensor, not an error
 from inside a library.
+
+`BaseExecutor` is where that check lives for every backend (Polygraphy's `BaseRunner.infer` /
+`infer_impl`): `run` computes the feed's binding key (names, addresses, shapes, strides, dtypes of the
+inputs and output targets; never the contents), checks the feed and targets only when the key differs
+from the last run's, and hands the checked result to `_run`, the one method a backend implements. A
+decode step that feeds the same arrays every step is therefore checked once, not once per token.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+import threading
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -106,6 +113,9 @@ def check_outputs(entry: GraphEntry, outputs: Mapping[str, np.ndarray], sizes: M
     want = output_shapes(entry, sizes)
     dtypes = {t.name: t.dtype for t in entry.outputs}
     for name, buf in outputs.items():
+        if not isinstance(buf, np.ndarray):
+            raise ContractError(f"graph '{entry.name}': output target '{name}' must be a numpy array, "
+                                f"got {type(buf).__name__}")
         if name not in want:
             raise ContractError(f"graph '{entry.name}': no output named '{name}' (it has {list(want)})")
         shape = want[name]
@@ -115,3 +125,66 @@ def check_outputs(entry: GraphEntry, outputs: Mapping[str, np.ndarray], sizes: M
         if buf.shape != shape or buf.dtype != np.dtype(dtypes[name]) or not buf.flags.c_contiguous:
             raise ContractError(f"graph '{entry.name}': output buffer '{name}' is {buf.dtype}{buf.shape}, "
                                 f"the graph writes {dtypes[name]}{shape} (C-contiguous)")
+
+
+def value_key(value: Any) -> tuple:
+    """What the checks and bindings of one feed value depend on: where it is, its shape, strides and dtype
+    (never its contents). Host arrays by address; device arrays (anything with `ptr`, `shape`, `dtype`, e.g.
+    runtime.trt.cuda.DeviceArray) by device pointer; anything else by identity (it fails the check)."""
+    if isinstance(value, np.ndarray):
+        return ("host", value.ctypes.data, value.shape, value.strides, value.dtype.str)
+    ptr = getattr(value, "ptr", None)
+    if isinstance(ptr, int) and hasattr(value, "shape") and hasattr(value, "dtype"):
+        return ("device", type(value).__name__, ptr, tuple(value.shape), np.dtype(value.dtype).str)
+    return ("other", id(value))
+
+
+def binding_key(feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> tuple:
+    """The key of a whole call: every input and output target by name (order-independent)."""
+    return (tuple((n, value_key(feed[n])) for n in sorted(feed)),
+            tuple((n, value_key(outputs[n])) for n in sorted(outputs)))
+
+
+class BaseExecutor:
+    """The shared half of every executor: checks on change, one lock, `_run` for the backend.
+
+    Subclasses set `name`, `backend` and `entry`, and implement `_run(feed, outputs, checked)`; they may
+    override `_check(feed, outputs)` (default: check_feed + check_outputs -> the dynamic axis sizes),
+    whose result is cached with the binding key and passed to every `_run` until the key changes, and
+    `_ensure_open()` (raise if the executor was closed). Runs of one executor are serialised by a lock:
+    backends keep bound state (IO bindings, execution contexts) that two threads must not interleave.
+    """
+
+    name: str
+    backend: str
+    entry: GraphEntry
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._checked_key: tuple | None = None
+        self._checked: Any = None
+        self.checks = 0                     # how many times a feed was checked (tests, diagnostics)
+
+    def run(self, feed: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> Feed:
+        """Inputs by contract name -> every output by name (the `outputs` targets themselves when given)."""
+        targets = dict(outputs or {})
+        with self._lock:
+            self._ensure_open()
+            key = binding_key(feed, targets)
+            if key != self._checked_key:
+                self._checked_key = None            # a failed check must not leave the old key valid
+                self._checked = self._check(feed, targets)
+                self._checked_key = key
+                self.checks += 1
+            return self._run(feed, targets, self._checked)
+
+    def _check(self, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> Any:
+        sizes = check_feed(self.entry, feed)
+        check_outputs(self.entry, outputs, sizes)
+        return sizes
+
+    def _ensure_open(self) -> None:
+        """Raise BackendError when the executor can no longer run (default: always open)."""
+
+    def _run(self, feed: Mapping[str, Any], outputs: dict[str, Any], checked: Any) -> Feed:
+        raise NotImplementedError

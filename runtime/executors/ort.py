@@ -4,7 +4,8 @@ DESIGN.md §4. Why IO binding: inputs are bound by address (the decode step's pe
 are never copied on the host) and outputs can be written into the caller's preallocated arrays, so a
 decode step allocates nothing on the Python side. A binding is only redone for an input whose address,
 shape or dtype changed since the last run; the executor keeps a reference to every bound array so an
-address can never be reused by another array while it is bound.
+address can never be reused by another array while it is bound. Feed checks are BaseExecutor's
+(runtime/executors/base.py: only when the binding key changes); this module implements only `_run`.
 
 CUDA: ONNX Runtime silently falls back to the CPU when the CUDA execution provider cannot be loaded
 (missing CUDA/cuDNN libraries, no GPU). `ort-cuda` therefore checks the providers the session really
@@ -32,7 +33,7 @@ from runtime.errors import (
     ContractError,
     EngineMismatchError,
 )
-from runtime.executors.base import Feed, check_feed, check_outputs
+from runtime.executors.base import BaseExecutor, Feed, value_key
 from runtime.manifest import GraphEntry
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,12 @@ def session_options(options: OrtOptions) -> Any:
     return so
 
 
-class OrtExecutor:
+class OrtExecutor(BaseExecutor):
     """One graph of an export directory in ONNX Runtime (`backend` "ort-cpu" or "ort-cuda")."""
 
     def __init__(self, entry: GraphEntry, root: str | Path, backend: str = "ort-cpu",
                  options: OrtOptions = OrtOptions()) -> None:
+        super().__init__()
         if backend not in ("ort-cpu", "ort-cuda"):
             raise BackendError(f"OrtExecutor: backend must be ort-cpu or ort-cuda, got {backend!r}")
         ort = import_ort()
@@ -120,7 +122,6 @@ class OrtExecutor:
         self._bound_in: dict[str, tuple] = {}
         self._bound_out: dict[str, tuple | None] = {}
         self._keep: dict[str, np.ndarray] = {}
-        self._sizes: dict[str, int] = {}
         self._input_names = [t.name for t in entry.inputs]
         self._output_names = [o.name for o in self.session.get_outputs()]
         log.info("%s: ONNX Runtime session (%s) in %.2f s", entry.name, active[0], time.perf_counter() - t0)
@@ -141,18 +142,10 @@ class OrtExecutor:
             raise ContractError(f"graph '{self.entry.name}': {path} has inputs {inputs} and outputs {outputs}, "
                                 f"the manifest says {want_in} -> {want_out}")
 
-    def run(self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None) -> Feed:
-        names = self._input_names
-        if any(n not in feed or not isinstance(feed[n], np.ndarray) for n in names) or len(feed) != len(names):
-            check_feed(self.entry, feed)                  # raises, naming the problem
-        changed = [n for n in names if self._bound_in.get(n) != _key(feed[n])]
-        if changed:                                       # checks and bindings only when something moved
-            self._sizes = check_feed(self.entry, feed)
-            for name in changed:
+    def _run(self, feed: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray], checked: object) -> Feed:
+        for name in self._input_names:                    # rebind only what moved since the last run
+            if self._bound_in.get(name) != _key(feed[name]):
                 self._bind_input(name, feed[name])
-        outputs = outputs or {}
-        if outputs and (changed or any(self._bound_out.get(n) != _key(b) for n, b in outputs.items())):
-            check_outputs(self.entry, outputs, self._sizes)
         for name in self._output_names:
             buf = outputs.get(name)
             if buf is None:                 # ORT allocates: rebind every run (the shape may change)
@@ -185,5 +178,5 @@ class OrtExecutor:
 
 
 def _key(value: np.ndarray) -> tuple:
-    """What a binding depends on: address, shape and dtype (contents are read at run time)."""
-    return (value.ctypes.data, value.shape, value.dtype.str)
+    """What a binding depends on: address, shape, strides and dtype (contents are read at run time)."""
+    return value_key(value)

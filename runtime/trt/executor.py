@@ -8,15 +8,24 @@ Refusals before anything is loaded (DESIGN.md §4-5, the "engine built for anoth
   rebuild. The key's precision policy is taken from the record (the runtime does not know which policy
   file the build used; a plan built from the same ONNX with any policy is a valid plan of the graph).
 
-Execution. One execution context per optimization profile, created when a feed first needs that profile
-(gpt_decode has one profile per KV-cache bucket; a context owns activation memory, so unused buckets
-cost nothing). The profile is the first whose ranges admit the feed's shapes (`select_profile`), else a
-ContractError naming the input and the ranges. Per context and tensor, a device buffer and a pinned host
-staging buffer are allocated at the profile's maximum shape the first time that tensor goes through the
-host, and reused: a run copies host inputs numpy -> pinned -> device asynchronously, calls
-set_input_shape / set_tensor_address only for what changed since the last run, enqueues, copies host
-outputs device -> pinned, synchronises once and copies into the caller's `outputs` arrays (or fresh
-ones). Two events time the GPU side: `last_gpu_ms`.
+Refusals at load (the engine itself): I/O names and dtypes other than the manifest's, another number of
+optimization profiles, and any input whose engine location is HOST (`get_tensor_location`): TensorRT
+reads such an input (a shape tensor) on the CPU, from a host pointer whose values must lie in the
+profile's `set_shape_input` ranges; this executor binds device pointers, and our contracts give no input
+value ranges, so such a plan is refused with a message saying so rather than handed a device pointer.
+Each input's location and `is_shape_inference_io` are logged (e.g. length_regulator's `ylens`, whose
+values set the output's length: expected DEVICE, its effect reaching the output allocator).
+
+Execution. One execution context per optimization profile (runtime/trt/context.py), created when a feed
+first needs that profile, with ON_PROFILE_CHANGE or user-managed activation memory
+(runtime/trt/context_memory.py). The profile is the first whose ranges admit the feed's shapes
+(`select_profile`), else a ContractError naming the input and the ranges. Feeds are checked by
+BaseExecutor (runtime/executors/base.py) only when their binding key changes; `_run` is three steps:
+- bind: host inputs numpy -> pinned -> device (async), set_input_shape / activation memory /
+  set_tensor_address only for what changed since the last run;
+- enqueue: execute_async_v3, or a CUDA graph launch (below);
+- read back: host outputs device -> pinned, one stream synchronisation, then into the caller's `outputs`
+  arrays (or fresh ones). Two events time the GPU side: `last_gpu_ms`.
 
 Extension of the Executor interface (runtime/executors/base.py), for device-resident data:
 - a feed value may be a `runtime.trt.cuda.DeviceArray` (memory already on the GPU, e.g. the decode step's KV
@@ -26,8 +35,8 @@ Extension of the Executor interface (runtime/executors/base.py), for device-resi
 DeviceArrays must stay valid until `run` returns; the executor synchronises its stream before returning.
 
 Data-dependent output shapes (length_regulator's `cond` (B, max(ylens), C)): an IOutputAllocator
-(`reallocate_output[_async]` hands out a buffer preallocated at the range maximum, growing it if TensorRT
-asks for more; `notify_shape` records the shape), read after the stream is synchronised.
+(runtime/trt/output_allocator.py: `reallocate_output_async` hands out a buffer preallocated at the range
+maximum, growing it if TensorRT asks for more; `notify_shape` records the shape), read after the sync.
 
 CUDA graphs (`cuda_graphs=True`, for graphs whose shapes are all static per call: gpt_decode per bucket,
 dit_step per length): runtime/trt/cuda_graphs.py decides plain / capture / replay per (graph, profile,
@@ -39,58 +48,60 @@ outputs are never captured.
 Not thread-safe by design beyond one lock: runs of one executor are serialised (one stream, one context
 per profile). TensorRT API (engines/TENSORRT_API.md §4): trt.Runtime(logger).deserialize_cuda_engine(bytes),
 engine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype / num_optimization_profiles,
-engine.create_execution_context(), ctx.set_optimization_profile_async(i, stream), ctx.set_input_shape,
-ctx.set_tensor_address, ctx.get_tensor_shape, ctx.set_output_allocator, ctx.execute_async_v3(stream).
+engine.get_tensor_location / is_shape_inference_io, engine.get_device_memory_size_for_profile_v2,
+engine.create_execution_context(strategy), ctx.set_optimization_profile_async(i, stream), ctx.set_input_shape,
+ctx.update_device_memory_size_for_shapes, ctx.set_device_memory(ptr, size), ctx.set_tensor_address,
+ctx.get_tensor_shape, ctx.set_output_allocator, ctx.execute_async_v3(stream).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from runtime.contracts import DERIVED_AXES
 from runtime.errors import (
     BackendError,
     CheckpointError,
     ContractError,
     EngineMismatchError,
 )
-from runtime.executors.base import (
-    Feed,
-    check_feed,
-    check_outputs,
-    check_tensor_shape,
-    output_shapes,
-)
-from runtime.manifest import GraphEntry, TensorSignature
+from runtime.executors.base import BaseExecutor, Feed, output_shapes
+from runtime.manifest import GraphEntry
 from runtime.trt import api, cuda, gpu
-from runtime.trt.cuda import DeviceArray, DeviceBuffer, Event, PinnedBuffer, Stream
+from runtime.trt.context import TrtContext
+from runtime.trt.context_memory import USER_MEMORY_MIN_BYTES, choose_strategy
+from runtime.trt.cuda import DeviceArray, Event, Stream
 from runtime.trt.cuda_graphs import GraphCache, GraphStats
 from runtime.trt.engine_plan import (
     EngineKey,
     GpuInfo,
     PlanRecord,
-    Profile,
     check_record,
     engine_profiles,
     plan_paths,
     read_record,
 )
+from runtime.trt.feeds import (  # noqa: F401 — re-exported: the executor's pure rules
+    carried_axes,
+    check_mixed_feed,
+    check_targets,
+    data_dependent_outputs,
+    profile_max_bytes,
+    profile_sizes,
+    select_profile,
+    tensor_nbytes,
+)
+from runtime.trt.output_allocator import grown_size  # noqa: F401 — re-exported
 
 log = logging.getLogger(__name__)
 
 GRAPH_CAPACITY = 8          # instantiated CUDA graphs kept per executor (LRU)
 BUILD_COMMAND = "python -m export.build --checkpoints <checkpoint dir> --out {root} --precision {precision}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pure helpers (tested on the CPU)
 
 
 def expected_key(entry: GraphEntry, precision: str, record: PlanRecord, trt_version: str, here: GpuInfo) -> EngineKey:
@@ -99,314 +110,62 @@ def expected_key(entry: GraphEntry, precision: str, record: PlanRecord, trt_vers
                      record.key.policy_sha256)
 
 
-def select_profile(graph: str, profiles: Sequence[Profile], shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Index of the first profile whose ranges admit `shapes`, else ContractError naming, per profile,
-    the first input out of its range."""
-    for index, profile in enumerate(profiles):
-        if profile.admits(shapes):
-            return index
-    reasons = []
-    for profile in profiles:
-        for ip in profile.inputs:
-            s = tuple(shapes.get(ip.name, ()))
-            if len(s) != len(ip.min) or any(not lo <= v <= hi for v, lo, hi in zip(s, ip.min, ip.max)):
-                reasons.append(f"profile {profile.label}: input '{ip.name}' shape {s} is outside "
-                               f"min {ip.min} .. max {ip.max}")
-                break
-    raise ContractError(f"graph '{graph}': no optimization profile of the TensorRT engine admits this feed ("
-                        + "; ".join(reasons) + "); pass a smaller input, or widen the manifest's ranges and "
-                        "rebuild the engines")
-
-
-def carried_axes(entry: GraphEntry) -> set[str]:
-    """Dynamic axes some input carries (an output axis outside this set depends on the data)."""
-    axes: set[str] = set()
-    for spec in entry.inputs:
-        for d in spec.shape:
-            if isinstance(d, str):
-                axes.add(DERIVED_AXES[d][0] if d in DERIVED_AXES else d)
-    return axes
-
-
-def data_dependent_outputs(entry: GraphEntry) -> tuple[str, ...]:
-    """Outputs whose shape the inputs' shapes do not determine (e.g. length_regulator's cond)."""
-    carried = carried_axes(entry)
-    out = []
-    for spec in entry.outputs:
-        free = [DERIVED_AXES[d][0] if d in DERIVED_AXES else d for d in spec.shape if isinstance(d, str)]
-        if any(a not in carried for a in free):
-            out.append(spec.name)
-    return tuple(out)
-
-
-def profile_sizes(entry: GraphEntry, profile: Profile) -> dict[str, int]:
-    """Every axis size at the profile's maximum shapes; axes no input carries take their range maximum."""
-    sizes = {axis: r.max for axis, r in entry.ranges.items()}
-    maxima = {ip.name: ip.max for ip in profile.inputs}
-    for spec in entry.inputs:
-        for d, v in zip(spec.shape, maxima.get(spec.name, ())):
-            if isinstance(d, str) and d not in DERIVED_AXES:
-                sizes[d] = int(v)
-    return sizes
-
-
-def tensor_nbytes(spec: TensorSignature, sizes: Mapping[str, int]) -> int:
-    return math.prod(spec.concrete(sizes)) * np.dtype(spec.dtype).itemsize
-
-
-def profile_max_bytes(entry: GraphEntry, profile: Profile) -> dict[str, int]:
-    """Bytes of every I/O tensor at the profile's maximum (the size of its buffers)."""
-    sizes = profile_sizes(entry, profile)
-    return {spec.name: tensor_nbytes(spec, sizes) for spec in (*entry.inputs, *entry.outputs)}
-
-
-def check_mixed_feed(entry: GraphEntry, feed: Mapping[str, Any]) -> dict[str, int]:
-    """check_feed for host arrays, the same rules for DeviceArrays (dtype, rank, static sizes, one size per
-    dynamic axis) -> the dynamic axis sizes."""
-    host = [name for name, value in feed.items() if not isinstance(value, DeviceArray)]
-    sizes = check_feed(entry, feed, names=host)
-    for spec in entry.inputs:
-        value = feed[spec.name]
-        if isinstance(value, DeviceArray):
-            check_tensor_shape(f"graph '{entry.name}' input '{spec.name}'", spec, value.dtype, value.shape, sizes)
-    return sizes
-
-
-def check_targets(entry: GraphEntry, outputs: Mapping[str, Any], sizes: Mapping[str, int]) -> None:
-    """Output targets: host arrays as check_outputs; DeviceArrays of exactly the shape and dtype written."""
-    host = {n: v for n, v in outputs.items() if isinstance(v, np.ndarray)}
-    odd = [n for n, v in outputs.items() if not isinstance(v, (np.ndarray, DeviceArray))]
-    if odd:
-        raise ContractError(f"graph '{entry.name}': output target(s) {odd} must be numpy arrays or DeviceArrays")
-    check_outputs(entry, host, sizes)
-    want = output_shapes(entry, sizes)
-    dtypes = {t.name: np.dtype(t.dtype) for t in entry.outputs}
-    for name, target in outputs.items():
-        if not isinstance(target, DeviceArray):
-            continue
-        if name not in want:
-            raise ContractError(f"graph '{entry.name}': no output named '{name}' (it has {list(want)})")
-        if want[name] is None:
-            raise ContractError(f"graph '{entry.name}': output '{name}' has a data-dependent shape; "
-                                "it cannot be written into a preallocated device array")
-        if target.shape != want[name] or target.dtype != dtypes[name]:
-            raise ContractError(f"graph '{entry.name}': device output '{name}' is {target.dtype}{target.shape}, "
-                                f"the graph writes {dtypes[name]}{want[name]}")
-
-
-def grown_size(current: int, needed: int, align: int = 256) -> int:
-    """A data-dependent output's new buffer size: at least `needed`, at least 1.5x the old one (fewer
-    reallocations when sizes creep up), rounded up to `align`."""
-    size = max(int(needed), int(current * 1.5), 1)
-    return -(-size // align) * align
-
-
-def _value_key(value: Any) -> tuple:
-    """What checks of a feed value depend on (not its contents)."""
-    if isinstance(value, DeviceArray):
-        return ("device", value.ptr, value.shape, value.dtype.str)
-    if isinstance(value, np.ndarray):
-        return ("host", value.ctypes.data, value.shape, value.strides, value.dtype.str)
-    return ("other", id(value))
-
-
-# ---------------------------------------------------------------------------------------------------
-# TensorRT glue
-
-
-_ALLOCATOR_CLASSES: dict[int, tuple[Any, type]] = {}     # id(trt module) -> (module, class)
-
-
-def _output_allocator_class(trt: Any) -> type:
-    """trt.IOutputAllocator subclass (made per tensorrt module: the base class only exists there)."""
-    known = _ALLOCATOR_CLASSES.get(id(trt))
-    if known is not None and known[0] is trt:
-        return known[1]
-
-    class OutputAllocator(trt.IOutputAllocator):  # type: ignore[misc,name-defined]
-        """Hands TensorRT a buffer for one data-dependent output: the preallocated one when it is big
-        enough, else a bigger one; records the shape TensorRT reports. Exceptions cannot cross TensorRT
-        (they would be printed and swallowed): they are kept in `error` and None (failure) returned."""
-
-        def __init__(self, name: str, initial_bytes: int, what: str) -> None:
-            trt.IOutputAllocator.__init__(self)   # required explicit base init (pybind11 trampoline)
-            self.name, self.what = name, what
-            self.buffer: DeviceBuffer | None = DeviceBuffer(initial_bytes, what) if initial_bytes else None
-            self.shape: tuple[int, ...] | None = None
-            self.error: Exception | None = None
-
-        def reallocate_output(self, tensor_name: str, memory: int, size: int, alignment: int) -> int | None:
-            return self._ensure(int(size))
-
-        def reallocate_output_async(self, tensor_name: str, memory: int, size: int, alignment: int,
-                                    stream: int) -> int | None:
-            return self._ensure(int(size))
-
-        def notify_shape(self, tensor_name: str, shape: Any) -> None:
-            self.shape = tuple(int(d) for d in shape)
-
-        def _ensure(self, size: int) -> int | None:
-            try:
-                if self.buffer is None or self.buffer.nbytes < size:
-                    old = self.buffer
-                    self.buffer = DeviceBuffer(grown_size(old.nbytes if old else 0, size), self.what)
-                    if old is not None:     # nothing reads it: every run synchronises before returning
-                        old.close()
-                return self.buffer.ptr
-            except Exception as err:  # noqa: BLE001 — must not propagate into TensorRT
-                self.error = err
-                return None
-
-        def close(self) -> None:
-            if self.buffer is not None:
-                self.buffer.close()
-                self.buffer = None
-
-    _ALLOCATOR_CLASSES[id(trt)] = (trt, OutputAllocator)
-    return OutputAllocator
-
-
-class _Context:
-    """One execution context (one optimization profile) with its buffers and what is bound to it."""
-
-    def __init__(self, owner: "TrtExecutor", index: int) -> None:
-        self.index, self.profile = index, owner.profiles[index]
-        self.what = f"graph '{owner.name}' profile {self.profile.label}"
-        ctx = owner._engine.create_execution_context()
-        if ctx is None:
-            raise BackendError(f"{self.what}: TensorRT could not create an execution context "
-                               f"(out of GPU memory?): {'; '.join(list(owner._logger.errors)[-3:])}")
-        self.trt = ctx
-        try:
-            ctx.set_optimization_profile_async(index, owner.stream.handle)
-        except RuntimeError as err:                   # the binding raises on failure (engines/TENSORRT_API.md §4)
-            raise BackendError(f"{self.what}: set_optimization_profile_async failed: {err}") from err
-        owner.stream.sync()
-        self.max_bytes = profile_max_bytes(owner.entry, self.profile)
-        self.device: dict[str, DeviceBuffer] = {}
-        self.pinned: dict[str, PinnedBuffer] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-        self.allocators: dict[str, Any] = {}
-        allocator_class = _output_allocator_class(owner._trt) if owner.dd_outputs else None
-        for name in owner.dd_outputs:
-            alloc = allocator_class(name, self.max_bytes[name], f"output '{name}' of {self.what}")
-            if not ctx.set_output_allocator(name, alloc):
-                raise BackendError(f"{self.what}: TensorRT refused the output allocator of '{name}'")
-            self.allocators[name] = alloc
-            # Also bind the preallocated buffer's address (TensorRT allows both; the allocator may move it).
-            self.bind(name, alloc.buffer.ptr)
-
-    def device_buffer(self, name: str) -> DeviceBuffer:
-        buf = self.device.get(name)
-        if buf is None:
-            buf = self.device[name] = DeviceBuffer(self.max_bytes[name], f"'{name}' of {self.what}")
-        return buf
-
-    def pinned_buffer(self, name: str, nbytes: int | None = None) -> PinnedBuffer:
-        need = self.max_bytes[name] if nbytes is None else max(nbytes, self.max_bytes[name])
-        buf = self.pinned.get(name)
-        if buf is None or buf.nbytes < need:
-            if buf is not None:
-                buf.close()
-            buf = self.pinned[name] = PinnedBuffer(need, f"staging of '{name}' of {self.what}")
-        return buf
-
-    def bind(self, name: str, address: int) -> bool:
-        """set_tensor_address only when the address changed -> whether it did."""
-        if self.addresses.get(name) == address:
-            return False
-        if not self.trt.set_tensor_address(name, int(address)):
-            raise BackendError(f"{self.what}: TensorRT refused the address of tensor '{name}'")
-        self.addresses[name] = address
-        return True
-
-    def close(self) -> None:
-        for buf in (*self.device.values(), *self.pinned.values(), *self.allocators.values()):
-            buf.close()
-        self.device.clear()
-        self.pinned.clear()
-        self.allocators.clear()
-        self.trt = None
-
-
 @dataclass
 class _Checked:
     """The last feed/outputs checked (re-checked only when an address, shape or dtype changes)."""
 
-    key: tuple
     sizes: dict[str, int]
     shapes: dict[str, tuple[int, ...]]
     out_shapes: dict[str, tuple[int, ...] | None]
     profile: int
 
 
-class TrtExecutor:
-    """One graph's TensorRT plan of an export directory (Executor protocol, backend "trt")."""
+class TrtExecutor(BaseExecutor):
+    """One graph's TensorRT plan of an export directory (Executor protocol, backend "trt").
+
+    `user_memory_min_bytes`: a single-profile engine whose activations may exceed this gets user-managed
+    memory sized for each run's shapes (runtime/trt/context_memory.py)."""
 
     backend = "trt"
 
     def __init__(self, entry: GraphEntry, root: str | Path, precision: str = "fp16", stream: Stream | None = None,
-                 cuda_graphs: bool = False, *, graph_capacity: int = GRAPH_CAPACITY, trt: Any = None) -> None:
+                 cuda_graphs: bool = False, *, graph_capacity: int = GRAPH_CAPACITY, trt: Any = None,
+                 user_memory_min_bytes: int = USER_MEMORY_MIN_BYTES) -> None:
+        super().__init__()
         self.name, self.entry, self.precision, self.root = entry.name, entry, precision, Path(root)
-        plan_path, sidecar = plan_paths(root, entry.name, precision)
-        if not plan_path.is_file():
-            raise CheckpointError(f"graph '{entry.name}': no {precision} TensorRT engine at {plan_path}; build the "
-                                  "engines on this GPU machine with "
-                                  + BUILD_COMMAND.format(root=self.root, precision=precision))
-        record = read_record(sidecar)
-        self._trt = trt if trt is not None else api.import_tensorrt()     # a clear error without TensorRT 10
-        version = str(self._trt.__version__)
-        here = gpu.gpu_info(0)
-        if here is None:
-            raise BackendError(f"graph '{entry.name}': no usable CUDA GPU to run its TensorRT engine "
-                               f"({gpu.cuda_devices().detail})")
-        expected = expected_key(entry, precision, record, version, here)
-        check_record(record, expected, plan_path)
-        self.record, self.profiles, self.plan_path = record, expected.profiles, plan_path
-
-        self._logger = api.trt_logger(self._trt)
-        self._runtime = self._trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self._engine is None:
-            raise EngineMismatchError(f"{plan_path}: TensorRT {version} could not load the plan ("
-                                      f"{'; '.join(list(self._logger.errors)[-3:]) or 'no error logged'}); rebuild it with "
-                                      + BUILD_COMMAND.format(root=self.root, precision=precision))
+        self._trt_module = trt                       # None: import tensorrt (a clear error without TensorRT 10)
+        plan_path = self._load(precision)
         self._check_engine()
+        self._check_locations()
         self._inputs = tuple(t.name for t in entry.inputs)
         self._outputs = tuple(t.name for t in entry.outputs)
         self._dtypes = {t.name: np.dtype(t.dtype) for t in (*entry.inputs, *entry.outputs)}
         self.dd_outputs = data_dependent_outputs(entry)
+        # get_device_memory_size_for_profile_v2 and set_device_memory(ptr, size) exist since TensorRT 10.1:
+        # without them, no user-managed memory.
+        sized = len(self.profiles) == 1 and hasattr(self._engine, "get_device_memory_size_for_profile_v2")
+        upper = int(self._engine.get_device_memory_size_for_profile_v2(0)) if sized else 0
+        self.memory_strategy = choose_strategy(len(self.profiles), upper, user_memory_min_bytes if sized else upper + 1)
 
         self._own_stream = stream is None
         self.stream = stream if stream is not None else Stream()
         self._start, self._end = Event(), Event()
         self.last_gpu_ms: float | None = None
         self.last_mode = ""                             # "plain" / "capture" / "replay" of the last run
-        self._contexts: dict[int, _Context] = {}
-        self._checked: _Checked | None = None
-        self._lock = threading.Lock()
+        self._contexts: dict[int, TrtContext] = {}
         self._graphs: GraphCache | None = None
         if cuda_graphs and self.dd_outputs:
             log.info("%s: no CUDA graphs (data-dependent output shapes: %s)", self.name, ", ".join(self.dd_outputs))
         elif cuda_graphs:
             self._graphs = GraphCache(graph_capacity, self._capture, self._launch, cuda.destroy_exec)
-        log.info("%s: TensorRT %s plan %s (%d profile(s)%s)", self.name, version, plan_path.name, len(self.profiles),
-                 ", CUDA graphs" if self._graphs else "")
+        log.info("%s: TensorRT %s plan %s (%d profile(s), %s activation memory%s)", self.name, self._trt.__version__,
+                 plan_path.name, len(self.profiles), self.memory_strategy, ", CUDA graphs" if self._graphs else "")
 
     # -- public -------------------------------------------------------------------------------------
 
     @property
     def graph_stats(self) -> GraphStats | None:
         return self._graphs.stats if self._graphs is not None else None
-
-    def run(self, feed: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> Feed:
-        """Inputs by name (numpy or DeviceArray) -> every output by name (numpy, or the DeviceArray given in
-        `outputs`)."""
-        with self._lock:
-            if self._engine is None:
-                raise BackendError(f"graph '{self.name}': the TensorRT executor is closed")
-            return self._run(feed, dict(outputs or {}))
 
     def close(self) -> None:
         """Free the graphs, buffers, contexts, engine and (if it made them) the stream and events."""
@@ -434,7 +193,34 @@ class TrtExecutor:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- internals ----------------------------------------------------------------------------------
+    # -- loading ------------------------------------------------------------------------------------
+
+    def _load(self, precision: str) -> Path:
+        """Refuse a missing or mismatched plan, then deserialize it -> the plan's path."""
+        entry = self.entry
+        plan_path, sidecar = plan_paths(self.root, entry.name, precision)
+        if not plan_path.is_file():
+            raise CheckpointError(f"graph '{entry.name}': no {precision} TensorRT engine at {plan_path}; build the "
+                                  "engines on this GPU machine with "
+                                  + BUILD_COMMAND.format(root=self.root, precision=precision))
+        record = read_record(sidecar)
+        self._trt = self._trt_module if self._trt_module is not None else api.import_tensorrt()
+        version = str(self._trt.__version__)
+        here = gpu.gpu_info(0)
+        if here is None:
+            raise BackendError(f"graph '{entry.name}': no usable CUDA GPU to run its TensorRT engine "
+                               f"({gpu.cuda_devices().detail})")
+        expected = expected_key(entry, precision, record, version, here)
+        check_record(record, expected, plan_path)
+        self.record, self.profiles, self.plan_path = record, expected.profiles, plan_path
+        self._logger = api.trt_logger(self._trt)
+        self._runtime = self._trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self._engine is None:
+            raise EngineMismatchError(f"{plan_path}: TensorRT {version} could not load the plan ("
+                                      f"{'; '.join(list(self._logger.errors)[-3:]) or 'no error logged'}); rebuild it with "
+                                      + BUILD_COMMAND.format(root=self.root, precision=precision))
+        return plan_path
 
     def _check_engine(self) -> None:
         trt, engine = self._trt, self._engine
@@ -454,40 +240,68 @@ class TrtExecutor:
             raise EngineMismatchError(f"{self.plan_path}: the engine has {engine.num_optimization_profiles} "
                                       f"optimization profile(s), its record {len(self.profiles)}; rebuild it")
 
-    def _context(self, index: int) -> _Context:
-        ctx = self._contexts.get(index)
-        if ctx is None:
-            ctx = self._contexts[index] = _Context(self, index)
-        return ctx
+    def _check_locations(self) -> None:
+        """Every input must be one TensorRT reads on the device (we bind device pointers); log each input's
+        location and whether shape inference reads it."""
+        trt, engine = self._trt, self._engine
+        host = []
+        for spec in self.entry.inputs:
+            location = engine.get_tensor_location(spec.name)
+            shape_io = bool(engine.is_shape_inference_io(spec.name))
+            log.info("%s: input '%s' location %s, shape-inference input %s", self.name, spec.name,
+                     api.enum_name(location), shape_io)
+            if location == trt.TensorLocation.HOST:
+                host.append(spec.name)
+        if host:
+            raise EngineMismatchError(
+                f"{self.plan_path}: TensorRT wants input(s) {host} on the host (shape tensors: their values are read "
+                "by the CPU and must lie in the profile's IOptimizationProfile.set_shape_input ranges). This "
+                "executor binds device pointers and the contracts declare no value ranges, so it cannot run this "
+                "plan; keep those inputs data tensors in the exported graph (e.g. do not let their values reach a "
+                "shape operand without a device-side computation), re-export and rebuild")
+
+    # -- one run: check (BaseExecutor, on change) -> bind -> enqueue -> read back ------------------------
+
+    def _ensure_open(self) -> None:
+        if self._engine is None:
+            raise BackendError(f"graph '{self.name}': the TensorRT executor is closed")
 
     def _check(self, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> _Checked:
-        key = (tuple((n, _value_key(feed[n])) for n in sorted(feed)),
-               tuple((n, _value_key(outputs[n])) for n in sorted(outputs)))
-        if self._checked is not None and self._checked.key == key:
-            return self._checked
         sizes = check_mixed_feed(self.entry, feed)
         check_targets(self.entry, outputs, sizes)
         shapes = {n: tuple(int(d) for d in feed[n].shape) for n in self._inputs}
         profile = select_profile(self.name, self.profiles, shapes)
-        self._checked = _Checked(key, sizes, shapes, output_shapes(self.entry, sizes), profile)
-        return self._checked
+        return _Checked(sizes, shapes, output_shapes(self.entry, sizes), profile)
 
-    def _run(self, feed: Mapping[str, Any], outputs: dict[str, Any]) -> Feed:
-        checked = self._check(feed, outputs)
+    def _run(self, feed: Mapping[str, Any], outputs: dict[str, Any], checked: _Checked) -> Feed:
         ctx = self._context(checked.profile)
-        stream = self.stream
-        self._start.record(stream)
-        changed = False
+        self._start.record(self.stream)
+        host_outputs = self._bind(ctx, feed, outputs, checked)
+        self._enqueue(ctx, checked)
+        return self._read_back(ctx, outputs, checked, host_outputs)
+
+    def _context(self, index: int) -> TrtContext:
+        ctx = self._contexts.get(index)
+        if ctx is None:
+            ctx = self._contexts[index] = TrtContext(self, index)
+        return ctx
+
+    def _bind(self, ctx: TrtContext, feed: Mapping[str, Any], outputs: Mapping[str, Any],
+              checked: _Checked) -> list[str]:
+        """Stage host inputs; set shapes, activation memory and addresses that changed -> host outputs.
+        A change re-verifies the output shapes and drops the context's CUDA graphs."""
+        addresses = {}
         for name in self._inputs:
-            value, shape = feed[name], checked.shapes[name]
-            address = value.ptr if isinstance(value, DeviceArray) else self._stage_input(ctx, name, value)
-            if ctx.shapes.get(name) != shape:
-                if not ctx.trt.set_input_shape(name, shape):
-                    raise ContractError(f"{ctx.what}: TensorRT refused shape {shape} for input '{name}' "
-                                        f"({'; '.join(list(self._logger.errors)[-2:])})")
-                ctx.shapes[name] = shape
-                changed = True
-            changed |= ctx.bind(name, address)
+            value = feed[name]
+            addresses[name] = value.ptr if isinstance(value, DeviceArray) else self._stage_input(ctx, name, value)
+        shapes_changed = False
+        for name in self._inputs:
+            shapes_changed |= ctx.set_shape(name, checked.shapes[name])
+        changed = shapes_changed
+        if shapes_changed or (ctx.memory is not None and ctx.memory.buffer is None):
+            changed |= ctx.fit_memory()
+        for name in self._inputs:
+            changed |= ctx.bind(name, addresses[name])
         host_outputs = []
         for name in self._outputs:
             if name in ctx.allocators:
@@ -502,33 +316,39 @@ class TrtExecutor:
             self._verify_output_shapes(ctx, checked.out_shapes)
             if self._graphs is not None:
                 self._graphs.invalidate((self.name, ctx.index))
+        return host_outputs
 
-        if self._graphs is not None:
-            key = (self.name, ctx.index, tuple((n, ctx.shapes.get(n, checked.out_shapes.get(n)), ctx.addresses.get(n))
-                                               for n in (*self._inputs, *self._outputs)))
-            self.last_mode = self._graphs.run(key, lambda: self._execute(ctx))
-        else:
+    def _enqueue(self, ctx: TrtContext, checked: _Checked) -> None:
+        """execute_async_v3, or (CUDA graphs) the capture / replay of it for this exact binding."""
+        ctx.begin_run()
+        if self._graphs is None:
             self._execute(ctx)
             self.last_mode = "plain"
+            return
+        memory = ctx.memory.buffer.ptr if ctx.memory is not None and ctx.memory.buffer is not None else None
+        key = (self.name, ctx.index, memory,
+               tuple((n, ctx.shapes.get(n, checked.out_shapes.get(n)), ctx.addresses.get(n))
+                     for n in (*self._inputs, *self._outputs)))
+        self.last_mode = self._graphs.run(key, lambda: self._execute(ctx))
 
-        for name in host_outputs:
-            nbytes = math.prod(checked.out_shapes[name]) * self._dtypes[name].itemsize
-            cuda.memcpy_dtoh_async(ctx.pinned_buffer(name).ptr, ctx.addresses[name], nbytes, stream)
-        self._end.record(stream)
-        stream.sync()
-        self.last_gpu_ms = self._end.elapsed_ms(self._start)
-
+    def _read_back(self, ctx: TrtContext, outputs: Mapping[str, Any], checked: _Checked,
+                   host_outputs: list[str]) -> Feed:
+        """Device -> pinned copies, one sync, then into the caller's arrays (or fresh ones)."""
+        stream = self.stream
         shapes: dict[str, tuple[int, ...]] = {n: s for n, s in checked.out_shapes.items() if s is not None}
-        for name, alloc in ctx.allocators.items():       # data-dependent: shape known after the sync
+        for name, alloc in ctx.allocators.items():       # data-dependent: reported before execute returned
             if alloc.error is not None or alloc.shape is None or alloc.buffer is None:
+                stream.sync()
                 raise BackendError(f"{ctx.what}: output '{name}' was not produced "
                                    f"({alloc.error or 'TensorRT reported no shape'})")
             shapes[name] = alloc.shape
-            nbytes = math.prod(alloc.shape) * self._dtypes[name].itemsize
-            cuda.memcpy_dtoh_async(ctx.pinned_buffer(name, nbytes).ptr, alloc.buffer.ptr, nbytes, stream)
-        if ctx.allocators:
-            stream.sync()
-
+        for name in (*host_outputs, *ctx.allocators):
+            nbytes = math.prod(shapes[name]) * self._dtypes[name].itemsize
+            source = ctx.allocators[name].buffer.ptr if name in ctx.allocators else ctx.addresses[name]
+            cuda.memcpy_dtoh_async(ctx.pinned_buffer(name, nbytes).ptr, source, nbytes, stream)
+        self._end.record(stream)
+        stream.sync()
+        self.last_gpu_ms = self._end.elapsed_ms(self._start)
         result: Feed = {}
         for name in self._outputs:
             target = outputs.get(name)
@@ -543,8 +363,9 @@ class TrtExecutor:
                 result[name] = view.copy()
         return result
 
-    def _stage_input(self, ctx: _Context, name: str, value: np.ndarray) -> int:
-        """numpy -> pinned staging -> device buffer (async); -> the device address."""
+    def _stage_input(self, ctx: TrtContext, name: str, value: np.ndarray) -> int:
+        """numpy -> pinned staging -> device buffer (async); -> the device address. The pinned buffer is
+        rewritten only by the next run, which starts after this one's stream synchronisation."""
         device = ctx.device_buffer(name)
         nbytes = int(value.nbytes)
         if nbytes > device.nbytes:                  # cannot happen for a feed the profile admits
@@ -555,7 +376,7 @@ class TrtExecutor:
             cuda.memcpy_htod_async(device.ptr, pinned.ptr, nbytes, self.stream)
         return device.ptr
 
-    def _verify_output_shapes(self, ctx: _Context, want: Mapping[str, tuple[int, ...] | None]) -> None:
+    def _verify_output_shapes(self, ctx: TrtContext, want: Mapping[str, tuple[int, ...] | None]) -> None:
         """After a shape change: TensorRT's output shapes must be the manifest's (they size our copies)."""
         for name in self._outputs:
             if name in ctx.allocators or want.get(name) is None:
@@ -565,9 +386,13 @@ class TrtExecutor:
                 raise ContractError(f"{ctx.what}: TensorRT computes output '{name}' as {got}, the manifest "
                                     f"says {want[name]}; rebuild the engines from this export")
 
-    def _execute(self, ctx: _Context) -> None:
+    def _execute(self, ctx: TrtContext) -> None:
         if not ctx.trt.execute_async_v3(self.stream.handle):
             problems = [str(a.error) for a in ctx.allocators.values() if a.error is not None]
+            if ctx.memory is not None and ctx.memory.buffer is not None:
+                problems.append(f"activation memory {ctx.memory.buffer.nbytes} bytes, TensorRT asked for "
+                                f"{ctx.memory.needed}")
+            self.stream.sync()                  # nothing of this run may still be queued when the caller retries
             raise BackendError(f"{ctx.what}: TensorRT execute_async_v3 failed: "
                                + ("; ".join(problems + list(self._logger.errors)[-3:]) or "no error logged"))
 
