@@ -65,7 +65,7 @@ def trt_engines(tiny_export, tmp_path_factory):
 
     out = Path(shutil.copytree(tiny_export[0], tmp_path_factory.mktemp("trt") / "out"))
     manifest = read_manifest(out, check_hashes=True)
-    return out, {p: engines.build_all(manifest, out, p) for p in TRT_PRECISIONS}
+    return out, {p: engines.build_all(manifest, out, p).plans for p in TRT_PRECISIONS}
 
 
 def run_fixture_calls(fixtures_root: Path, name: str) -> list:
