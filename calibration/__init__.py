@@ -9,6 +9,7 @@ engines' precision policy, and INT8 calibration with its gate.
 - calibration/effect.py      end to end: greedy-token agreement, mel / waveform SNR against float32
 - calibration/int8.py        TensorRT entropy calibrator fed by the feeds, its cache file
 - calibration/gate.py        INT8 limits: plans below them are refused
+- calibration/int8_build.py  INT8 plans for an export: calibrated build, gate, refused graphs rebuilt as fp16
 - calibration/report.py      the Markdown report
-CLI: python -m calibration collect | analyze | report | int8-gate
+CLI: python -m calibration collect | analyze | effect | report | int8 | int8-gate
 """

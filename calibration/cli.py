@@ -1,13 +1,16 @@
-"""python -m calibration collect | analyze | report | int8-gate
+"""python -m calibration collect | analyze | effect | report | int8 | int8-gate
 
     python -m calibration collect --engines OUT --checkpoints CKPT --out CALIB [--texts FILE] [--reference WAV ...]
     python -m calibration analyze --engines OUT --calib CALIB [--graphs a,b] [--base default|none|FILE]
     python -m calibration effect  --engines OUT --calib CALIB [--effect-variants calibrated,base,none]
     python -m calibration report  --calib CALIB [--out REPORT.md]
+    python -m calibration int8 --engines OUT --calib CALIB [--graphs a,b] [--precision-policy FILE] [--items N]
     python -m calibration int8-gate --engines OUT --calib CALIB          (needs TensorRT, a GPU and int8 plans)
 
 `analyze` writes CALIB/analysis.json, CALIB/precision_policy.json (for `python -m export.build
---precision-policy`), CALIB/effect.json and the report.
+--precision-policy`), CALIB/effect.json and the report. `int8` (TensorRT and a GPU) builds the export's INT8
+plans with the entropy calibrator over the collected feeds, runs the INT8 gate over them and rebuilds the
+refused graphs as fp16 (calibration/int8_build.py); `int8-gate` reruns the gate alone.
 """
 
 from __future__ import annotations
@@ -187,10 +190,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_int8(args: argparse.Namespace) -> int:
+    from .int8_build import Int8Settings, build_int8
+
+    graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip()) if args.graphs else None
+    settings = Int8Settings(args.items, graphs, args.precision_policy, args.workspace_gib)
+    result = build_int8(args.engines, args.calib, settings, progress=_progress)
+    print("\n".join(result.lines()))
+    if result.ok:
+        print(f"run them with: python -m runtime synthesize --engines {args.engines} --backend trt "
+              f"--engine-precision int8 ...")
+    return 0 if result.ok else 1
+
+
 def cmd_int8_gate(args: argparse.Namespace) -> int:
     from .gate import run_int8_gate
 
-    return run_int8_gate(args.engines, args.calib, args.items, _progress)
+    outcome = run_int8_gate(args.engines, args.calib, args.items, _progress)
+    print("\n".join(outcome.lines()))
+    return 0 if not outcome.refused else 1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -241,6 +259,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     r.add_argument("--calib", required=True, type=Path)
     r.add_argument("--out", type=Path, help="default CALIB/REPORT.md")
     r.set_defaults(func=cmd_report)
+    i = sub.add_parser("int8", help="build INT8 plans with the entropy calibrator, gate them, rebuild refused as fp16")
+    i.add_argument("--engines", required=True, type=Path, help="export directory (python -m export.build)")
+    i.add_argument("--calib", required=True, type=Path, help="calibration directory (python -m calibration collect)")
+    i.add_argument("--graphs", help="comma-separated graphs (default: all)")
+    i.add_argument("--precision-policy", type=Path, help="fp32 islands (default: the shipped policy; "
+                   "CALIB/precision_policy.json after analyze)")
+    i.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT workspace limit (default 4)")
+    i.add_argument("--items", type=int, default=4, help="calibration items the gate synthesizes (default 4)")
+    i.set_defaults(func=cmd_int8)
     g = sub.add_parser("int8-gate", help="measure INT8 plans against fp32 and refuse those below the limits")
     g.add_argument("--engines", required=True, type=Path)
     g.add_argument("--calib", required=True, type=Path)

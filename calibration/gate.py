@@ -13,9 +13,12 @@ refusal names the graph that caused it. Limits (`Int8Limits`, stated here and in
   inaudible.
 
 A refused graph's plan is renamed `<graph>.int8.plan.refused` (the runtime never loads it) and recorded
-in `<calib>/int8_gate.json`; `calibration.int8.calibrator_factory` then returns None for it, so the next
-`python -m export.build --precision int8 --calibration CALIB` builds that graph as FP16 with its fp32
-islands.
+in `<calib>/int8_gate.json`; `calibration.int8.calibrator_factory` then returns None for it, so
+`python -m calibration int8` (calibration/int8_build.py) rebuilds that graph as FP16 with its fp32
+islands under its int8 plan name. Only plans that really hold INT8 layers are judged (a plan built as
+fp16 fallback says `notes["int8"] = false` in its record), and the record is merged per graph: a graph
+not judged in a run keeps its earlier decision, so a refusal stays until its entry (or the record) is
+deleted.
 """
 
 from __future__ import annotations
@@ -91,25 +94,55 @@ def evaluate(ref: Any, open_test: Callable[[str], Any], candidates: Sequence[str
 
 
 def write_gate_record(calib: Path, limits: Int8Limits, decisions: Mapping[str, GateDecision]) -> Path:
+    """Record `decisions` in CALIB/int8_gate.json, keeping the earlier decisions of graphs not judged now."""
     path = Path(calib) / GATE_NAME
-    data = {"limits": asdict(limits), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "graphs": {g: asdict(d) for g, d in decisions.items()}}
+    graphs = _recorded_graphs(path)
+    graphs.update({g: asdict(d) for g, d in decisions.items()})
+    data = {"limits": asdict(limits), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "graphs": graphs}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
-def refused_graphs(calib: str | Path) -> dict[str, str]:
-    """graph -> why, for the graphs the last gate run refused (none without a record)."""
-    path = Path(calib) / GATE_NAME
+def _recorded_graphs(path: Path) -> dict[str, dict]:
+    """graph -> recorded decision (as JSON) of the gate record at `path` ({} without one)."""
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {g: "; ".join(d["reasons"]) for g, d in data["graphs"].items() if not d["accepted"]}
+        graphs = dict(json.loads(path.read_text(encoding="utf-8"))["graphs"])
+        incomplete = [g for g, d in graphs.items() if not {"accepted", "reasons"} <= set(d)]
+        if incomplete:
+            raise KeyError(f"no decision for {incomplete}")
+        return graphs
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise InputError(f"{path}: unreadable INT8 gate record ({err}); delete it and run the gate again") from err
+
+
+def refused_graphs(calib: str | Path) -> dict[str, str]:
+    """graph -> why, for the graphs the gate refused (none without a record)."""
+    graphs = _recorded_graphs(Path(calib) / GATE_NAME)
+    return {g: "; ".join(d["reasons"]) for g, d in graphs.items() if not d["accepted"]}
+
+
+def int8_plans(engines_dir: Path, graphs: Sequence[str]) -> list[str]:
+    """The graphs of `graphs` whose int8 plan exists and holds INT8 layers: a plan built as fp16 fallback
+    (its record says `notes["int8"] = false`) is no INT8 candidate for the gate."""
+    from runtime.errors import ToolkitError
+    from runtime.trt.engine_plan import plan_paths, read_record
+
+    found = []
+    for g in graphs:
+        plan, sidecar = plan_paths(engines_dir, g, "int8")
+        if not plan.exists():
+            continue
+        try:
+            if read_record(sidecar).notes.get("int8") is False:
+                continue
+        except ToolkitError:
+            pass                                       # judged anyway: the executor names the problem
+        found.append(g)
+    return found
 
 
 def refuse_plans(engines_dir: Path, decisions: Mapping[str, GateDecision]) -> list[Path]:
@@ -128,10 +161,10 @@ def refuse_plans(engines_dir: Path, decisions: Mapping[str, GateDecision]) -> li
     return moved
 
 
-def run_int8_gate(engines_dir: Path, calib: Path, n_items: int, progress: Callable[[str], None],
-                  limits: Int8Limits = Int8Limits()) -> int:
-    """The CLI's `int8-gate`: needs TensorRT, a GPU and INT8 plans built with --calibration."""
-    from runtime.trt.engine_plan import plan_paths
+def judge_int8_plans(engines_dir: Path, calib: Path, candidates: Sequence[str], n_items: int,
+                     progress: Callable[[str], None], limits: Int8Limits = Int8Limits()) -> dict[str, GateDecision]:
+    """Run each candidate's INT8 TensorRT plan alone against the float32 reference (ONNX Runtime CPU)
+    over `n_items` calibration items. Needs TensorRT and a GPU."""
     from runtime.executors import GraphSet, OrtOptions, backend_status
     from runtime.manifest import read_manifest
     from runtime.synthesizer import Synthesizer
@@ -142,10 +175,6 @@ def run_int8_gate(engines_dir: Path, calib: Path, n_items: int, progress: Callab
     if not status.ok:
         raise BackendError(f"the INT8 gate runs INT8 TensorRT plans: {status.detail}")
     manifest = read_manifest(engines_dir)
-    candidates = [g for g in manifest.graphs if plan_paths(engines_dir, g, "int8")[0].exists()]
-    if not candidates:
-        raise InputError(f"{engines_dir}: no INT8 plans; build them with python -m export.build --precision int8 "
-                         f"--calibration {calib}")
     store = FeedStore.open(calib)
     items = pick_items(store.items, n_items)
     gpt_tokens = store.meta.get("settings", {}).get("gpt_tokens", 48)
@@ -158,11 +187,46 @@ def run_int8_gate(engines_dir: Path, calib: Path, n_items: int, progress: Callab
         executors = {g: (trt_graphs[g] if g == graph else ref_graphs[g]) for g in manifest.graphs}
         return Synthesizer(engines_dir, executors=executors)
 
-    decisions = evaluate(ref, open_test, candidates, items, gpt_tokens, limits, progress)
+    return evaluate(ref, open_test, candidates, items, gpt_tokens, limits, progress)
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What one gate run decided and did: the decisions, the record written, the plans moved aside."""
+
+    decisions: dict[str, GateDecision]
+    record: Path | None
+    moved: list[Path]
+
+    @property
+    def refused(self) -> list[str]:
+        return [g for g, d in self.decisions.items() if not d.accepted]
+
+    def lines(self) -> list[str]:
+        accepted = len(self.decisions) - len(self.refused)
+        head = (f"INT8 gate -> {self.record}: {accepted} accepted, {len(self.refused)} refused" if self.record
+                else "INT8 gate: no INT8 plan to judge")
+        return [head] + [f"  {g} refused: {'; '.join(self.decisions[g].reasons)}" for g in self.refused] + [
+            f"  refused plan moved aside: {p}" for p in self.moved]
+
+
+def apply_gate(engines_dir: Path, calib: Path, decisions: Mapping[str, GateDecision],
+               limits: Int8Limits = Int8Limits()) -> GateOutcome:
+    """Record the decisions (merged per graph) and move the refused plans aside."""
+    if not decisions:
+        return GateOutcome({}, None, [])
     record = write_gate_record(calib, limits, decisions)
-    moved = refuse_plans(engines_dir, decisions)
-    print(f"INT8 gate -> {record}: {sum(d.accepted for d in decisions.values())} accepted, "
-          f"{sum(not d.accepted for d in decisions.values())} refused")
-    for path in moved:
-        print(f"  refused plan moved aside: {path}")
-    return 0 if all(d.accepted for d in decisions.values()) else 1
+    return GateOutcome(dict(decisions), record, refuse_plans(engines_dir, decisions))
+
+
+def run_int8_gate(engines_dir: Path, calib: Path, n_items: int, progress: Callable[[str], None],
+                  limits: Int8Limits = Int8Limits()) -> GateOutcome:
+    """The CLI's `int8-gate`: judge the existing INT8 plans (needs TensorRT and a GPU), record, move aside."""
+    from runtime.manifest import read_manifest
+
+    candidates = int8_plans(engines_dir, list(read_manifest(engines_dir).graphs))
+    if not candidates:
+        raise InputError(f"{engines_dir}: no INT8 plans; build them with python -m calibration int8 --engines "
+                         f"{engines_dir} --calib {calib}")
+    decisions = judge_int8_plans(engines_dir, calib, candidates, n_items, progress, limits)
+    return apply_gate(engines_dir, calib, decisions, limits)

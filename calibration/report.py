@@ -149,8 +149,8 @@ def render(calib: Path) -> str:
         lines += [f"| {g} | {'accepted' if d['accepted'] else 'REFUSED'} | {'; '.join(d['reasons']) or '–'} |"
                   for g, d in gate["graphs"].items()]
     else:
-        lines.append("No INT8 gate record: INT8 plans need TensorRT and a GPU (`python -m calibration int8-gate` "
-                     "on such a machine). The calibrator, its cache file and the gate are described in "
+        lines.append("No INT8 gate record: INT8 plans need TensorRT and a GPU (`python -m calibration int8` "
+                     "on such a machine builds and gates them). The calibrator, its cache file and the gate are described in "
                      "calibration/int8.py and calibration/gate.py.")
     lines.append("")
     return "\n".join(lines)

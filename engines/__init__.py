@@ -6,8 +6,9 @@
 - `build_all(manifest, out, precision, ...)`: every graph's plan, reused when its key (graph, ONNX
   sha256, precision, profiles, TensorRT version, GPU, precision policy) is unchanged, else built
   (engines/builder.py); fp16 keeps the precision policy's fp32 islands (engines/precision.py); int8
-  needs a calibrator (engines/calibration_hook.py). One failed graph does not stop the others; the
-  failures are raised together at the end (`EngineBuildFailures`, which also lists what was built).
+  needs a calibrator (engines/calibration_hook.py). -> `EngineResults` (engines/outcome.py): one typed
+  `EngineOutcome` per graph (built / reused / failed with the reason). One failed graph does not stop the
+  others; the failures are raised together at the end (`EngineBuildFailures`, carrying the results).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from runtime.errors import BackendError, InputError, ToolkitError
 
+from .outcome import EngineOutcome, EngineResults
+
 if TYPE_CHECKING:
     from runtime.manifest import Manifest
     from runtime.trt.engine_plan import GpuInfo
@@ -29,12 +32,14 @@ log = logging.getLogger(__name__)
 
 
 class EngineBuildFailures(BackendError):
-    """Some graphs' plans could not be built. `built`: plans that are ready; `failed`: graph -> reason."""
+    """Some graphs' plans could not be built. `results`: every graph's outcome; `built`: the plans that are
+    ready; `failed`: graph -> reason."""
 
-    def __init__(self, built: list[Path], failed: dict[str, str]) -> None:
-        self.built, self.failed = built, failed
-        lines = "\n".join(f"  - {name}: {why}" for name, why in failed.items())
-        super().__init__(f"{len(failed)} engine(s) failed to build ({len(built)} ready):\n{lines}")
+    def __init__(self, results: EngineResults) -> None:
+        self.results = results
+        self.built, self.failed = results.plans, results.failed
+        lines = "\n".join(f"  - {name}: {why}" for name, why in self.failed.items())
+        super().__init__(f"{len(self.failed)} engine(s) failed to build ({len(self.built)} ready):\n{lines}")
 
 
 def available() -> tuple[bool, str]:
@@ -50,13 +55,14 @@ def available() -> tuple[bool, str]:
 def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path: str | Path | None = None,
               workspace_gib: float = 4.0, graphs: Sequence[str] | None = None,
               calibrator: "CalibratorFactory | None" = None, *, trt: Any = None,
-              gpu: "GpuInfo | None" = None) -> list[Path]:
+              gpu: "GpuInfo | None" = None) -> EngineResults:
     """Build (or reuse) one plan per graph of `manifest` (or of `graphs`) under `out/engines/`.
 
     `policy_path`: a precision policy file (e.g. a calibration run's precision_policy.json) instead of the
     shipped default; `workspace_gib`: TensorRT's workspace pool limit; `calibrator`: the INT8 hook
     (required for int8). `trt` / `gpu` replace the tensorrt module and the GPU identity (tests).
-    -> the plan paths, in manifest order. Raises EngineBuildFailures after trying every graph."""
+    -> one outcome per graph (built or reused, with its plan), in manifest order. Raises
+    EngineBuildFailures (with every outcome, the failed ones with their reason) after trying every graph."""
     from runtime.trt.api import import_tensorrt
     from runtime.trt.engine_plan import PRECISIONS
 
@@ -81,8 +87,7 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
             raise BackendError(f"no usable CUDA GPU (device {settings.device}): TensorRT engines cannot be built here")
     log.info("engines: %s, TensorRT %s on %s, policy %s", precision, trt.__version__, gpu.describe(),
              settings.policy.source if precision != "fp32" else "-")
-    built: list[Path] = []
-    failed: dict[str, str] = {}
+    outcomes: list[EngineOutcome] = []
     for i, name in enumerate(names, 1):
         tag = f"[{i}/{len(names)}] {name}"
         t0 = time.perf_counter()
@@ -91,9 +96,10 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
         except Exception as err:  # noqa: BLE001 — reported per graph; the others are still built
             log.error("%s: engine FAILED after %.1f s: %s", tag, time.perf_counter() - t0, err,
                       exc_info=not isinstance(err, ToolkitError))
-            failed[name] = f"{type(err).__name__}: {err}"
+            outcomes.append(EngineOutcome(name, "failed", f"{type(err).__name__}: {err}"))
             continue
-        built.append(outcome.plan)
-    if failed:
-        raise EngineBuildFailures(built, failed)
-    return built
+        outcomes.append(EngineOutcome(name, "reused" if outcome.reused else "built", plan=outcome.plan))
+    results = EngineResults(precision, tuple(outcomes), f"TensorRT {trt.__version__} on {gpu.describe()}")
+    if not results.ok:
+        raise EngineBuildFailures(results)
+    return results

@@ -1,5 +1,6 @@
 """The INT8 seam: how a calibrator reaches the builder. Only the hook's type lives here; the calibrator
-itself (data, cache, batches) is a later calibration issue's.
+itself (data, cache, batches) is calibration/int8.py's, and `python -m calibration int8`
+(calibration/int8_build.py) is what passes it to `engines.build_all` — engines never import calibration.
 
 `CalibratorFactory(graph, entry, profile) -> calibrator or None` is called once per graph by
 engines/builder.py when `precision == "int8"`:
@@ -35,8 +36,9 @@ if TYPE_CHECKING:
     from runtime.manifest import GraphEntry
     from runtime.trt.engine_plan import Profile
 
-INT8_NEEDS_CALIBRATION = ("INT8 needs calibration data (python -m calibration ...): no calibrator was given; "
-                          "build fp16 instead, or pass a CalibratorFactory from the calibration step")
+INT8_NEEDS_CALIBRATION = ("INT8 needs calibration data: no calibrator was given; build fp16 instead, or build "
+                          "INT8 plans with python -m calibration int8 --engines OUT --calib CALIB (it passes "
+                          "the CalibratorFactory)")
 
 
 class CalibratorFactory(Protocol):

@@ -1,5 +1,5 @@
-"""`python -m export.build --checkpoints CKPT --out OUT --precision fp16|fp32|int8 [--graphs a,b] [--force]
-[--precision-policy FILE] [--calibration CALIB]`
+"""`python -m export.build --checkpoints CKPT --out OUT --precision fp16|fp32 [--graphs a,b] [--force]
+[--precision-policy FILE]`
 
 One ONNX graph per contract (DESIGN.md §3) from an IndexTTS2 checkpoint directory, each checked
 (onnx.checker, shape inference, polygraphy lint, I/O against the contract), then TensorRT engines where
@@ -13,7 +13,10 @@ reads (by sha256) and config.yaml, the contract at this checkpoint's sizes, the 
 code (export/models, the wrapper's module, the export machinery) and the torch/onnx/onnxscript
 versions. Nothing changed → no model is loaded and nothing is exported.
 
-`--precision` is the engine precision: the ONNX graphs are always float32.
+`--precision` is the engine precision: the ONNX graphs are always float32. INT8 engines are not built here:
+they need calibration data, and calibration sits above export (DESIGN.md §1), so `python -m calibration
+int8 --engines OUT --calib CALIB` builds them (entropy calibrator, then the INT8 gate); `--precision int8`
+is refused with that command before any work. Engine outcomes are typed (engines/outcome.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from runtime.errors import CheckpointError, ContractError, InputError, ToolkitEr
 from runtime.manifest import (MANIFEST_NAME, ONNX_DIR, CheckpointFile, CheckpointIdentity, GptTokens, GraphEntry, Manifest,
                               graph_entry, read_manifest, sha256_file, write_manifest)
 
+from engines.outcome import EngineResults
+
 from .assets import write_assets
 from .config import IndexTTS2Config
 from .dims import checkpoint_contracts, model_dims
@@ -44,7 +49,11 @@ from .wrappers.base import WrapperSpec
 
 log = logging.getLogger("export.build")
 
-PRECISIONS = ("fp16", "fp32", "int8")      # int8 needs --calibration (calibration/int8.py)
+PRECISIONS = ("fp16", "fp32", "int8")      # int8 is accepted only to be refused, naming INT8_BY_CALIBRATION
+INT8_BY_CALIBRATION = ("INT8 engines are built by the calibration step, not by export.build: "
+                       "export with --precision fp16, collect calibration data (python -m calibration collect "
+                       "--engines {out} --out CALIB), then run python -m calibration int8 --engines {out} --calib "
+                       "CALIB (entropy calibrator, then the INT8 gate)")
 EXPORT_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = EXPORT_ROOT.parent
 
@@ -85,21 +94,20 @@ class BuildOptions:
     force: bool = False                        # re-export even when the fingerprint is unchanged
     lint: bool = True
     precision_policy: Path | None = None       # a policy file (e.g. CALIB/precision_policy.json); None: default
-    calibration: Path | None = None            # a calibration directory: the INT8 calibrator's feeds
 
 
 @dataclass
 class BuildReport:
     manifest: Manifest
     manifest_path: Path
+    engines: EngineResults                     # one typed outcome per graph (built / reused / failed / skipped)
     exported: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
-    engines: str = ""                          # run_engines' one-line outcome ("... FAILED ..." on failure)
 
     @property
     def engines_failed(self) -> bool:
-        return "FAILED" in self.engines
+        return not self.engines.ok
 
 
 @dataclass(frozen=True)
@@ -153,10 +161,10 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
         graphs={n: entries[n] for n in contracts if n in entries},
         tools=tool_versions(), gpt=gpt_tokens(layout.config), assets=write_assets(layout, out),
     )
-    engines_msg = run_engines(manifest, out, options.precision, options.precision_policy, options.calibration)
+    engine_results = run_engines(manifest, out, options.precision, options.precision_policy)
     path = write_manifest(manifest, out)
     log.info("wrote %s (%d graphs)", path, len(manifest.graphs))
-    return BuildReport(manifest, path, engines=engines_msg, **outcome)
+    return BuildReport(manifest, path, engine_results, **outcome)
 
 
 def _export_all(options: BuildOptions, layout: CheckpointLayout, out: Path, dims: ModelDims,
@@ -474,50 +482,35 @@ def gpt_tokens(cfg: IndexTTS2Config) -> GptTokens:
 
 
 def _check_engine_inputs(options: BuildOptions) -> None:
-    """A bad policy file or calibration directory is reported before any export work."""
+    """An INT8 request or a bad policy file is reported before any export work."""
+    if options.precision == "int8":
+        raise InputError("--precision int8: " + INT8_BY_CALIBRATION.format(out=options.out))
     if options.precision_policy is not None:
         from engines.precision import load_policy
 
         load_policy(options.precision_policy)
-    if options.calibration is not None:
-        from calibration.feeds import FeedStore
-
-        FeedStore.open(options.calibration)
-    if options.precision == "int8" and options.calibration is None:
-        from engines.calibration_hook import INT8_NEEDS_CALIBRATION
-
-        raise InputError(INT8_NEEDS_CALIBRATION + " (--calibration CALIB)")
 
 
-def run_engines(manifest: Manifest, out: Path, precision: str, policy_path: Path | None = None,
-                calibration: Path | None = None) -> str:
-    """TensorRT plans (reused when unchanged) where TensorRT and a GPU are present; otherwise say why not,
-    and succeed. An engine failure is reported in the message, after every other graph was tried; the
+def run_engines(manifest: Manifest, out: Path, precision: str, policy_path: Path | None = None) -> EngineResults:
+    """TensorRT plans (reused when unchanged) where TensorRT and a GPU are present; otherwise every graph is
+    skipped with the reason, and the build succeeds. A failed engine is recorded as such after every other
+    graph was tried (a refusal before any graph, e.g. no usable GPU, fails them all with its reason); the
     ONNX graphs and the manifest stay valid (the runtime can still use ONNX Runtime). `policy_path`: the
-    precision policy (default: the shipped one); `calibration`: feeds for INT8 (calibration/int8.py)."""
+    precision policy (default: the shipped one)."""
     import engines
 
     ok, reason = engines.available()
     if not ok:
-        msg = f"engines skipped: {reason}"
-    else:
-        try:
-            factory = None
-            if calibration is not None and precision == "int8":
-                from calibration.int8 import calibrator_factory
-
-                factory = calibrator_factory(calibration)
-            built = engines.build_all(manifest, out, precision, policy_path, calibrator=factory)
-            msg = f"engines built: {len(built)} ({precision}, {reason})"
-        except engines.EngineBuildFailures as err:
-            msg = (f"engines built: {len(err.built)}, FAILED: {len(err.failed)} ({precision}, {reason})\n"
-                   + "\n".join(f"  engine {name}: {why}" for name, why in err.failed.items()))
-            log.error(msg)
-        except ToolkitError as err:
-            msg = f"engines FAILED: {err}"
-            log.error(msg)
-    log.debug(msg)
-    return msg
+        return EngineResults.all_skipped(manifest.graphs, precision, reason)
+    try:
+        results = engines.build_all(manifest, out, precision, policy_path)
+    except engines.EngineBuildFailures as err:
+        results = err.results
+    except ToolkitError as err:
+        results = EngineResults.all_failed(manifest.graphs, precision, f"{type(err).__name__}: {err}")
+    if not results.ok:
+        log.error(results.summary())
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -528,15 +521,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoints", required=True, type=Path, help="IndexTTS2 checkpoint directory")
     p.add_argument("--out", required=True, type=Path, help="output directory (onnx/, manifest.json, engines)")
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="engine precision (ONNX stays fp32)")
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                   help="engine precision (ONNX stays fp32); int8 engines: python -m calibration int8")
     p.add_argument("--graphs", default=None, help="comma-separated graph names (default: all)")
     p.add_argument("--force", action="store_true", help="re-export even if nothing changed")
     p.add_argument("--no-lint", action="store_true", help="skip polygraphy's lint")
     p.add_argument("--precision-policy", type=Path, default=None,
-                   help="fp32 islands for fp16/int8 engines (default: engines/policy_default.json; a calibration "
+                   help="fp32 islands for fp16 engines (default: engines/policy_default.json; a calibration "
                         "run writes CALIB/precision_policy.json)")
-    p.add_argument("--calibration", type=Path, default=None,
-                   help="calibration directory (python -m calibration collect): INT8 calibrator feeds")
+    p.add_argument("--calibration", type=Path, default=None, help=argparse.SUPPRESS)   # gone: refused in main
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -556,9 +549,12 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     _configure_logging(args.verbose)
+    if args.calibration is not None:                     # the INT8 route moved to the calibration layer
+        print(f"error: --calibration: {INT8_BY_CALIBRATION.format(out=args.out)}", file=sys.stderr)
+        return 2
     graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip()) if args.graphs else None
     options = BuildOptions(args.checkpoints, args.out, args.precision, graphs, args.force, not args.no_lint,
-                           args.precision_policy, args.calibration)
+                           args.precision_policy)
     t0 = time.perf_counter()
     try:
         report = build(options)
@@ -569,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"reused: {', '.join(report.reused) or '-'}")
     for name, why in report.failed.items():
         print(f"FAILED {name}: {why}")
-    print(report.engines)
+    print(report.engines.summary())
     print(f"manifest: {report.manifest_path} ({time.perf_counter() - t0:.1f} s)")
     return 1 if report.failed or report.engines_failed else 0
 

@@ -167,7 +167,7 @@ def trt_engines(tiny_export, tmp_path_factory) -> TrtEngines:
     manifest = read_manifest(out, check_hashes=True)
 
     def build(graph: str, precision: str) -> Path:       # EngineBuildFailures names the graph and its error
-        return engines.build_all(manifest, out, precision, graphs=[graph])[0]
+        return engines.build_all(manifest, out, precision, graphs=[graph]).plans[0]
 
     return TrtEngines(out, build)
 

@@ -486,6 +486,50 @@ def test_calibrator_factory_follows_the_gate_and_reaches_the_builder(tiny_calib,
         (calib / "int8_gate.json").unlink()
 
 
+def test_int8_command_builds_gates_and_rebuilds_refused_graphs_as_fp16(tiny_calib, tiny_export, tmp_path):
+    """`python -m calibration int8`'s flow on the fake TensorRT: INT8 plans with calibrators, the gate over
+    the INT8 plans only, the refused plan moved aside and rebuilt as fp16, the record merged on a rerun."""
+    import shutil
+
+    from calibration.gate import GATE_NAME
+    from calibration.int8_build import Int8Settings, build_int8
+    from runtime.trt.engine_plan import plan_paths, read_record
+    from tests.test_engines import RTX, BuilderFlag, fake_trt_for
+
+    out = Path(shutil.copytree(tiny_export[0], tmp_path / "out"))
+    calib = Path(shutil.copytree(tiny_calib[0], tmp_path / "calib"))
+    manifest = read_manifest(out)
+    trt = fake_trt_for(manifest)
+    trt.IInt8EntropyCalibrator2 = _FakeTrtInt8.IInt8EntropyCalibrator2
+    graphs = ("length_regulator", "dit_step", "bigvgan")
+    judged = []
+
+    def judge(engines_dir, calib_dir, candidates, n_items, progress, limits):
+        judged.append(list(candidates))
+        assert (engines_dir, calib_dir, n_items) == (out, calib, 2)
+        return {g: decide_from(0.2 if g == "dit_step" else 1.0, 40.0, 30.0) for g in candidates}
+
+    settings = Int8Settings(items=2, graphs=graphs)
+    result = build_int8(out, calib, settings, judge=judge, trt=trt, gpu=RTX, cuda=_FakeCuda())
+    assert [(o.graph, o.status) for o in result.engines.outcomes] == [(g, "built") for g in graphs]
+    assert judged == [list(graphs)] and result.gate.refused == ["dit_step"]
+    assert [p.name for p in result.gate.moved] == ["dit_step.int8.plan.refused", "dit_step.int8.json.refused"]
+    assert [(o.graph, o.status) for o in result.fallback.outcomes] == [("dit_step", "built")] and result.ok
+    flags = [(config.int8_calibrator is not None, BuilderFlag.INT8 in config.flags) for _, config in trt.builds]
+    assert flags == [(True, True)] * 3 + [(False, False)]                 # the rebuild has no calibrator
+    notes = {g: read_record(plan_paths(out, g, "int8")[1]).notes["int8"] for g in graphs}
+    assert notes == {"length_regulator": True, "dit_step": False, "bigvgan": True}
+    assert "refused graphs rebuilt as fp16" in "\n".join(result.lines())
+
+    again = build_int8(out, calib, settings, judge=judge, trt=trt, gpu=RTX, cuda=_FakeCuda())
+    assert {o.status for o in again.engines.outcomes} == {"reused"} and again.fallback is None
+    assert judged[-1] == ["length_regulator", "bigvgan"]                  # the fp16 fallback is not judged
+    record = json.loads((calib / GATE_NAME).read_text())["graphs"]
+    assert {g: d["accepted"] for g, d in record.items()} == {"length_regulator": True, "dit_step": False,
+                                                             "bigvgan": True}   # dit_step's refusal kept
+    assert len(trt.builds) == 4
+
+
 def decide_from(agreement: float, mel: float, wav: float):
     from calibration.effect import EffectSummary, ItemEffect
 
@@ -587,6 +631,14 @@ def test_cli_errors_are_clear(tmp_path, tiny_export):
     assert r.returncode == 2 and "INT8" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_int8_cli_without_tensorrt_is_a_clear_error(tiny_calib, tiny_export):
+    r = _cli("int8", "--engines", str(tiny_export[0]), "--calib", str(tiny_calib[0]))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "INT8 engines are TensorRT plans: " in r.stderr and "TensorRT 10 and an NVIDIA GPU" in r.stderr
+    r = _cli("int8", "--engines", str(tiny_export[0]), "--calib", str(tiny_calib[0]), "--graphs", "nope")
+    assert r.returncode == 2 and "graphs ['nope'] are not in" in r.stderr
+
+
 def test_export_build_checks_policy_and_calibration_arguments_first(tmp_path, tiny_ckpt):
     def build(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "export.build", "--checkpoints", str(tiny_ckpt), "--out",
@@ -594,8 +646,10 @@ def test_export_build_checks_policy_and_calibration_arguments_first(tmp_path, ti
 
     r = build("--precision-policy", str(tmp_path / "nope.json"))
     assert r.returncode == 2 and "nope.json: file not found" in r.stderr
+    out = tmp_path / "out"
     r = build("--precision", "int8")
-    assert r.returncode == 2 and "INT8 needs calibration data" in r.stderr and "(--calibration CALIB)" in r.stderr
-    r = build("--precision", "int8", "--calibration", str(tmp_path))
-    assert r.returncode == 2 and "not a calibration directory" in r.stderr
-    assert not (tmp_path / "out").exists()                    # nothing exported before the refusal
+    assert r.returncode == 2 and "--precision int8: INT8 engines are built by the calibration step" in r.stderr
+    assert f"python -m calibration int8 --engines {out} --calib CALIB" in r.stderr and "Traceback" not in r.stderr
+    r = build("--precision", "fp16", "--calibration", str(tmp_path))      # the old INT8 route names the new one
+    assert r.returncode == 2 and "--calibration: INT8 engines are built by" in r.stderr
+    assert not out.exists()                                   # nothing exported before the refusal

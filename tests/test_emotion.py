@@ -281,6 +281,42 @@ def test_missing_directory(tmp_path: Path) -> None:
         QwenEmotion(tmp_path / "partial")
 
 
+def test_llm_dtype_choice_needs_no_torch() -> None:
+    from runtime.emotion.llm import choose_dtype
+
+    assert choose_dtype("cuda") == "float16" and choose_dtype("cuda:1") == "float16"
+    assert choose_dtype("cpu") == "float32"
+    assert choose_dtype("cpu", "auto") == "auto" and choose_dtype("cuda", "bfloat16") == "bfloat16"
+    assert choose_dtype("cpu", torch.float16) == "float16"              # a torch dtype's name is accepted
+    with pytest.raises(InputError, match="dtype 'int8': expected one of auto, float16, bfloat16, float32"):
+        choose_dtype("cpu", "int8")
+
+
+def _demo_dir(tmp_path: Path) -> Path:
+    """A directory that passes the file check (the stack check comes after it)."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    return tmp_path
+
+
+def test_missing_transformers_or_torch_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 — loaded before the patch,
+    from transformers import tokenization_utils_base  # noqa: F401  so they keep the real is_torch_available
+
+    from runtime.emotion.llm import QwenEmotion
+
+    directory = _demo_dir(tmp_path)
+    monkeypatch.setattr(transformers.utils, "is_torch_available", lambda: False)
+    with pytest.raises(InputError, match=r"needs torch and transformers \(torch is not installed\).*--emo-vector"):
+        QwenEmotion(directory)
+    monkeypatch.undo()
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)     # import transformers -> ImportError
+    with pytest.raises(InputError, match=r"needs torch and transformers \(transformers is not installed\)"):
+        QwenEmotion(directory)
+
+
 @pytest.fixture(scope="module")
 def demo_qwen(tmp_path_factory: pytest.TempPathFactory):
     from export.qwen_emotion import write_demo_qwen_emotion
@@ -304,8 +340,18 @@ def test_demo_qwen_end_to_end(demo_qwen) -> None:
     assert list(got) == list(EMOTION_NAMES)
     assert got == {**{n: 0.0 for n in EMOTION_NAMES}, "calm": 1.0}   # random weights: the calm fallback
     assert qwen.vector("今天很开心") == [0.0] * 7 + [1.0]
+    assert (qwen.device, qwen.dtype, qwen.model.dtype) == ("cpu", "float32", torch.float32)
     with pytest.raises(InputError, match="empty"):
         qwen.inference("  ")
+
+
+def test_demo_qwen_loads_in_the_dtype_named_by_a_string(demo_qwen) -> None:
+    from runtime.emotion.llm import QwenEmotion
+
+    directory, _ = demo_qwen
+    half = QwenEmotion(directory, device="cpu", dtype="float16", max_new_tokens=1)
+    assert half.dtype == "float16" and half.model.dtype == torch.float16
+    assert next(half.model.parameters()).device.type == "cpu"
 
 
 def test_demo_qwen_canned_answer(demo_qwen, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 import engines
 from engines import EngineBuildFailures, build_all
+from engines.outcome import EngineOutcome, EngineResults
 from engines.builder import (
     BuildSettings,
     build_plan,
@@ -809,6 +810,10 @@ def test_build_all_goes_on_after_a_failed_graph(manifest, root, caplog):
     graphs = ["length_regulator", "semantic_codec", "campplus"]
     with pytest.raises(EngineBuildFailures) as err:
         build_all(manifest, root, "fp16", graphs=graphs, workspace_gib=1.5, trt=trt, gpu=RTX)
+    results = err.value.results
+    assert [(o.graph, o.status) for o in results.outcomes] == [
+        ("length_regulator", "built"), ("semantic_codec", "failed"), ("campplus", "built")]
+    assert results.outcome("semantic_codec").reason.startswith("BackendError: ") and not results.ok
     assert [p.name for p in err.value.built] == ["length_regulator.fp16.plan", "campplus.fp16.plan"]
     assert list(err.value.failed) == ["semantic_codec"]
     assert "node 'node_argmax' (ArgMax): UNSUPPORTED_NODE" in str(err.value)
@@ -816,8 +821,10 @@ def test_build_all_goes_on_after_a_failed_graph(manifest, root, caplog):
     assert all(config.pools[MemoryPoolType.WORKSPACE] == int(1.5 * (1 << 30)) for _, config in trt.builds)
 
     trt.parse_errors.clear()
-    plans = build_all(manifest, root, "fp16", graphs=graphs, trt=trt, gpu=RTX)
-    assert [p.name for p in plans] == [f"{g}.fp16.plan" for g in graphs]
+    results = build_all(manifest, root, "fp16", graphs=graphs, trt=trt, gpu=RTX)
+    assert [p.name for p in results.plans] == [f"{g}.fp16.plan" for g in graphs]
+    assert [o.status for o in results.outcomes] == ["reused", "built", "reused"] and results.ok
+    assert results.detail == f"TensorRT 10.13.0.35 on {RTX.describe()}"
     assert len(trt.builds) == 3                                           # only semantic_codec was built again
 
 
@@ -855,30 +862,83 @@ def test_export_build_without_a_gpu_skips_engines(tiny_ckpt, tiny_export, tmp_pa
     assert not (out / "engines").exists()
 
 
-def test_run_engines_reports_built_and_failed_plans(manifest, root, monkeypatch):
+def test_run_engines_reports_typed_outcomes(manifest, root, monkeypatch):
     monkeypatch.setattr(engines, "available", lambda: (True, "TensorRT 10.13.0.35, 1 CUDA device(s)"))
     seen = []
 
-    def fake_build_all(m, out, precision, policy_path=None, calibrator=None):
-        seen.append((precision, policy_path, calibrator))
-        return [out / "engines" / f"{g}.{precision}.plan" for g in m.graphs]
+    def fake_build_all(m, out, precision, policy_path=None):
+        seen.append((precision, policy_path))
+        return EngineResults(precision, tuple(EngineOutcome(g, "built", plan=out / "engines" / f"{g}.{precision}.plan")
+                                              for g in m.graphs), "TensorRT 10.13.0.35 on RTX")
 
     monkeypatch.setattr(engines, "build_all", fake_build_all)
-    msg = build_mod.run_engines(manifest, root, "fp32")
-    assert seen == [("fp32", None, None)]
+    results = build_mod.run_engines(manifest, root, "fp32")
+    assert seen == [("fp32", None)]
     build_mod.run_engines(manifest, root, "fp16", root / "precision_policy.json")
-    assert seen[-1] == ("fp16", root / "precision_policy.json", None)      # the policy reaches the builder
-    assert msg == f"engines built: {len(manifest.graphs)} (fp32, TensorRT 10.13.0.35, 1 CUDA device(s))"
+    assert seen[-1] == ("fp16", root / "precision_policy.json")          # the policy reaches the builder
+    assert results.ok and [o.graph for o in results.outcomes] == list(manifest.graphs)
+    assert results.summary() == f"engines (fp32, TensorRT 10.13.0.35 on RTX): {len(manifest.graphs)} built"
 
-    def failing(m, out, precision, policy_path=None, calibrator=None):
-        raise EngineBuildFailures([out / "engines/a.fp16.plan"], {"bigvgan": "BackendError: out of memory"})
+    def failing(m, out, precision, policy_path=None):
+        raise EngineBuildFailures(EngineResults(precision, (
+            EngineOutcome("campplus", "reused", plan=out / "engines/campplus.fp16.plan"),
+            EngineOutcome("bigvgan", "failed", "BackendError: out of memory"))))
 
     monkeypatch.setattr(engines, "build_all", failing)
-    msg = build_mod.run_engines(manifest, root, "fp16")
-    assert msg.startswith("engines built: 1, FAILED: 1 (fp16,") and "engine bigvgan: BackendError: out of memory" in msg
+    results = build_mod.run_engines(manifest, root, "fp16")
+    assert results.failed == {"bigvgan": "BackendError: out of memory"} and not results.ok
+    assert results.summary().splitlines() == ["engines (fp16): 1 reused, 1 failed",
+                                              "  engine bigvgan failed: BackendError: out of memory"]
 
-    def refusing(m, out, precision, policy_path=None, calibrator=None):
+    def refusing(m, out, precision, policy_path=None):
         raise BackendError("no usable CUDA GPU (device 0)")
 
     monkeypatch.setattr(engines, "build_all", refusing)
-    assert build_mod.run_engines(manifest, root, "fp16") == "engines FAILED: no usable CUDA GPU (device 0)"
+    results = build_mod.run_engines(manifest, root, "fp16")
+    assert results.failed == {g: "BackendError: no usable CUDA GPU (device 0)" for g in manifest.graphs}
+
+    monkeypatch.setattr(engines, "available", lambda: (False, "tensorrt is not installed"))
+    results = build_mod.run_engines(manifest, root, "fp16")
+    assert {o.status for o in results.outcomes} == {"skipped"} and results.ok and not results.plans
+    assert results.summary() == "engines skipped: tensorrt is not installed"
+
+
+def test_export_build_exit_code_follows_the_typed_engine_outcomes(tiny_ckpt, tiny_export, tmp_path, monkeypatch,
+                                                                  capsys):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export[0], out)
+    monkeypatch.setattr(engines, "available", lambda: (True, "TensorRT 10.13.0.35, 1 CUDA device(s)"))
+
+    def one_fails(m, root, precision, policy_path=None):
+        raise EngineBuildFailures(EngineResults(precision, tuple(
+            EngineOutcome(g, "failed", "BackendError: FAILED-looking text is not what counts") if g == "bigvgan"
+            else EngineOutcome(g, "built", plan=root / "engines" / f"{g}.plan") for g in m.graphs)))
+
+    monkeypatch.setattr(engines, "build_all", one_fails)
+    args = ["--checkpoints", str(tiny_ckpt), "--out", str(out), "--precision", "fp16", "--no-lint"]
+    assert build_mod.main(args) == 1
+    assert "engine bigvgan failed: BackendError" in capsys.readouterr().out
+
+    def all_built(m, root, precision, policy_path=None):
+        return EngineResults(precision, tuple(EngineOutcome(g, "built", "FAILED in a reason does not fail",
+                                                            root / "engines" / f"{g}.plan") for g in m.graphs))
+
+    monkeypatch.setattr(engines, "build_all", all_built)
+    assert build_mod.main(args) == 0
+
+
+def test_engine_outcomes_are_checked():
+    plan = Path("engines/x.fp16.plan")
+    assert EngineOutcome("x", "built", plan=plan).ok and not EngineOutcome("x", "skipped", "no GPU").ok
+    with pytest.raises(ContractError, match="status 'FAILED' is not one of built, reused, failed, skipped"):
+        EngineOutcome("x", "FAILED", "why")
+    with pytest.raises(ContractError, match="a built engine needs a plan path"):
+        EngineOutcome("x", "built")
+    with pytest.raises(ContractError, match="a failed engine has no plan path"):
+        EngineOutcome("x", "failed", "why", plan)
+    with pytest.raises(ContractError, match="a skipped engine needs a reason"):
+        EngineOutcome("x", "skipped")
+    results = EngineResults.all_failed(["a", "b"], "fp16", "no GPU")
+    assert results.failed == {"a": "no GPU", "b": "no GPU"} and results.outcome("b").status == "failed"
+    with pytest.raises(KeyError, match="no engine outcome for graph 'c'"):
+        results.outcome("c")

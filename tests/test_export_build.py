@@ -261,7 +261,9 @@ def test_toy_build_checks_records_and_reuses(tiny_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "out"
     report = build(BuildOptions(tiny_ckpt, out, "fp32"), wrappers, contracts_for)
     assert report.exported == ["toy"] and not report.failed
-    assert report.engines.startswith("engines skipped: ")
+    (skipped,) = report.engines.outcomes                   # no TensorRT here: typed, with the probe's reason
+    assert (skipped.graph, skipped.status, skipped.plan) == ("toy", "skipped", None) and skipped.reason
+    assert not report.engines_failed and report.engines.summary() == f"engines skipped: {skipped.reason}"
     manifest = read_manifest(out, check_hashes=True)
     entry = manifest.graph("toy")
     assert manifest.precision == "fp32" and entry.lint.startswith(("passed", "unavailable"))

@@ -39,27 +39,48 @@ def test_int8_plans_are_calibrated_cached_and_gated(calibrated):
 
     out, calib = calibrated
     manifest = read_manifest(out)
-    plans = engines.build_all(manifest, out, "int8", calibrator=calibrator_factory(calib))
-    assert len(plans) == len(manifest.graphs)
+    results = engines.build_all(manifest, out, "int8", calibrator=calibrator_factory(calib))
+    assert [o.status for o in results.outcomes] == ["built"] * len(manifest.graphs)
     caches = sorted((calib / INT8_DIR).glob("*.cache"))
     assert caches, "TensorRT wrote no calibration cache through write_calibration_cache"
     for cache in caches:
         header = json.loads(cache.read_bytes().split(b"\n", 1)[0])
         assert header["format"] == "indextts2-int8-calibration" and header["blob_size"] > 0
     # the gate runs every INT8 plan against the float32 graphs and moves refused plans aside
-    code = run_int8_gate(out, calib, 1, print)
+    gate = run_int8_gate(out, calib, 1, print)
     record = json.loads((calib / GATE_NAME).read_text())
     assert set(record["graphs"]) == set(manifest.graphs)
     for graph, decision in record["graphs"].items():
         plan, _ = plan_paths(out, graph, "int8")
         assert plan.exists() == decision["accepted"]
         assert (plan.with_name(plan.name + ".refused")).exists() == (not decision["accepted"])
-    assert code == (0 if all(d["accepted"] for d in record["graphs"].values()) else 1)
+    assert gate.refused == [g for g, d in record["graphs"].items() if not d["accepted"]]
     # rebuilding: refused graphs come back as fp16 (no calibrator), the others reuse their plans
     engines.build_all(manifest, out, "int8", calibrator=calibrator_factory(calib))
     for graph, decision in record["graphs"].items():
         sidecar = json.loads(plan_paths(out, graph, "int8")[1].read_text())
         assert sidecar["notes"]["int8"] == decision["accepted"]
+
+
+def test_calibration_int8_leaves_a_runnable_int8_plan_per_graph(calibrated, tmp_path):
+    """`python -m calibration int8`'s flow: calibrated build, gate, refused graphs rebuilt as fp16."""
+    from calibration.int8_build import Int8Settings, build_int8
+    from runtime.executors import backend_status
+    from runtime.manifest import read_manifest
+    from runtime.trt.engine_plan import plan_paths
+
+    out = shutil.copytree(calibrated[0], tmp_path / "out")
+    calib = shutil.copytree(calibrated[1], tmp_path / "calib")
+    shutil.rmtree(out / "engines", ignore_errors=True)               # a fresh build, no earlier gate
+    (calib / "int8_gate.json").unlink(missing_ok=True)
+    result = build_int8(out, calib, Int8Settings(items=1))
+    assert result.ok and {o.status for o in result.engines.outcomes} == {"built"}
+    for graph, decision in result.gate.decisions.items():                # accepted: INT8; refused: fp16 now
+        record = json.loads(plan_paths(out, graph, "int8")[1].read_text())
+        assert record["notes"]["int8"] == decision.accepted, graph
+    for graph in read_manifest(out).graphs:
+        assert plan_paths(out, graph, "int8")[0].is_file(), graph
+    assert backend_status("trt", out, "int8").ok
 
 
 def test_fp16_plans_follow_a_calibrated_policy(calibrated):

@@ -17,9 +17,14 @@ This runs on the host (transformers), not as an exported graph (UPSTREAM §4.2).
 in fp16 with `device_map="auto"`; here the default is fp16 on CUDA and fp32 on CPU (fp16 matmuls on
 CPU are slow and not what a CPU user wants); `dtype` overrides it.
 
-It lives in the runtime because the runtime offers emotion-from-text too, but it is the one runtime
-feature that needs torch + transformers: they are imported only when a QwenEmotion is created, and
-their absence is a clear InputError naming the alternatives. Importing this module imports neither.
+It lives in the runtime because the runtime offers emotion-from-text too. It is the one runtime module
+that needs the transformers stack (tests/test_layering.py allows `transformers` here and nowhere else in
+the runtime), imported only when a QwenEmotion is created; a missing transformers or torch is a clear
+InputError naming the alternatives. Our code never imports torch, even here ("the runtime never imports
+torch" holds without exception): it speaks transformers' own API — dtypes as strings ("float16",
+"float32", "auto"), devices as strings, `transformers.utils.is_torch_cuda_available()` for the default
+device, tokenizer tensors moved with `.to(device)`; `generate` already runs without gradients
+(transformers decorates it with `torch.no_grad()`). transformers imports torch inside its own package.
 export/qwen_emotion.py writes the tiny random demo model in the same directory layout.
 """
 
@@ -42,16 +47,35 @@ UPSTREAM_MAX_NEW_TOKENS = 32768
 REQUIRED_FILES = ("config.json", "tokenizer_config.json")
 
 
-def _import_llm_stack() -> tuple[Any, tuple[Any, Any]]:
-    """torch and the transformers auto classes, or an InputError saying what to install or use instead."""
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def _import_llm_stack() -> tuple[Any, Any, Any]:
+    """transformers' auto classes and `is_torch_cuda_available`, or an InputError saying what to install or
+    use instead. transformers imports without torch (its model classes then refuse to load), so torch's
+    presence is asked of transformers rather than imported here."""
+    hint = ("pip install torch==2.13.0 transformers==4.52.1, or give --emo-vector / --emo-audio instead")
     try:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import is_torch_available, is_torch_cuda_available
     except ImportError as err:
         raise InputError(f"emotion from text runs the checkpoint's emotion LLM, which needs torch and "
-                         f"transformers ({err.name or err} is not installed): pip install torch==2.13.0 "
-                         f"transformers==4.52.1, or give --emo-vector / --emo-audio instead") from err
-    return torch, (AutoModelForCausalLM, AutoTokenizer)
+                         f"transformers ({err.name or err} is not installed): {hint}") from err
+    if not is_torch_available():
+        raise InputError("emotion from text runs the checkpoint's emotion LLM, which needs torch and "
+                         f"transformers (torch is not installed): {hint}")
+    return AutoModelForCausalLM, AutoTokenizer, is_torch_cuda_available
+
+
+def choose_dtype(device: str, dtype: Any = None) -> str:
+    """The dtype name transformers loads the weights in: `dtype` ("float16", "bfloat16", "float32", "auto";
+    a torch dtype's name like "torch.float16" is accepted too), else fp16 on CUDA and fp32 elsewhere."""
+    if dtype is None:
+        return "float16" if device.startswith("cuda") else "float32"
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise InputError(f"emotion LLM dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return name
 
 
 def _check_directory(model_dir: Path) -> None:
@@ -89,25 +113,25 @@ def strip_thinking(output_ids: list[int], end_id: int | None) -> list[int]:
 class QwenEmotion:
     """Text -> {happy, angry, sad, afraid, disgusted, melancholic, surprised, calm} through the emotion LLM."""
 
-    def __init__(self, model_dir: str | Path, device: Any = None, dtype: Any = None,
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str | None = None,
                  max_new_tokens: int = UPSTREAM_MAX_NEW_TOKENS) -> None:
+        """`device`: "cpu", "cuda", "cuda:1", ... (default: CUDA when torch sees it); `dtype`: see
+        `choose_dtype`."""
         self.model_dir = Path(model_dir)
         _check_directory(self.model_dir)
-        torch, (AutoModelForCausalLM, AutoTokenizer) = _import_llm_stack()
-        self._torch = torch
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        AutoModelForCausalLM, AutoTokenizer, cuda_available = _import_llm_stack()
+        self.device = str(device) if device is not None else ("cuda" if cuda_available() else "cpu")
+        self.dtype = choose_dtype(self.device, dtype)
         self.max_new_tokens = int(max_new_tokens)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-            self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), torch_dtype=dtype,
+            self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), torch_dtype=self.dtype,
                                                               local_files_only=True)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{self.model_dir}: cannot load the emotion LLM: {err}") from err
         self.model.to(self.device).eval()
         self.end_id = think_end_id(self.tokenizer)
-        log.info("loaded emotion LLM from %s (%s, %s)", self.model_dir, self.device, dtype)
+        log.info("loaded emotion LLM from %s (%s, %s)", self.model_dir, self.device, self.dtype)
 
     def prompt(self, text: str) -> str:
         """The chat-templated prompt string (no thinking block requested)."""
@@ -122,10 +146,8 @@ class QwenEmotion:
         inputs = self.tokenizer([self.prompt(text)], return_tensors="pt")
         input_ids = inputs["input_ids"].to(self.device)
         attention_mask = inputs["attention_mask"].to(self.device)
-        with self._torch.no_grad():
-            generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                            max_new_tokens=self.max_new_tokens,
-                                            pad_token_id=self.tokenizer.eos_token_id)
+        generated = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,    # no_grad inside
+                                        max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.eos_token_id)
         output_ids = generated[0][input_ids.shape[1]:].tolist()
         answer_ids = strip_thinking(output_ids, self.end_id)
         return self.tokenizer.decode(answer_ids, skip_special_tokens=True)
