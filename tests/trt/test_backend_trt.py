@@ -10,7 +10,7 @@ import pytest
 from runtime import executors as executors_module
 from runtime.backend import STEP_GRAPHS, open_backend
 from runtime.contracts import GRAPH_NAMES
-from runtime.gpt.generate import GenerationConfig
+from runtime.gpt.generate import GenerationConfig, generate
 from runtime.request import DecoderSettings, SynthesisRequest
 from runtime.synthesizer import Synthesizer
 from runtime.trt import api
@@ -33,7 +33,12 @@ def test_open_backend_on_trt_opens_trt_gpt_steps_and_the_other_graphs(trt_here, 
     backend = open_backend(manifest, root, "trt", precision="fp16")
     assert backend.name == "trt" and isinstance(backend.gpt_steps, TrtGptSteps)
     assert sorted(backend.graphs.opened) == sorted(set(GRAPH_NAMES) - set(STEP_GRAPHS))
-    assert trt.cudart.device                                          # engines loaded, buffers allocated
+    rng = np.random.default_rng(0)
+    d = manifest.dims.model_dim
+    spk, emo = rng.standard_normal((1, 32, d)).astype(np.float32), rng.standard_normal((1, d)).astype(np.float32)
+    generate(backend.gpt_steps, spk, emo, rng.integers(2, manifest.dims.text_vocab, 10),
+             GenerationConfig(num_beams=3, max_mel_tokens=6), seed=0)
+    assert trt.cudart.device                                          # prefill kv, device cache, kv_new
     backend.close()
     backend.close()
     assert backend.graphs.opened == ()
