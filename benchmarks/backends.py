@@ -18,12 +18,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from runtime.executors.base import Executor, Feed
 from runtime.executors.recording import RecordingExecutor
+from runtime.gpt.steps import GptSteps, KVCacheLike
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,10 @@ def decode_call(gpt_tokens: int) -> int:
 
 
 class FixedLengthSteps:
-    """GptSteps whose logits never favour the stop token, so generation runs to max_mel_tokens."""
+    """GptSteps whose logits never favour the stop token, so generation runs to max_mel_tokens. The cache
+    and the lifetime are the wrapped steps' (`new_cache` and `close` delegate)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: GptSteps) -> None:
         self._inner = inner
         self.geometry = inner.geometry
         self._stop = inner.geometry.stop_mel_token
@@ -51,8 +53,11 @@ class FixedLengthSteps:
     def decode(self, feed: Feed) -> Feed:
         return self._mask(self._inner.decode(feed))
 
-    def __getattr__(self, name: str) -> Any:       # new_cache / close of device-cache steps pass through
-        return getattr(self._inner, name)
+    def new_cache(self, kv: Any, beams: int, max_rows: int, buckets: Sequence[int]) -> KVCacheLike:
+        return self._inner.new_cache(kv, beams, max_rows, buckets)
+
+    def close(self) -> None:
+        self._inner.close()
 
     def _mask(self, out: Feed) -> Feed:
         out["logits"][..., self._stop] = -np.inf
@@ -79,42 +84,51 @@ class OpenedBackend:
 
 def open_backend(name: str, export_dir: Path, checkpoints: Path | None, threads: int | None,
                  record: bool = False, record_decode_call: int = DECODE_CALL) -> OpenedBackend:
-    """A Synthesizer on `name` (torch needs the checkpoint directory), every graph loaded now."""
+    """A Synthesizer on `name` (torch needs the checkpoint directory), every graph loaded now.
+
+    `record`: wrap the graph executors in Recorders (not on trt, whose GPT steps run on the device: its
+    graphs are timed on the feeds another backend recorded)."""
+    from runtime.backend import Backend
+    from runtime.backend import open_backend as open_runtime_backend
     from runtime.executors import GraphSet, OrtOptions
     from runtime.manifest import read_manifest
     from runtime.synthesizer import Synthesizer
 
     from .measure import rss_mib
 
+    if name not in BENCH_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: one of {', '.join(BENCH_BACKENDS)}")
     t0 = time.perf_counter()
     manifest = read_manifest(export_dir)
+    options = OrtOptions(intra_op_threads=threads)
+
+    def recorded(executors: Mapping[str, Executor]) -> Mapping[str, Executor]:
+        return {g: Recorder(ex, record_decode_call) for g, ex in executors.items()} if record else executors
+
     if name == "torch":
-        if checkpoints is None:
-            raise ValueError("the torch backend needs --checkpoints (the eager models are loaded from it)")
-        import torch
-
-        from export.eager import EagerModels
-        from export.torch_executor import torch_executors
-
-        if threads:
-            torch.set_num_threads(threads)
-        executors: Mapping[str, Executor] = torch_executors(EagerModels.load(checkpoints), manifest)
-    elif name in ("ort-cpu", "ort-cuda"):
-        graph_set = GraphSet(manifest, export_dir, name, OrtOptions(intra_op_threads=threads))
+        backend = Backend.from_executors(manifest, recorded(_torch_executors(manifest, checkpoints, threads)))
+    elif record and name != "trt":
+        graph_set = GraphSet(manifest, export_dir, name, options)
         graph_set.open_all()
-        executors = graph_set
-    elif name == "trt":
-        executors = {}
+        backend = Backend.from_executors(manifest, recorded(graph_set), owned=(graph_set,), name=name)
     else:
-        raise ValueError(f"unknown backend {name!r}: one of {', '.join(BENCH_BACKENDS)}")
-    if record:
-        executors = {g: Recorder(ex, record_decode_call) for g, ex in executors.items()}
-    if name == "trt":
-        synth = Synthesizer(export_dir, "trt")
-    else:
-        synth = Synthesizer(export_dir, executors=executors)
+        backend = open_runtime_backend(manifest, export_dir, name, ort_options=options)
+    synth = Synthesizer(export_dir, backend)
     synth.gpt_steps = FixedLengthSteps(synth.gpt_steps)
     return OpenedBackend(name, synth, time.perf_counter() - t0, rss_mib())
+
+
+def _torch_executors(manifest: Any, checkpoints: Path | None, threads: int | None) -> Mapping[str, Executor]:
+    if checkpoints is None:
+        raise ValueError("the torch backend needs --checkpoints (the eager models are loaded from it)")
+    import torch
+
+    from export.eager import EagerModels
+    from export.torch_executor import torch_executors
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch_executors(EagerModels.load(checkpoints), manifest)
 
 
 def recorded_feeds(backend: OpenedBackend) -> dict[str, dict[int, Feed]]:

@@ -49,7 +49,8 @@ def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 class ForcedSteps:
     """GptSteps that record the wrapped GPT's greedy choice at every position and then force the given
-    codes (all other logits set to -inf), so the loop follows the reference sequence."""
+    codes (all other logits set to -inf), so the loop follows the reference sequence. The cache and the
+    lifetime are the wrapped steps' (`new_cache` and `close` delegate)."""
 
     def __init__(self, inner: Any, repetition_penalty: float) -> None:
         self._inner = inner
@@ -74,6 +75,12 @@ class ForcedSteps:
 
     def decode(self, feed: Mapping[str, np.ndarray]) -> dict:
         return self._force(self._inner.decode(feed))
+
+    def new_cache(self, kv: Any, beams: int, max_rows: int, buckets: Sequence[int]) -> Any:
+        return self._inner.new_cache(kv, beams, max_rows, buckets)
+
+    def close(self) -> None:
+        self._inner.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

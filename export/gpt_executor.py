@@ -7,15 +7,20 @@ The decode loop (runtime/gpt/generate.py) is torch-free and speaks numpy feeds; 
 the eager PyTorch model exactly as it will drive ONNX Runtime or TensorRT engines later. Inputs are
 wrapped with `torch.from_numpy` (no copy; the loop's preallocated cache slices are read in place) and
 run under `torch.inference_mode`; outputs come back as numpy arrays sharing the result tensors' memory.
+The KV cache is the runtime's host KVCache (the outputs are host arrays), and `close` has nothing to free:
+the model belongs to the EagerModels that loaded it.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from runtime.contracts import kv_cache_name
 from runtime.errors import ContractError
+from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.steps import Feed, GptGeometry
 
 from .models.unified_voice import UnifiedVoice
@@ -40,7 +45,8 @@ def _tensor(feed: Feed, name: str, dtype: np.dtype) -> torch.Tensor:
 
 
 class EagerGptSteps:
-    """`prefill` / `decode` on numpy feeds (GptSteps protocol) backed by the eager UnifiedVoice."""
+    """`prefill` / `decode` / `new_cache` / `close` on numpy feeds (GptSteps protocol) backed by the eager
+    UnifiedVoice."""
 
     def __init__(self, model: UnifiedVoice) -> None:
         self.model = model.eval()
@@ -66,3 +72,10 @@ class EagerGptSteps:
         with torch.inference_mode():
             logits, kv_new = self.model.decode(mel_ids, mel_pos, cache, kv_mask)
         return {"logits": logits.numpy(), "kv_new": kv_new.numpy()}
+
+    def new_cache(self, kv: np.ndarray, beams: int, max_rows: int, buckets: Sequence[int]) -> KVCache:
+        """The runtime's host cache: decode reads its slices in place through `torch.from_numpy`."""
+        return KVCache.from_prefill(kv, beams, max_rows, buckets)
+
+    def close(self) -> None:
+        """Nothing to free: the model is the EagerModels' (a no-op, so the protocol holds)."""

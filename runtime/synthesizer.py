@@ -31,18 +31,18 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from runtime.assets import load_emotion_matrices, load_tokenizer
+from runtime.backend import Backend, open_backend, require_graphs
 from runtime.caches import LRU, audio_key
 from runtime.cfm import euler_solve, mel_length, regulate
-from runtime.contracts import GRAPH_NAMES
 from runtime.emotion import EmotionPlan, emotion_plan, final_emovec
-from runtime.errors import ContractError, InputError
-from runtime.executors import GraphSet, OrtOptions, resolve_backend
+from runtime.errors import InputError
+from runtime.executors import OrtOptions
 from runtime.executors.base import Executor
 from runtime.frontend.text.tokenizer import text_segments
 from runtime.gpt.codes import segment_codes
 from runtime.gpt.generate import GenerationConfig
-from runtime.gpt.graph_steps import GraphGptSteps, geometry_of
 from runtime.gpt.sampling import DrawSource
+from runtime.gpt.steps import GptSteps
 from runtime.manifest import Manifest, read_manifest
 from runtime.randomness import RandomStreams
 from runtime.request import (
@@ -75,12 +75,14 @@ class PreparedRequest:
 class Synthesizer:
     """IndexTTS2 from an export directory (`python -m export.build` output).
 
-    `backend`: auto | trt | ort-cuda | ort-cpu. `executors`: run the graphs with these instead (e.g. the
-    eager torch executors of export/torch_executor.py, for parity); the export directory still supplies
-    the manifest and the runtime assets. `cache_size`: speaker / emotion references kept (LRU, by content).
+    `backend`: auto | trt | ort-cuda | ort-cpu, or a Backend already opened (runtime/backend.py; the
+    synthesizer closes it). `executors`: run the graphs with these instead (e.g. the eager torch executors
+    of export/torch_executor.py, for parity; they stay the caller's to close); the export directory still
+    supplies the manifest and the runtime assets. `cache_size`: speaker / emotion references kept (LRU, by
+    content).
     """
 
-    def __init__(self, engines: str | Path, backend: str = "auto", *,
+    def __init__(self, engines: str | Path, backend: str | Backend = "auto", *,
                  executors: Mapping[str, Executor] | None = None, ort_options: OrtOptions = OrtOptions(),
                  cache_size: int = 8, normalizer: str = "auto", emo_text_max_new_tokens: int = 32768,
                  engine_precision: str | None = None) -> None:
@@ -90,27 +92,11 @@ class Synthesizer:
             raise InputError(f"{self.root}: engine directory not found; create it with "
                              "python -m export.build --checkpoints CKPT --out DIR")
         self.manifest: Manifest = read_manifest(self.root)
-        missing = [g for g in GRAPH_NAMES if g not in self.manifest.graphs]
-        if missing:
-            raise ContractError(f"{self.root}: the manifest has no graph(s) {missing}; synthesis needs all of "
-                                f"{', '.join(GRAPH_NAMES)} (python -m export.build --checkpoints CKPT --out "
-                                f"{self.root} --graphs {','.join(missing)})")
-        gpt_steps = None
-        if executors is None:
-            self.backend = resolve_backend(backend, self.root, engine_precision)
-            graph_set = GraphSet(self.manifest, self.root, self.backend, ort_options, engine_precision)
-            if self.backend == "trt":           # the GPT steps keep their KV cache on the device
-                from runtime.trt.gpt_steps import open_trt_gpt_steps
-
-                gpt_steps = open_trt_gpt_steps(self.manifest, self.root, engine_precision)
-            # every file checked and loaded now, not in the middle of a request
-            graph_set.open_all(exclude=("gpt_prefill", "gpt_decode") if gpt_steps is not None else ())
-            executors = graph_set
-        else:
-            self.backend = str(getattr(next(iter(executors.values()), None), "backend", "custom"))
-        self.graphs: Mapping[str, Executor] = executors
-        self.gpt_steps = gpt_steps or GraphGptSteps(executors["gpt_prefill"], executors["gpt_decode"],
-                                                    geometry_of(self.manifest))
+        require_graphs(self.manifest, self.root)
+        self._backend = self._open(backend, executors, ort_options, engine_precision)
+        self.backend: str = self._backend.name
+        self.graphs: Mapping[str, Executor] = self._backend.graphs
+        self.gpt_steps: GptSteps = self._backend.gpt_steps
         self.tokenizer = load_tokenizer(self.manifest, self.root, normalizer)
         self.matrices = load_emotion_matrices(self.manifest, self.root)
         self.sample_rate = self.manifest.synthesis.sample_rate
@@ -123,13 +109,22 @@ class Synthesizer:
         self._emo_text_max_new_tokens = emo_text_max_new_tokens
         log.info("synthesizer on %s: %s (%d graphs)", self.backend, self.root, len(self.manifest.graphs))
 
+    def _open(self, backend: str | Backend, executors: Mapping[str, Executor] | None, ort_options: OrtOptions,
+              precision: str | None) -> Backend:
+        """The Backend to run: given, built over injected executors, or opened now (every file checked and
+        loaded here, not in the middle of a request)."""
+        if isinstance(backend, Backend):
+            if executors is not None:
+                raise InputError("Synthesizer: pass either an opened Backend or executors, not both")
+            return backend
+        if executors is not None:
+            return Backend.from_executors(self.manifest, executors)
+        return open_backend(self.manifest, self.root, backend, ort_options=ort_options, precision=precision)
+
     def close(self) -> None:
-        """Free the executors' resources (TensorRT device memory, CUDA graphs); the object is unusable after."""
+        """Free the backend's resources (TensorRT device memory, CUDA graphs); the object is unusable after."""
         with self._lock:
-            for holder in (self.gpt_steps, self.graphs):
-                close = getattr(holder, "close", None)
-                if close is not None:
-                    close()
+            self._backend.close()
 
     def __enter__(self) -> "Synthesizer":
         return self

@@ -57,6 +57,10 @@ class _Steps:
     class geometry:
         stop_mel_token = 3
 
+    def __init__(self) -> None:
+        self.cache_calls: list[tuple] = []
+        self.closed = 0
+
     def prefill(self, feed):
         return {"logits": np.zeros((1, 5), np.float32)}
 
@@ -65,16 +69,24 @@ class _Steps:
         logits[:, 3] = 100.0                        # the stop token would win
         return {"logits": logits}
 
-    def new_cache(self, *a):
+    def new_cache(self, kv, beams, max_rows, buckets):
+        self.cache_calls.append((kv, beams, max_rows, tuple(buckets)))
         return "device cache"
+
+    def close(self) -> None:
+        self.closed += 1
 
 
 def test_fixed_length_steps_hide_the_stop_token_and_pass_the_rest_through() -> None:
-    steps = FixedLengthSteps(_Steps())
+    inner = _Steps()
+    steps = FixedLengthSteps(inner)
     out = steps.decode({})
     assert np.isneginf(out["logits"][:, 3]).all() and np.argmax(out["logits"], axis=1).tolist() == [0, 0]
     assert np.isneginf(steps.prefill({})["logits"][0, 3])
-    assert steps.new_cache() == "device cache" and steps.geometry.stop_mel_token == 3
+    assert steps.new_cache("kv", 3, 40, (8, 16)) == "device cache" and steps.geometry.stop_mel_token == 3
+    assert inner.cache_calls == [("kv", 3, 40, (8, 16))]
+    steps.close()
+    assert inner.closed == 1
 
 
 def test_fixed_length_generation_runs_to_the_cap(tiny_export) -> None:
@@ -102,6 +114,12 @@ def test_fixed_length_generation_runs_to_the_cap(tiny_export) -> None:
             out = inner.decode(feed)
             out["logits"][..., stop] = 1e4
             return out
+
+        def new_cache(self, kv, beams, max_rows, buckets):
+            return inner.new_cache(kv, beams, max_rows, buckets)
+
+        def close(self) -> None:
+            inner.close()
 
     rng = np.random.default_rng(0)
     spk = rng.standard_normal((1, 32, m.dims.model_dim)).astype(np.float32)

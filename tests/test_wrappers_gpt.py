@@ -21,6 +21,7 @@ from export.onnx_export import export_onnx
 from export.wrappers.gpt import WRAPPERS, GptLimits
 from runtime.contracts import GraphContract, ModelDims, build_contracts
 from runtime.gpt.generate import GenerationConfig, generate
+from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.steps import Feed, GptGeometry
 
 ort = pytest.importorskip("onnxruntime")
@@ -185,6 +186,12 @@ class OrtGptSteps:
 
     def decode(self, feed: Feed) -> Feed:
         return self._run(self._decode, feed)
+
+    def new_cache(self, kv, beams, max_rows, buckets):
+        return KVCache.from_prefill(kv, beams, max_rows, buckets)
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize("config", [GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0,

@@ -2,7 +2,8 @@
 
 `--backend` names: `ort-cpu`, `ort-cuda`, `trt`, and `auto` (trt > ort-cuda > ort-cpu: the first that
 can really run here). `backend_status` says for each whether it can run and why not; `GraphSet` opens
-one executor per graph lazily (a graph nobody calls is never loaded) and keeps it.
+one executor per graph lazily (a graph nobody calls is never loaded) and keeps it. What a synthesizer
+opens — these executors plus the GPT steps, all at load — is runtime/backend.py:open_backend.
 """
 
 from __future__ import annotations
@@ -122,6 +123,12 @@ class GraphSet(Mapping[str, Executor]):
 
     def __len__(self) -> int:
         return len(self.manifest.graphs)
+
+    @property
+    def opened(self) -> tuple[str, ...]:
+        """The graphs whose executors are open now, in opening order."""
+        with self._lock:
+            return tuple(self._open)
 
     def open_all(self, exclude: tuple[str, ...] = ()) -> None:
         """Load every graph now (benchmarks and servers: no first-request loading delay)."""

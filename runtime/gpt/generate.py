@@ -28,7 +28,6 @@ import numpy as np
 from runtime.contracts import KV_BUCKETS
 from runtime.errors import InputError
 from runtime.gpt.beam import BeamScorer, Hypothesis
-from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.sampling import (
     DrawSource,
     ProcessorSettings,
@@ -40,7 +39,7 @@ from runtime.gpt.sampling import (
     process_scores_,
     softmax,
 )
-from runtime.gpt.steps import GptGeometry, GptSteps
+from runtime.gpt.steps import GptGeometry, GptSteps, KVCacheLike
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,7 @@ def generate(steps: GptSteps, spk_latent: np.ndarray, emovec: np.ndarray, text_i
     kv = out["kv"]
     prompt_rows = kv.shape[4]
     beams = config.num_beams
-    make_cache = getattr(steps, "new_cache", None) or KVCache.from_prefill     # device caches: engines
-    cache = make_cache(kv, beams, prompt_rows + max_new - 1, cache_buckets)
+    cache = steps.new_cache(kv, beams, prompt_rows + max_new - 1, cache_buckets)   # host or device: the steps'
     logits = np.repeat(np.asarray(out["logits"], np.float32).reshape(1, -1), beams, axis=0)   # (B, V)
     loop = _Loop(steps, geom, config, cache, draws, StepTrace() if record else None)
     result = loop.sample(logits, max_new, prompt_rows) if beams == 1 else loop.beam(logits, max_new, prompt_rows)
@@ -166,7 +164,7 @@ class _Seen:
 class _Loop:
     """One generation: owns the decode feed, the work buffers and the per-step bookkeeping."""
 
-    def __init__(self, steps: GptSteps, geom: GptGeometry, config: GenerationConfig, cache: KVCache,
+    def __init__(self, steps: GptSteps, geom: GptGeometry, config: GenerationConfig, cache: KVCacheLike,
                  draws: DrawSource | None, trace: StepTrace | None) -> None:
         self.steps, self.geom, self.config, self.cache, self.draws, self.trace = steps, geom, config, cache, draws, trace
         beams, vocab = config.num_beams, geom.vocab_size

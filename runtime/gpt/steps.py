@@ -15,18 +15,22 @@ DESIGN.md §3, and reads their outputs by name:
 the start/stop text tokens. `mel_pos` is the explicit mel position of the fed token: the k-th
 generated code is fed at position k + 1 (UPSTREAM.md §3.1.6). The decode step attends to the cache
 rows where `kv_mask` is 1, plus the fed token itself; it returns only the new K/V rows, which the loop
-writes into its own preallocated cache.
+writes into the cache that `new_cache` gave it.
+
+Every member is required and declared, none discovered: the loop calls `new_cache` unconditionally (a
+host KVCache for executors that return host arrays, a device cache for TensorRT), and whoever owns the
+steps calls `close` (runtime/backend.py:Backend.close). tests/gpt/test_steps_protocol.py checks that
+every implementation in the repository (library classes, wrappers and test fakes) declares them all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 Feed = dict[str, np.ndarray]
-
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class GptGeometry:
     max_mel_tokens: int      # upstream's max_generate_length default is 1500, capped by this
 
 
+@runtime_checkable
 class KVCacheLike(Protocol):
     """What the decode loop needs of a KV cache (runtime/gpt/kv_cache.py:KVCache on the host; a device cache
     for the TensorRT executor): decode feeds that stay valid until `version` changes, one write of a
@@ -57,13 +62,18 @@ class KVCacheLike(Protocol):
     def reorder(self, beam_indices: np.ndarray) -> None: ...
 
 
+@runtime_checkable
 class GptSteps(Protocol):
-    """Something that runs the two GPT graphs.
+    """Something that runs the two GPT graphs, and owns the KV cache the decode loop writes.
 
-    Optionally it also provides `new_cache(kv, beams, max_rows, buckets) -> KVCacheLike`, called with the
-    prefill's `kv` output; executors that keep K/V on a device use it to keep the cache there (its
-    `feeds()` then hold device views and `kv_new` stays a device buffer). Without it the loop keeps a
-    host KVCache.
+    `new_cache(kv, beams, max_rows, buckets)` is called once per generation with the prefill's `kv`
+    output: it returns the loop's cache holding those rows for every beam, sized from `buckets` up to
+    `max_rows` rows. Host implementations return runtime/gpt/kv_cache.py:KVCache; executors that keep
+    K/V on a device return a cache whose `feeds()` hold device views (runtime/trt/gpt_steps.py).
+
+    `close()` frees what the steps themselves hold (device buffers, and the executors they opened);
+    executors handed to the steps by their caller stay the caller's to close. It may be called twice.
+    Wrappers (benchmarks' FixedLengthSteps, calibration's ForcedSteps) delegate both to what they wrap.
     """
 
     geometry: GptGeometry
@@ -71,3 +81,7 @@ class GptSteps(Protocol):
     def prefill(self, feed: Feed) -> Feed: ...
 
     def decode(self, feed: Feed) -> Feed: ...
+
+    def new_cache(self, kv: Any, beams: int, max_rows: int, buckets: Sequence[int]) -> KVCacheLike: ...
+
+    def close(self) -> None: ...

@@ -126,6 +126,12 @@ class ReplaySteps:
         b = feed["mel_ids"].shape[0]
         return {"logits": self.step_logits[self.calls], "kv_new": np.zeros((1, 2, b, 1, 1, 1), np.float32)}
 
+    def new_cache(self, kv, beams, max_rows, buckets):
+        return KVCache.from_prefill(kv, beams, max_rows, buckets)
+
+    def close(self) -> None:
+        pass
+
 
 @pytest.mark.parametrize("call", ["beam", "beam_evict", "beam_maxlen", "greedy"])
 def test_replay_recorded_logits(fixtures_root: Path, call: str) -> None:
@@ -286,6 +292,12 @@ class FakeSteps:
             out_kv.append(new)
         self.attended.append(attended)
         return {"logits": np.stack(out_logits), "kv_new": np.stack(out_kv, axis=2)}
+
+    def new_cache(self, kv, beams, max_rows, buckets):
+        return KVCache.from_prefill(kv, beams, max_rows, buckets)
+
+    def close(self) -> None:
+        pass
 
     def reference_logits(self, prompt: np.ndarray, history: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Logits after `history` recomputed from scratch, and every K row the last position attends to."""
