@@ -180,6 +180,20 @@ def cache_decision(expected: EngineKey, plan: Path, sidecar: Path) -> CacheDecis
 # TensorRT glue
 
 
+def _enable_activation_resize(trt: Any, config: Any, tag: str) -> bool:
+    """Ask for plans whose activation memory follows the bound shapes (TensorRT >= 10.10 preview feature
+    RUNTIME_ACTIVATION_RESIZE_10_10). Without it `update_device_memory_size_for_shapes` may report the
+    profile maximum, and the executor's user-managed memory (runtime/trt/context_memory.py) could not shrink
+    below it. Older 10.x: logged and skipped (the plan then behaves as before). -> whether it was set."""
+    feature = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if feature is None or not hasattr(config, "set_preview_feature"):
+        log.debug("%s: this TensorRT has no RUNTIME_ACTIVATION_RESIZE_10_10; activation memory is sized per profile",
+                  tag)
+        return False
+    config.set_preview_feature(feature, True)
+    return True
+
+
 def progress_monitor(trt: Any, tag: str) -> Any | None:
     """A trt.IProgressMonitor logging build phases (top-level at INFO, nested at DEBUG), or None when
     this TensorRT has no progress monitor. Never cancels the build."""
@@ -291,6 +305,7 @@ def build_plan(entry: GraphEntry, onnx_path: Path, settings: BuildSettings, trt:
         config.set_flag(getattr(trt.BuilderFlag, name))
     for name in flags.clear:
         config.clear_flag(getattr(trt.BuilderFlag, name))
+    _enable_activation_resize(trt, config, tag)
 
     trt_profiles = [_add_profile(builder, config, entry, label, calls) for label, calls in profile_calls(entry)]
     if calibrator is not None:

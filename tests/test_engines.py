@@ -63,6 +63,7 @@ LayerType = enum.Enum("LayerType", "CONVOLUTION CAST ACTIVATION SOFTMAX ELEMENTW
                                    "MATRIX_MULTIPLY CONSTANT SHAPE NORMALIZATION SLICE CONCATENATION")
 BuilderFlag = enum.Enum("BuilderFlag", "FP16 BF16 INT8 TF32 OBEY_PRECISION_CONSTRAINTS PREFER_PRECISION_CONSTRAINTS")
 MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE TACTIC_DRAM")
+PreviewFeature = enum.Enum("PreviewFeature", "PROFILE_SHARING_0806 ALIASED_PLUGIN_IO_10_03 RUNTIME_ACTIVATION_RESIZE_10_10")
 Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
 ErrorCode = enum.Enum("ErrorCode", "SUCCESS INVALID_GRAPH UNSUPPORTED_NODE")
 
@@ -171,6 +172,10 @@ class FakeConfig:
         self.progress_monitor = None
         self._int8_calibrator = None
         self.calibration_profile = None
+        self.preview: dict = {}
+
+    def set_preview_feature(self, feature, enable: bool) -> None:
+        self.preview[feature] = enable
 
     def set_memory_pool_limit(self, pool, pool_size: int) -> None:
         self.pools[pool] = pool_size
@@ -229,6 +234,7 @@ class FakeTrt:
         self.cleared: set = set()
         self.DataType, self.LayerType, self.BuilderFlag = DataType, LayerType, BuilderFlag
         self.MemoryPoolType = MemoryPoolType
+        self.PreviewFeature = PreviewFeature
         self.float32, self.float16 = DataType.FLOAT, DataType.HALF
         trt = self
 
@@ -556,6 +562,7 @@ def test_build_plan_drives_tensorrt_as_documented(manifest, root, policy, caplog
     ((network, config),) = trt.builds
     assert config.pools == {MemoryPoolType.WORKSPACE: 3 << 30}
     assert config.flags == {BuilderFlag.FP16, BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
+    assert config.preview == {PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10: True}   # memory follows the shapes
     assert [p.shapes for p in config.profiles] == [list(calls) for _, calls in profile_calls(entry)]
     assert trt.cache_loads == [b"old-cache"] and built.timing_cache == b"old-cache+timed"
     assert config.progress_monitor is not None
@@ -942,3 +949,12 @@ def test_engine_outcomes_are_checked():
     assert results.failed == {"a": "no GPU", "b": "no GPU"} and results.outcome("b").status == "failed"
     with pytest.raises(KeyError, match="no engine outcome for graph 'c'"):
         results.outcome("c")
+
+
+def test_an_older_tensorrt_without_activation_resize_still_builds(manifest, root, policy):
+    trt = fake_trt_for(manifest)
+    trt.PreviewFeature = enum.Enum("PreviewFeature", "PROFILE_SHARING_0806")       # TensorRT < 10.10
+    entry = manifest.graph("length_regulator")
+    build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
+    ((_, config),) = trt.builds
+    assert config.preview == {}
