@@ -144,7 +144,7 @@ class OrtExecutor(BaseExecutor):
 
     def _run(self, feed: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray], checked: object) -> Feed:
         for name in self._input_names:                    # rebind only what moved since the last run
-            if self._bound_in.get(name) != _key(feed[name]):
+            if self._bound_in.get(name) != value_key(feed[name]):
                 self._bind_input(name, feed[name])
         for name in self._output_names:
             buf = outputs.get(name)
@@ -152,7 +152,7 @@ class OrtExecutor(BaseExecutor):
                 self._binding.bind_output(name, "cpu")
                 self._bound_out[name] = None
                 continue
-            key = _key(buf)
+            key = value_key(buf)
             if self._bound_out.get(name) != key:
                 self._binding.bind_output(name, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
                 self._keep[f"out:{name}"] = buf
@@ -173,10 +173,5 @@ class OrtExecutor(BaseExecutor):
 
     def _bind_input(self, name: str, value: np.ndarray) -> None:
         self._binding.bind_input(name, "cpu", 0, value.dtype.type, list(value.shape), value.ctypes.data)
-        self._bound_in[name] = _key(value)
+        self._bound_in[name] = value_key(value)
         self._keep[name] = value
-
-
-def _key(value: np.ndarray) -> tuple:
-    """What a binding depends on: address, shape, strides and dtype (contents are read at run time)."""
-    return value_key(value)

@@ -378,10 +378,6 @@ def memcpy_dtoh_async(dst: int, src: int, nbytes: int, stream: Stream | None) ->
     memcpy_async(dst, src, nbytes, "dtoh", stream)
 
 
-def memcpy_dtod_async(dst: int, src: int, nbytes: int, stream: Stream | None) -> None:
-    memcpy_async(dst, src, nbytes, "dtod", stream)
-
-
 def memcpy2d_async(dst: int, dpitch: int, src: int, spitch: int, width_bytes: int, height: int, kind: str,
                    stream: Stream | None) -> None:
     """`height` rows of `width_bytes` bytes, row r from src + r*spitch to dst + r*dpitch (C order)."""
@@ -432,7 +428,12 @@ def end_capture(stream: Stream) -> Any:
 
 
 def instantiate(graph: Any) -> Any:
-    return check(cudart().cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+    """The executable of a captured graph; the graph itself is destroyed either way (a replay needs only
+    the executable, so every capture site ends here)."""
+    try:
+        return check(cudart().cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+    finally:
+        destroy_graph(graph)
 
 
 def launch(graph_exec: Any, stream: Stream) -> None:

@@ -412,10 +412,7 @@ class TrtExecutor(BaseExecutor):
             cuda.clear_last_error()
             raise BackendError(f"{ctx.what}: execute_async_v3 returned False under stream capture "
                                "(this engine cannot be captured)")
-        try:
-            return cuda.instantiate(graph)
-        finally:
-            cuda.destroy_graph(graph)
+        return cuda.instantiate(graph)
 
     def _launch(self, graph_exec: Any) -> None:
         cuda.launch(graph_exec, self.stream)

@@ -332,11 +332,7 @@ class DeviceKVCache:
         except BaseException:
             cuda.destroy_graph(cuda.end_capture(self.stream))     # end the capture whatever happened
             raise
-        graph = cuda.end_capture(self.stream)
-        try:
-            return cuda.instantiate(graph)
-        finally:
-            cuda.destroy_graph(graph)
+        return cuda.instantiate(cuda.end_capture(self.stream))
 
     def _launch(self, graph_exec: Any) -> None:
         cuda.launch(graph_exec, self.stream)
