@@ -254,6 +254,7 @@ def test_decode_loop_with_the_device_cache_equals_the_host_loop(fake_engines, ma
     decode = TrtExecutor(manifest.graph("gpt_decode"), root, "fp16", stream=stream, cuda_graphs=True, trt=trt)
     steps = TrtGptSteps(prefill, decode, geometry, owned=(prefill, decode, stream))
     gen = GenerationConfig(**config)
+    bindings = set()                # the device cache each request decoded from (its K/V and mask addresses)
     for conditioning, seed in requests:                     # later requests reuse the steps' buffers
         spk, emo, text = _conditioning(manifest, conditioning, text_len)
         want = generate(host_steps, spk, emo, text, gen, seed=seed, record=True)
@@ -268,7 +269,11 @@ def test_decode_loop_with_the_device_cache_equals_the_host_loop(fake_engines, ma
         assert (steps._cache.capacity > 256) == grows and steps._cache.version == (2 if grows else 1)
         if gen.num_beams > 1:           # recurring beam reorders were replayed as CUDA graphs (kv_device)
             assert steps._cache.reorder_stats.replays > 0
+        bindings.add((steps._cache._cache.ptr, steps._cache._mask.ptr))
     stats = decode.graph_stats
-    assert stats.failed_captures == 0 and stats.captures >= len(requests)
+    # One capture per distinct binding: a later request whose new cache landed at a freed cache's addresses
+    # (the allocator may hand them out again) rightly replays that graph, so the count is per binding, not
+    # per request.
+    assert stats.failed_captures == 0 and stats.captures >= len(bindings)
     steps.close()
     assert not trt.cudart.device and not trt.cudart.host and not trt.cudart.execs
