@@ -35,3 +35,17 @@ class EngineMismatchError(ToolkitError):
 class BackendError(ToolkitError):
     """A backend cannot run here or failed while running: unknown name, missing package or GPU,
     an execution provider that did not activate, a runtime failure inside the backend."""
+
+
+class EmotionAnswerError(ToolkitError):
+    """The emotion model's answer to an emotion text was unusable (a score that is not a number).
+
+    Its own class because the remedy differs from bad input: the same request may succeed when retried
+    (the model may answer differently), or the caller can pass the emotion as a vector. `retryable` tells
+    a server to answer with a retryable status; `answer` is the model's raw answer."""
+
+    retryable = True
+
+    def __init__(self, message: str, answer: str = "") -> None:
+        super().__init__(message)
+        self.answer = answer

@@ -44,13 +44,21 @@ def test_stats_and_measure_count_runs() -> None:
 
 
 def test_peak_tracker_sees_an_allocation() -> None:
+    """The peak is at least every resident size seen while the block lived. (Comparing the peak with the
+    size at the start instead is flaky in a long test process: the kernel may reclaim other cold pages of
+    the process meanwhile — this machine runs DAMON reclaim — so the start size overstates the baseline.)"""
     with measure_mod.PeakTracker() as t:
+        before = measure_mod.rss_mib()
         block = np.ones(64 << 20, np.uint8)          # 64 MiB touched
+        during = measure_mod.rss_mib()
         del block
     r = t.result
     assert r.peak_mib is not None and r.start_mib is not None
-    if not r.since_start_of_process:                # the peak was reset: the block must show
-        assert r.extra_mib >= 60
+    assert during - before >= 60                     # the resident size counts the touched block
+    if not r.since_start_of_process:                # the peak was reset: it must include the block
+        # (within 1 MiB: the kernel updates VmHWM from batched per-CPU RSS counters, seen lagging VmRSS by
+        # a few dozen pages; the block alone is 64 MiB)
+        assert r.peak_mib >= during - 1.0
 
 
 class _Steps:

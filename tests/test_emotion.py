@@ -19,7 +19,6 @@ from runtime.emotion import (
     merge_emovec,
     mix_emovec,
     normalize_emo_vec,
-    parse_emotion_response,
     resolve_emotion_source,
     truncate_emo_vector,
     validate_emo_vector,
@@ -214,43 +213,69 @@ def test_loader_missing_and_truncated(tmp_path: Path) -> None:
         load_emotion_matrices(f1, f2, EMO_NUM)
 
 
-# ---- parsing the emotion LLM's answer ------------------------------------------------------------------
+# ---- parsing the emotion LLM's answer (UPSTREAM.md §2.11) ------------------------------------------
 
-def test_parse_json_and_order() -> None:
-    got = emotions_from_response('{"高兴": 0.8, "惊讶": 0.3, "自然": 0}', "今天真好")
+# (emotion text, model answer, expected vector in the order happy angry sad afraid disgusted melancholic
+# surprised calm) — the issue's table, each through the function the pipelines use.
+ANSWERS = [
+    ("今天真好", '{"高兴": 0.8, "惊讶": 0.3, "自然": 0}', [0.8, 0, 0, 0, 0, 0, 0.3, 0]),
+    ("好", "高兴: 0.7, 悲伤: 0.2", [0.7, 0, 0.2, 0, 0, 0, 0, 0]),
+    ("I feel melancholy today", '{"悲伤": 0.9, "自然": 0.1}', [0, 0, 0, 0, 0, 0.9, 0, 0.1]),
+    ("so gloomy", "悲伤:0.6 低落:0.1", [0, 0, 0.1, 0, 0, 0.6, 0, 0]),
+    ("angry", '{"愤怒": 2.5, "恐惧": -1}', [0, 1.2, 0, 0, 0, 0, 0, 0]),
+    ("x", '"高兴"', [1, 0, 0, 0, 0, 0, 0, 0]),
+    ("x", '{"emotion": "happy"}', [1, 0, 0, 0, 0, 0, 0, 0]),
+    ("x", '{"label": "悲伤", "score": 0.9}', [0, 0, 1, 0, 0, 0, 0, 0]),
+    ("x", '{"情绪": "angry"}', [0, 1, 0, 0, 0, 0, 0, 0]),
+    ("x", '{"高兴": "悲伤"}', [0, 0, 1, 0, 0, 0, 0, 0]),
+    ("x", '{"happy": 0.6, "sad": 0.4}', [0, 0, 0, 0, 0, 0, 0, 1]),
+    ("x", '{"高兴": "0.5", "惊讶": "0.25"}', [0.5, 0, 0, 0, 0, 0, 0.25, 0]),
+    ("x", "高兴", [0, 0, 0, 0, 0, 0, 0, 1]),
+    ("x", "", [0, 0, 0, 0, 0, 0, 0, 1]),
+    ("x", 'Result: {"反感": 0.4, "惊讶": 0.4}', [0, 0, 0, 0, 0.4, 0, 0.4, 0]),
+    # beyond the table: the rules' corners
+    ("x", '{"emotion_label": " Calm ", "情感": "高兴"}', [0, 0, 0, 0, 0, 0, 0, 1]),      # first alias wins
+    ("x", '{"emotion": "高兴", "惊讶": 0.3}', [0, 0, 0, 0, 0, 0, 0.3, 0]),          # a score key: no one-hot
+    ("x", '{"悲伤": "高兴", "高兴": 0.2}', [1, 0, 0, 0, 0, 0, 0, 0]),               # label value, vector order
+    ("x", '{"Emotion": "happy", "HAPPY": 1}', [0, 0, 0, 0, 0, 0, 0, 1]),            # keys are exact
+    ("x", "高兴：0.7", [0, 0, 0, 0, 0, 0, 0, 1]),                                     # full-width colon: no pair
+    ("x", '{"高兴": 0.5, "恐惧": 0.1,}', [0.5, 0, 0, 0.1, 0, 0, 0, 0]),              # bad JSON -> the pairs
+    ("x", "1. 高兴: 0.7\n2. 低落: 0.2", [0.7, 0, 0, 0, 0, 0.2, 0, 0]),
+    ("x", "[1, 2]", [0, 0, 0, 0, 0, 0, 0, 1]),                                         # JSON, not an object
+    ("x", '{"高兴": true, "愤怒": Infinity, "悲伤": NaN}', [1, 1.2, 1.2, 0, 0, 0, 0, 0]),  # Python's float()
+    ("心情低落", '{"悲伤": 0.7}', [0, 0, 0, 0, 0, 0.7, 0, 0]),                         # the swap, any case
+    ("I feel GLOOMY", '{"悲伤": 0.9, "低落": 0.1}', [0, 0, 0.1, 0, 0, 0.9, 0, 0]),
+    ("I feel sad", '{"悲伤": 0.9, "低落": 0.1}', [0, 0, 0.9, 0, 0, 0.1, 0, 0]),
+    # where upstream crashes (a melancholic text with an answer that is not a JSON object): our choice
+    ("so gloomy", '"悲伤"', [0, 0, 0, 0, 0, 1, 0, 0]),             # the label's one-hot, then the swap
+    ("so gloomy", '"高兴"', [1, 0, 0, 0, 0, 0, 0, 0]),
+    ("so gloomy", "0.5", [0, 0, 0, 0, 0, 0, 0, 1]),                # no score in a number: calm
+    # an object with a label alias and a melancholic text: upstream's order (swap first) gives calm
+    ("so gloomy", '{"emotion": "悲伤"}', [0, 0, 0, 0, 0, 0, 0, 1]),
+]
+
+
+@pytest.mark.parametrize("text, answer, expected", ANSWERS)
+def test_answers_are_parsed_as_upstream(text: str, answer: str, expected: list[float]) -> None:
+    got = emotions_from_response(answer, text)
     assert list(got) == list(EMOTION_NAMES)
-    assert got == {"happy": 0.8, "angry": 0.0, "sad": 0.0, "afraid": 0.0, "disgusted": 0.0,
-                   "melancholic": 0.0, "surprised": 0.3, "calm": 0.0}
+    assert list(got.values()) == pytest.approx(expected, abs=0, rel=0)
 
 
-def test_parse_regex_fallback() -> None:
-    assert parse_emotion_response('高兴: 0.5, "悲伤"：0.25, 愤怒 : .5, junk') == {"高兴": 0.5, "悲伤": 0.25, "愤怒": 0.5}
-    assert parse_emotion_response('{"高兴": 0.5, "恐惧": 0.1,}') == {"高兴": 0.5, "恐惧": 0.1}   # bad JSON
-    assert parse_emotion_response("[1, 2]") == {}                                                # JSON, not an object
-    assert parse_emotion_response("1. 高兴: 0.7\n2. 低落: 0.2") == {"高兴": 0.7, "低落": 0.2}
+@pytest.mark.parametrize("answer, value", [
+    ('{"高兴": "很高"}', "'很高'"),
+    ('{"高兴": 0.5, "愤怒": null}', "None"),
+    ('{"恐惧": [0.5]}', r"\[0.5\]"),
+    ("高兴: 0.7.", "'0.7.'"),                 # the pair's number is '0.7.'
+])
+def test_a_non_numeric_score_is_an_error_of_its_own(answer: str, value: str) -> None:
+    from runtime.errors import EmotionAnswerError, ToolkitError
 
-
-def test_parse_english_aliases() -> None:
-    got = parse_emotion_response('{"Happy": 0.4, "sadness": 0.2, "neutral": 0.1, "高兴": 0.9, "other": 5}')
-    assert got == {"高兴": 0.9, "悲伤": 0.2, "自然": 0.1}
-    assert emotions_from_response("angry: 0.6, Calm: 0.2", "x")["angry"] == 0.6
-
-
-def test_melancholic_swap() -> None:
-    answer = '{"悲伤": 0.9, "低落": 0.1}'
-    assert emotions_from_response(answer, "I feel GLOOMY")[("sad")] == 0.1
-    assert emotions_from_response(answer, "I feel GLOOMY")["melancholic"] == 0.9
-    assert emotions_from_response(answer, "心情低落")["melancholic"] == 0.9
-    assert emotions_from_response(answer, "I feel sad")["sad"] == 0.9
-    swapped = emotions_from_response('{"悲伤": 0.7}', "depressed")
-    assert swapped["sad"] == 0.0 and swapped["melancholic"] == 0.7
-
-
-def test_clamp_and_calm_fallback() -> None:
-    got = emotions_from_response('{"高兴": 1.5, "愤怒": -0.3, "悲伤": "0.5", "恐惧": null}', "x")
-    assert (got["happy"], got["angry"], got["sad"], got["afraid"], got["calm"]) == (1.2, 0.0, 0.5, 0.0, 0.0)
-    assert emotions_from_response('{"高兴": 0, "愤怒": -1}', "x")["calm"] == 1.0
-    assert emotions_from_response("no numbers here", "x") == {**{n: 0.0 for n in EMOTION_NAMES}, "calm": 1.0}
+    with pytest.raises(EmotionAnswerError, match=rf"score {value} is not a number") as err:
+        emotions_from_response(answer, "x")
+    message = str(err.value)
+    assert repr(answer) in message and "Retry" in message and "--emo-vector" in message
+    assert err.value.answer == answer and err.value.retryable and isinstance(err.value, ToolkitError)
 
 
 # ---- the emotion LLM -----------------------------------------------------------------------------------

@@ -144,6 +144,21 @@ def test_bad_requests_raise_input_errors(tts: EagerIndexTTS2, ckpt: Path, tmp_pa
         tts.synthesize(_request(ckpt, emo_audio=garbage), SHORT, FAST)
 
 
+def test_the_eager_pipeline_shares_the_answer_parser(tts: EagerIndexTTS2, ckpt: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """export/ reads the emotion model's answer through runtime.emotion.answer (no copy): a label answer is a
+    one-hot emotion, a non-numeric score the EmotionAnswerError."""
+    from runtime.emotion.llm import QwenEmotion
+    from runtime.errors import EmotionAnswerError
+
+    monkeypatch.setattr(QwenEmotion, "respond", lambda self, text: '{"emotion": "angry"}')
+    result = tts.synthesize(_request(ckpt, use_emo_text=True, emo_text="x"), SHORT, FAST, seed=0)
+    assert result.emotion.source == "text" and result.emotion.emo_vector == (0, 1, 0, 0, 0, 0, 0, 0)
+    monkeypatch.setattr(QwenEmotion, "respond", lambda self, text: '{"高兴": "很高"}')
+    with pytest.raises(EmotionAnswerError, match="很高"):
+        tts.synthesize(_request(ckpt, use_emo_text=True, emo_text="x"), SHORT, FAST, seed=0)
+
+
 def test_cli_writes_wav_and_fails_cleanly(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.wav"
     base = [sys.executable, "-m", "export.synthesize", "--checkpoints", str(ckpt),

@@ -335,3 +335,18 @@ def test_emotion_from_text_without_torch_is_a_clear_error(tiny_export, tiny_ckpt
     assert run.returncode == 1, run.stderr
     assert "needs torch and transformers" in run.stderr and "Traceback" not in run.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unusable_emotion_answer_exits_non_zero_without_output(stream, tiny_export, tiny_ckpt, tmp_path,
+                                                                     monkeypatch, capsys) -> None:
+    """The emotion model answering a non-numeric score is an EmotionAnswerError: message, exit 1, no file."""
+    from runtime.emotion.llm import QwenEmotion
+
+    monkeypatch.setattr(QwenEmotion, "respond", lambda self, text: '{"高兴": "很高"}')
+    out = tmp_path / "emo.wav"
+    args = _args(tiny_export[0], tiny_ckpt, out, "--emo-text", "so happy", *(["--stream"] if stream else []))
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "emotion model's answer is unusable" in err and "很高" in err and "--emo-vector" in err
+    assert not out.exists() and not list(tmp_path.glob("*emo.wav*"))

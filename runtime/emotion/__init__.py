@@ -10,13 +10,15 @@ The names below are the package's API; `llm` is not imported here (it is the hea
 """
 
 from runtime.emotion.answer import (
-                                    ENGLISH_ALIASES,
+                                    LABEL_ALIAS_KEYS,
                                     MELANCHOLIC_WORDS,
                                     SCORE_MAX,
                                     SCORE_MIN,
                                     apply_melancholic_swap,
+                                    decode_answer,
                                     emotions_from_response,
-                                    parse_emotion_response,
+                                    label_key,
+                                    normalize_labels,
                                     scores_to_emotions,
 )
 from runtime.emotion.source import (
@@ -46,10 +48,10 @@ from runtime.emotion.vectors import (
 )
 
 __all__ = [
-    "DEFAULT_EMO_NUM", "EMO_BIAS", "EMO_SUM_LIMIT", "EMOTION_LABELS_ZH", "EMOTION_NAMES", "ENGLISH_ALIASES",
+    "DEFAULT_EMO_NUM", "EMO_BIAS", "EMO_SUM_LIMIT", "EMOTION_LABELS_ZH", "EMOTION_NAMES", "LABEL_ALIAS_KEYS",
     "MELANCHOLIC_WORDS", "NUM_EMOTIONS", "SCORE_MAX", "SCORE_MIN", "EmotionMatrices", "EmotionMix",
     "EmotionPlan", "EmotionSourceKind", "TextToEmotion", "apply_melancholic_swap", "cosine_similarity",
-    "emotion_plan", "emotions_from_response", "final_emovec", "merge_emovec", "mix_emovec", "normalize_emo_vec",
-    "parse_emotion_response", "resolve_emotion_source", "scores_to_emotions", "truncate_emo_vector",
+    "decode_answer", "emotion_plan", "emotions_from_response", "final_emovec", "label_key", "merge_emovec",
+    "mix_emovec", "normalize_emo_vec", "normalize_labels", "resolve_emotion_source", "scores_to_emotions", "truncate_emo_vector",
     "validate_emo_vector", "weight_vector",
 ]

@@ -1,105 +1,157 @@
-"""Parsing the emotion LLM's text answer into the 8 emotion scores.
+"""Reading the emotion LLM's text answer as the 8 emotion scores, exactly as upstream does.
 
-upstream: indextts/infer_v2.py:QwenEmotion (`inference`, `convert`, `clamp_score`); UPSTREAM.md §2.11.
-Torch-free, so it is shared with any other LLM backend.
+upstream: indextts/infer_v2.py:QwenEmotion (`inference` l.864–891, `normalize_content`, `convert`,
+`clamp_score`, at HEAD ee40fa7, after commits 8887408 "Normalize label-style Qwen emotion outputs" and
+843972e "non-numeric scores"); the rules step by step: UPSTREAM.md §2.11. Torch-free, so the runtime and
+the eager pipeline (export/) share this one parser through `runtime.emotion.llm.QwenEmotion`.
+
+The steps, each a function below:
+1. `decode_answer`: `json.loads` (any JSON value); on invalid JSON, the `key: number` pairs that upstream's
+   regex finds (ASCII colon only; the number is `[\\d.]+`, converted with `float`);
+2. `apply_melancholic_swap`: when the emotion text names melancholy, the sad and melancholic scores swap;
+3. `normalize_labels`: label-style answers ("高兴", {"emotion": "happy"}, {"高兴": "悲伤"}) become one-hot
+   scores; English emotion names count only as label VALUES, never as keys;
+4. `scores_to_emotions`: the 8 Chinese keys in vector order, `float()` of each value clamped to [0, 1.2]
+   (missing = 0); a value `float()` rejects is an `EmotionAnswerError`;
+5. every score <= 0: calm = 1.0.
+
+Where upstream crashes, our choices (each keeps what the rules mean):
+- a melancholic word in the text and an answer that is JSON but not an object. Upstream indexes the
+  value as a dict and raises TypeError/AttributeError. Here a bare label string is first read as its
+  one-hot score (what step 3 does with it), and the swap then applies to those scores ("悲伤" becomes
+  melancholic, "高兴" stays happy); any other non-object (number, list, null) contributes no score, as in
+  step 3, so the swap leaves the voice calm. (Upstream's own order for objects is kept: for
+  {"emotion": "悲伤"} the swap inserts 悲伤 = 低落 = 0.0 before the labels are read, which disables the
+  one-hot, so that answer gives calm with a melancholic text, as upstream.)
+- a regex match whose number `float()` rejects ("高兴: 0.7." captures "0.7."): upstream raises a bare
+  ValueError from its dict comprehension; here it is the same `EmotionAnswerError` as a non-numeric score.
+Python's own semantics are kept where upstream relies on them: `json.loads` accepts NaN and Infinity,
+`float()` accepts numeric strings (" 0.5 ", "1e-1") and JSON booleans (true = 1.0), and the clamp
+`max(0, min(1.2, x))` maps NaN to 1.2 and +Infinity to 1.2, -Infinity to 0.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-from numbers import Real
 from typing import Any, Mapping
+
+from runtime.emotion.vectors import EMOTION_LABELS_ZH, EMOTION_NAMES
+from runtime.errors import EmotionAnswerError
 
 log = logging.getLogger(__name__)
 
-from runtime.emotion.vectors import EMOTION_LABELS_ZH, EMOTION_NAMES
-
-# QwenEmotion post-processing constants.
+# QwenEmotion's clamp range.
 SCORE_MIN, SCORE_MAX = 0.0, 1.2
 # Words in the emotion text that make the sad score count as melancholic (the LLM cannot tell them apart).
 MELANCHOLIC_WORDS: tuple[str, ...] = ("低落", "melancholy", "melancholic", "depression", "depressed", "gloomy")
-# English keys accepted in the LLM response besides the Chinese labels. The eight vector names come from
-# the facts; the noun forms and "neutral" are our choice (upstream's own comments call calm "neutral").
-ENGLISH_ALIASES: dict[str, str] = {
-    **dict(zip(EMOTION_NAMES, EMOTION_LABELS_ZH)),
-    "happiness": "高兴", "anger": "愤怒", "sadness": "悲伤", "fear": "恐惧", "disgust": "反感",
-    "melancholy": "低落", "surprise": "惊讶", "neutral": "自然",
-}
+# Keys whose (label) value names the answer's one emotion, in the order upstream looks them up.
+LABEL_ALIAS_KEYS: tuple[str, ...] = ("emotion", "emotion_label", "label", "情感", "情绪")
+# English emotion name -> Chinese key; accepted only as a label value.
+_ZH_BY_NAME: dict[str, str] = dict(zip(EMOTION_NAMES, EMOTION_LABELS_ZH))
+# upstream's fallback pattern for answers that are not JSON: a key without spaces, quotes, colons, dots or
+# commas (shortest first), an optional closing quote, an ASCII colon, a run of digits and dots.
+_PAIR = re.compile(r'([^\s":.,]+?)"?\s*:\s*([\d.]+)')
 
 
-# ----------------------------------------------------------------------------------------------------
-# Parsing the emotion LLM's answer (§2.11)
-# ----------------------------------------------------------------------------------------------------
-
-# `key: number` pairs in a non-JSON answer: the key is a run without spaces, quotes, brackets, colons,
-# commas or dots (so "1. 高兴: 0.5" yields 高兴), an optional closing quote, an ASCII or full-width colon.
-_PAIR = re.compile(r"""([^\s"'{}\[\]:：,，.。]+)["']?\s*[:：]\s*["']?([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)""")
+def _unusable(answer: str, value: Any) -> EmotionAnswerError:
+    return EmotionAnswerError(
+        f"the emotion model's answer is unusable: score {value!r} is not a number (answer: {answer!r}). "
+        "Retry the request (the model may answer differently), or give the emotion as --emo-vector "
+        "(emo_vector) instead of emotion text.", answer=answer)
 
 
-def _score(value: Any) -> float | None:
-    """A response value as a float; None (treated as missing) for non-numbers, bools and NaN."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if not isinstance(value, Real):
-        return None
-    x = float(value)
-    return None if math.isnan(x) else x
-
-
-def parse_emotion_response(content: str) -> dict[str, float]:
-    """The LLM's answer as {Chinese label: score}: JSON first, `key: number` pairs as the fallback.
-
-    English keys (case-insensitive, see ENGLISH_ALIASES) map to the Chinese labels; a Chinese key wins
-    over an alias of the same category; unknown keys and non-numeric values are dropped.
-    """
-    raw: Any
+def decode_answer(answer: str) -> Any:
+    """Step 1: the answer as JSON (object, string, number, list, ...), else {key: float} from its
+    `key: number` pairs (later pairs win, as in a dict comprehension)."""
     try:
-        raw = json.loads(content)
-    except ValueError:
-        raw = None
-    if not isinstance(raw, dict):  # invalid JSON, or JSON that is not an object: scan for pairs
-        raw = {m.group(1): m.group(2) for m in _PAIR.finditer(content)}
-    scores: dict[str, float] = {}
-    aliased: dict[str, float] = {}
-    for key, value in raw.items():
-        x = _score(value)
-        name = str(key).strip()
-        if x is None:
-            continue
-        if name in EMOTION_LABELS_ZH:
-            scores[name] = x
-        elif name.lower() in ENGLISH_ALIASES:
-            aliased[ENGLISH_ALIASES[name.lower()]] = x
-    return {**aliased, **scores}
+        return json.loads(answer)
+    except json.JSONDecodeError:
+        pass
+    pairs: dict[str, float] = {}
+    for match in _PAIR.finditer(answer):
+        try:
+            pairs[match.group(1)] = float(match.group(2))
+        except ValueError:
+            raise _unusable(answer, match.group(2)) from None
+    return pairs
 
 
-def apply_melancholic_swap(scores: Mapping[str, float], text: str) -> dict[str, float]:
-    """Swap the sad and melancholic scores when the emotion text names melancholy (case-insensitive)."""
-    out = dict(scores)
-    lowered = text.lower()
-    if any(word in lowered for word in MELANCHOLIC_WORDS):
-        out["悲伤"], out["低落"] = scores.get("低落", 0.0), scores.get("悲伤", 0.0)
-    return out
+def label_key(value: Any) -> str | None:
+    """The Chinese key a label value names: one of the 8 Chinese keys (surrounding spaces ignored) or one of
+    the 8 English names (case-insensitive); None for anything else, including non-strings."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if value in EMOTION_LABELS_ZH:
+        return value
+    return _ZH_BY_NAME.get(value.lower())
 
 
-def scores_to_emotions(scores: Mapping[str, float]) -> dict[str, float]:
-    """{English name: score} in vector order: clamp to [0, 1.2], missing = 0, all <= 0 -> calm = 1.0."""
-    out = {name: max(SCORE_MIN, min(SCORE_MAX, float(scores.get(label, 0.0))))
-           for name, label in zip(EMOTION_NAMES, EMOTION_LABELS_ZH)}
+def apply_melancholic_swap(content: Any, text: str) -> Any:
+    """Step 2: when the lower-cased emotion text contains a melancholic word, the sad and melancholic
+    scores swap (a missing one counts as 0.0, so both keys exist afterwards). See the module docstring for
+    answers that are not JSON objects."""
+    if not any(word in text.lower() for word in MELANCHOLIC_WORDS):
+        return content
+    if isinstance(content, str):
+        content = normalize_labels(content)            # a bare label: its one-hot scores, then the swap
+    elif not isinstance(content, dict):
+        content = {}                                   # a number, list or null carries no score
+    swapped = dict(content)
+    swapped["悲伤"], swapped["低落"] = content.get("低落", 0.0), content.get("悲伤", 0.0)
+    return swapped
+
+
+def normalize_labels(content: Any) -> dict[str, Any]:
+    """Step 3: label-style answers as one-hot scores.
+
+    - a bare label string, or else the first label found under LABEL_ALIAS_KEYS, sets its emotion to 1.0
+      when no Chinese key is present;
+    - then, in vector order, a Chinese key whose value is itself a label becomes 1.0 if it names itself and
+      0.0 otherwise, and the named emotion becomes 1.0 (later keys see the earlier keys' new values).
+    Anything that is not a JSON object yields {} (hence calm, unless a bare label was detected).
+    """
+    normalized: dict[str, Any] = dict(content) if isinstance(content, dict) else {}
+    detected = label_key(content) if isinstance(content, str) else None
+    if detected is None:
+        for alias in LABEL_ALIAS_KEYS:
+            detected = label_key(normalized.get(alias))
+            if detected is not None:
+                break
+    if detected is not None and not any(key in normalized for key in EMOTION_LABELS_ZH):
+        normalized[detected] = 1.0
+    for key in EMOTION_LABELS_ZH:
+        named = label_key(normalized.get(key))
+        if named is not None:
+            normalized[key] = 1.0 if named == key else 0.0
+            if named != key:
+                normalized[named] = 1.0
+    return normalized
+
+
+def scores_to_emotions(scores: Mapping[str, Any], answer: str = "") -> dict[str, float]:
+    """Steps 4–5: {English name: score} in vector order; `float(value)` clamped to [0, 1.2], missing = 0;
+    a value `float()` rejects raises EmotionAnswerError (quoting `answer`); all <= 0 -> calm = 1.0."""
+    out: dict[str, float] = {}
+    for name, key in zip(EMOTION_NAMES, EMOTION_LABELS_ZH):
+        value = scores.get(key, 0.0)
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise _unusable(answer, value) from None
+        out[name] = max(SCORE_MIN, min(SCORE_MAX, x))
     if all(v <= 0.0 for v in out.values()):
         log.info("emotion text: no emotion detected; using a calm voice")
         out["calm"] = 1.0
     return out
 
 
-def emotions_from_response(content: str, text: str) -> dict[str, float]:
-    """The emotion LLM's decoded answer for `text` -> {happy, ..., calm} (QwenEmotion's post-processing)."""
-    return scores_to_emotions(apply_melancholic_swap(parse_emotion_response(content), text))
+def emotions_from_response(answer: str, text: str) -> dict[str, float]:
+    """The emotion LLM's decoded answer for the emotion text `text` -> {happy, ..., calm} in vector order.
+
+    This is the function the pipelines use (through QwenEmotion.inference). Raises EmotionAnswerError
+    when a score is not a number."""
+    content = apply_melancholic_swap(decode_answer(answer), text)
+    return scores_to_emotions(normalize_labels(content), answer)

@@ -10,8 +10,9 @@ classification") with a JSON object of Chinese emotion labels and scores. The st
    `generation_config.json` (nothing else is passed);
 3. keep the generated ids after the LAST `</think>` (id 151668 in the Qwen3 vocabulary), decode with
    `skip_special_tokens=True`;
-4. parse, swap sad/melancholic, clamp, fall back to calm: `runtime.emotion.emotions_from_response`
-   (torch-free, so it is shared with any other LLM backend).
+4. parse exactly as upstream (JSON or the regex fallback, the sad/melancholic swap, label-style answers
+   as one-hot emotions, clamp, calm fallback; a non-numeric score is an EmotionAnswerError):
+   `runtime.emotion.emotions_from_response` (torch-free, shared by both pipelines and any other LLM backend).
 
 This runs on the host (transformers), not as an exported graph (UPSTREAM §4.2). Upstream loads the model
 in fp16 with `device_map="auto"`; here the default is fp16 on CUDA and fp32 on CPU (fp16 matmuls on
