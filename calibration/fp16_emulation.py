@@ -1,48 +1,50 @@
-"""FP16 emulation of an exported ONNX graph, runnable in ONNX Runtime on a CPU.
+"""FP16 emulation of the mixed-precision ONNX graph the engines are built from, runnable on a CPU.
 
-Why emulate on the ONNX graph rather than the PyTorch module: the precision policy addresses TensorRT
-layers, which the ONNX parser names after the ONNX nodes (`<module path>/<torch op>/<ONNX op>`). Emulating
-node by node measures exactly the units a policy rule can pin to fp32, in the graph TensorRT compiles,
-and needs no fp16 CPU kernels (PyTorch has few on CPU). The eager model and this graph agree to ~1e-5
-(export.verify), so the float32 run here is the eager reference within that.
+Why emulate, and why on that graph: the shipped fp16 graph (engines/mixed_precision.py: fp16 tensors, the
+precision policy's fp32 islands, explicit Casts) is what TensorRT and ONNX Runtime CUDA compute. ONNX
+Runtime's CPU provider runs it too, but computes its fp16 nodes in float32 without rounding their inputs
+and outputs (it has no fp16 kernels for most ops, inserts Casts to fp32 and drops the rounding Cast pairs
+around them), so a plain CPU run hides the activation rounding. The emulation is derived from the mixed
+graph itself, mechanically: every fp16 tensor becomes a float32 tensor holding fp16 values, i.e.
+- an fp16 initializer becomes a float32 initializer with the same (fp16-exact) values;
+- a node producing fp16 computes in float32 and its result passes through Cast(fp16) -> Cast(fp32)
+  (ONNX Runtime keeps explicit Cast pairs; measured), a Cast to fp16 is followed by a Cast back;
+- everything else is unchanged.
+So whatever the mixed-precision pass does (which nodes, which inputs stay fp32, the Casts at the borders)
+is exactly what is emulated: the analysis runs on the graph that ships under the policy being analysed.
 
-The model of TensorRT FP16 (stated assumptions, not measured here):
-- a node not kept in fp32 computes in float32 from fp16-rounded inputs and stores its float outputs in
-  fp16: every float input of such a node is rounded to fp16 (round to nearest even; overflow -> inf) and
-  so is each float output. Real kernels keep fp32 accumulators for matrix products and reductions, as this
-  does; elementwise kernels that compute in fp16 round once per op, which a float32 op followed by one
-  rounding reproduces (fp32 has more than twice fp16's precision). TensorRT's fusions skip some
-  intermediate roundings, so the emulation is, if anything, pessimistic.
-- weights (initializers) used by fp16 nodes are converted as TensorRT does it: clipped to ±65504, then
-  rounded (subnormals kept).
-- a node kept in fp32 (the policy) takes its inputs as they come (an fp16 producer's output is already
-  rounded, as TensorRT's reformat from fp16 to fp32 is exact) and its outputs stay float32.
-- nodes without a float output, Constant and Shape nodes are never rounded (the same filter as
-  engines.precision.forceable).
+The model of TensorRT FP16 this gives (stated assumptions, not measured here): an fp16 node computes in
+float32 from fp16 inputs and rounds its outputs to fp16 (round to nearest even; overflow -> inf). Real
+kernels keep fp32 accumulators for matrix products and reductions, as this does; elementwise kernels that
+compute in fp16 round once per op, which a float32 op followed by one rounding reproduces (fp32 has more
+than twice fp16's precision). TensorRT's fusions skip some intermediate roundings, so the emulation is, if
+anything, pessimistic. Weights of fp16 nodes are clipped to ±65504 and rounded (the pass does it).
 
 Two forms are built:
-- the *emulated* model: the graph with Cast(fp16)->Cast(fp32) pairs inserted, same inputs, outputs and
-  metadata, so the runtime can run it in place of the original (end-to-end effect of a policy);
-- the *probe* model: the float32 graph and its emulated copy side by side on the same inputs, plus per
+- the *emulated* model: same inputs, outputs and metadata as the float32 graph, so the runtime can run it
+  in place of the original (end-to-end effect of a policy);
+- the *probe* model: the float32 graph and the emulated copy side by side on the same inputs, plus per
   float tensor a small statistics vector computed in-graph (`PROBE_FIELDS`), so one run reports every
-  layer without materializing thousands of activations.
+  layer without materializing thousands of activations. "raw" is an fp16 node's float32 result before its
+  rounding.
 The emulated models must run with graph optimizations disabled: a fusion would remove rounding points.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engines.precision import LayerInfo, PrecisionPolicy, forceable, select_fp32_layers
+from engines.mixed_precision import (FLOAT, FLOAT16, FP16_MAX, ONNX_TO_TRT_LAYER, MixedGraph, MixedPrecisionError,
+                                     NodeView, fp16_nodes, fp16_weight, mixed_precision_model, node_views,
+                                     policy_fp32, tensor_types)
 
 log = logging.getLogger(__name__)
 
-FP16_MAX = 65504.0
 EMU = "emu::"                      # prefix of the emulated copy's node and tensor names in a probe model
 STATS = "stats::"                  # prefix of the probe's statistics outputs
 STATS_INT = "stats::int::"         # ... of an integer tensor computed from floats: [mismatches, size]
@@ -50,207 +52,120 @@ STATS_INT = "stats::int::"         # ... of an integer tensor computed from floa
 PROBE_FIELDS = ("ref_amax", "ref_nonfinite", "raw_amax", "raw_nonfinite", "emu_nonfinite", "err_max",
                 "flushed", "size")
 
-#: ONNX op type -> the TensorRT LayerType its parser produces (the main layer; approximate, used only to
-#: apply `types` filters of a precision policy to ONNX nodes). Unlisted ops map to their upper-cased name.
-ONNX_TO_TRT_LAYER: dict[str, str] = {
-    **{op: "ELEMENTWISE" for op in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Equal", "Less",
-                                    "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Sum")},
-    **{op: "UNARY" for op in ("Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Sin", "Cos", "Tan", "Floor",
-                              "Ceil", "Round", "Erf", "Not", "Sign", "Asin", "Acos", "Atan", "Sinh", "Cosh",
-                              "IsNaN", "IsInf")},
-    **{op: "ACTIVATION" for op in ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Softplus",
-                                   "Softsign", "HardSigmoid", "ThresholdedRelu", "Clip", "Mish", "Gelu")},
-    **{op: "REDUCE" for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
-                               "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")},
-    **{op: "NORMALIZATION" for op in ("LayerNormalization", "InstanceNormalization", "GroupNormalization")},
-    **{op: "SHUFFLE" for op in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")},
-    "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY", "Gemm": "MATRIX_MULTIPLY", "Conv": "CONVOLUTION",
-    "ConvTranspose": "DECONVOLUTION", "Concat": "CONCATENATION", "Slice": "SLICE", "Expand": "SLICE",
-    "Gather": "GATHER", "GatherElements": "GATHER", "Where": "SELECT", "Pad": "PADDING", "Cast": "CAST",
-    "Constant": "CONSTANT", "ConstantOfShape": "FILL", "Range": "FILL", "Shape": "SHAPE", "Split": "SLICE",
-    "TopK": "TOPK", "ArgMax": "TOPK", "ArgMin": "TOPK", "ScatterND": "SCATTER", "Tile": "SLICE",
-    "CumSum": "CUMULATIVE", "Einsum": "EINSUM", "Resize": "RESIZE", "BatchNormalization": "SCALE",
-}
+EmulationError = MixedPrecisionError       # the name callers used before the pass moved to engines/
 
-_DTYPE_NAMES = {1: "FLOAT", 10: "HALF", 16: "BF16", 6: "INT32", 7: "INT64", 9: "BOOL", 3: "INT8", 2: "UINT8",
-                11: "DOUBLE"}
-
-
-class EmulationError(ValueError):
-    """The graph has a form the emulation does not handle (named in the message)."""
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """One ONNX node as the analysis sees it: position, tensors, and the LayerInfo a policy matches."""
-
-    index: int
-    name: str
-    op_type: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    float_outputs: tuple[str, ...]
-    layer: LayerInfo
-
-
-def tensor_types(model: Any) -> dict[str, int]:
-    """ONNX elem_type of every named tensor the graph declares (inputs, outputs, value_info, initializers)."""
-    g = model.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.output) + list(g.value_info)}
-    types.update({init.name: init.data_type for init in g.initializer})
-    return types
-
-
-def node_views(model: Any) -> list[NodeView]:
-    """Every node with its LayerInfo; output types come from the graph's value_info (run ONNX shape
-    inference first if the exporter did not write them: an output of unknown type is not float)."""
-    from onnx import TensorProto
-
-    types = tensor_types(model)
-    views = []
-    for i, node in enumerate(model.graph.node):
-        if any(a.type in (5, 10) for a in node.attribute):        # GRAPH / GRAPHS attributes: If, Loop, Scan
-            raise EmulationError(f"node {node.name or i} ({node.op_type}) has a subgraph; control flow is not "
-                                 "emulated (the exported IndexTTS2 graphs have none)")
-        outs = tuple(node.output)
-        dtypes = tuple(_DTYPE_NAMES.get(types.get(o, 0), "NONE") for o in outs if o)
-        floats = tuple(o for o in outs if o and types.get(o) == TensorProto.FLOAT)
-        name = node.name or f"{node.op_type}_{i}"
-        layer = LayerInfo(name, ONNX_TO_TRT_LAYER.get(node.op_type, node.op_type.upper()), dtypes)
-        views.append(NodeView(i, name, node.op_type, tuple(node.input), outs, floats, layer))
-    return views
-
-
-def policy_fp32(graph: str, views: Sequence[NodeView], policy: PrecisionPolicy | None) -> dict[str, str]:
-    """node name -> reason, for the nodes `policy` keeps in fp32 (none without a policy)."""
-    if policy is None:
-        return {}
-    return dict(select_fp32_layers(graph, [v.layer for v in views], policy))
-
-
-def fp16_nodes(views: Sequence[NodeView], fp32: Iterable[str]) -> set[str]:
-    """Names of the nodes that compute in fp16 under the given fp32 set."""
-    keep = set(fp32)
-    return {v.name for v in views if forceable(v.layer) and v.float_outputs and v.name not in keep}
-
-
-def fp16_weight(values: np.ndarray) -> np.ndarray:
-    """A float32 weight as TensorRT stores it for an fp16 layer: clipped to ±65504, rounded to fp16."""
-    return np.clip(values, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+__all__ = ["EMU", "STATS", "STATS_INT", "PROBE_FIELDS", "FP16_MAX", "ONNX_TO_TRT_LAYER", "EmulationError",
+           "NodeView", "Emulation", "upcast", "emulated_model", "probe_model", "node_views", "fp16_nodes",
+           "fp16_weight", "policy_fp32", "tensor_types", "integer_from_float", "save_model", "session", "run_probe"]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Building the models
+# The emulation of a mixed-precision graph
 
 
-class _Builder:
-    """Appends the emulated copy of a graph (and optionally its statistics) to a node list."""
+@dataclass
+class Emulation:
+    """The float32 nodes emulating a mixed-precision graph.
 
-    def __init__(self, model: Any, views: Sequence[NodeView], half: set[str], prefix: str) -> None:
-        from onnx import TensorProto, helper, numpy_helper
+    `origin[k]`: the original (float32 graph) node index node k belongs to; `raw`: tensor of the mixed graph
+    -> the name of its float32 value before the fp16 rounding (only tensors produced in fp16);
+    `initializers`: the mixed graph's initializers, fp16 ones as float32 with the same values."""
 
-        self.helper, self.TP, self.nh = helper, TensorProto, numpy_helper
-        self.model, self.views, self.half, self.prefix = model, views, half, prefix
-        g = model.graph
-        self.graph_inputs = {i.name for i in g.input}
-        self.inits = {init.name: init for init in g.initializer}
-        self.types = tensor_types(model)
-        self.producer_half: dict[str, bool] = {}        # tensor -> produced by an fp16 node (already rounded)
-        self.nodes: list[Any] = []
-        self.new_inits: list[Any] = []
-        self._rounded: dict[str, str] = {}
-        self._n = 0
+    nodes: list[Any]
+    origin: list[int]
+    initializers: list[Any]
+    raw: dict[str, str] = field(default_factory=dict)
+    value_info: list[Any] = field(default_factory=list)
+    prefix: str = ""
+    keep: frozenset[str] = frozenset()
 
-    def uid(self, stem: str) -> str:
-        self._n += 1
-        return f"{self.prefix}{stem}#{self._n}"
-
-    def emu_name(self, tensor: str) -> str:
-        """The emulated copy's name of a tensor (graph inputs and initializers are shared)."""
-        if not tensor or tensor in self.graph_inputs or tensor in self.inits:
+    def name(self, tensor: str) -> str:
+        """The emulation's name of a mixed-graph tensor (graph inputs and initializers are not prefixed)."""
+        if not tensor or not self.prefix or tensor in self.keep:
             return tensor
         return self.prefix + tensor
 
-    def is_float(self, tensor: str) -> bool:
-        return self.types.get(tensor) == self.TP.FLOAT
 
-    def round_pair(self, src: str, dst: str, stem: str) -> None:
-        h = self.helper
-        mid = self.uid(stem + "/h")
-        self.nodes.append(h.make_node("Cast", [src], [mid], to=self.TP.FLOAT16, name=self.uid(stem + "/to16")))
-        self.nodes.append(h.make_node("Cast", [mid], [dst], to=self.TP.FLOAT, name=self.uid(stem + "/to32")))
+def upcast(mixed: MixedGraph, prefix: str = "") -> Emulation:
+    """Every fp16 tensor of `mixed` as a float32 tensor holding fp16 values (module docstring). With a
+    `prefix`, node names and every tensor name except graph inputs and initializers get it."""
+    from onnx import helper, numpy_helper
 
-    def rounded_input(self, tensor: str) -> str:
-        """The fp16-rounded form of `tensor` as an fp16 node's input (created once per tensor)."""
-        if not tensor or not self.is_float(tensor) or self.producer_half.get(tensor, False):
-            return self.emu_name(tensor)
-        if tensor in self._rounded:
-            return self._rounded[tensor]
-        if tensor in self.inits:
-            arr = self.nh.to_array(self.inits[tensor]).astype(np.float32, copy=False)
-            name = self.uid(tensor + "/fp16w")
-            self.new_inits.append(self.nh.from_array(fp16_weight(arr), name))
+    g = mixed.model.graph
+    types = tensor_types(mixed.model)
+    inits = []
+    for init in g.initializer:
+        if init.data_type == FLOAT16:
+            init = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
+        inits.append(init)
+    keep = frozenset({i.name for i in g.input} | {i.name for i in g.initializer})
+    emu = Emulation([], [], inits, prefix=prefix, keep=keep)
+    P = emu.name
+
+    def pair(src: str, dst: str, at: int) -> None:
+        mid = P(dst + "/h")
+        emu.nodes.append(helper.make_node("Cast", [src], [mid], to=FLOAT16, name=P(dst + "/round16")))
+        emu.nodes.append(helper.make_node("Cast", [mid], [P(dst)], to=FLOAT, name=P(dst + "/back32")))
+        emu.origin += [at, at]
+
+    for node, at in zip(g.node, mixed.origin):
+        half_out = [o for o in node.output if o and types.get(o) == FLOAT16]
+        new = helper.make_node(node.op_type, [P(t) for t in node.input], [], name=P(node.name), domain=node.domain)
+        for a in node.attribute:
+            a2 = new.attribute.add()
+            a2.CopyFrom(a)
+            if node.op_type == "Cast" and a2.name == "to" and a2.i == FLOAT16:
+                a2.i = FLOAT
+            if node.op_type == "ConstantOfShape" and a2.name == "value" and a2.t.data_type == FLOAT16:
+                a2.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a2.t).astype(np.float32), a2.t.name))
+        if node.op_type == "Cast" and half_out:
+            # a Cast to fp16 (a border, or a converted Cast): its float32 result, then the rounding pair
+            new.output.extend([P(half_out[0] + "/raw")])
+            emu.raw[half_out[0]] = P(node.input[0]) if types.get(node.input[0]) == FLOAT else P(half_out[0] + "/raw")
         else:
-            name = self.uid(tensor + "/fp16in")
-            self.round_pair(self.emu_name(tensor), name, tensor)
-        self._rounded[tensor] = name
-        return name
-
-    def copy_nodes(self) -> dict[str, str]:
-        """Append the emulated nodes; -> {original float tensor: its raw (pre-rounding) emulated name}."""
-        raw_names: dict[str, str] = {}
-        self.segments: list[tuple[int, int]] = []        # per view: its slice of self.nodes
-        for view, node in zip(self.views, self.model.graph.node):
-            start = len(self.nodes)
-            half = view.name in self.half
-            new = self.helper.make_node(node.op_type, [], [], name=self.prefix + view.name, domain=node.domain)
-            new.attribute.extend(node.attribute)
-            new.input.extend(self.rounded_input(t) if half else self.emu_name(t) for t in node.input)
-            outs = []
-            for o in node.output:
-                if half and o in view.float_outputs:
-                    raw = self.uid(o + "/raw")
-                    outs.append(raw)
-                    raw_names[o] = raw
-                else:
-                    outs.append(self.emu_name(o))
-                    if o in view.float_outputs:
-                        raw_names[o] = self.emu_name(o)
-            new.output.extend(outs)
-            self.nodes.append(new)
-            for o in node.output:
-                if half and o in view.float_outputs:
-                    self.round_pair(raw_names[o], self.emu_name(o), o)
-                if o:
-                    self.producer_half[o] = half and o in view.float_outputs
-            self.segments.append((start, len(self.nodes)))
-        return raw_names
+            new.output.extend(P(o + "/raw") if o in half_out else P(o) for o in node.output)
+            for o in half_out:
+                emu.raw[o] = P(o + "/raw")
+        emu.nodes.append(new)
+        emu.origin.append(at)
+        for o in half_out:
+            pair(P(o + "/raw"), o, at)
+    for vi in g.value_info:
+        if vi.type.tensor_type.elem_type == FLOAT16:
+            continue                                     # the float32 copies get their types from inference
+        out = type(vi)()
+        out.CopyFrom(vi)
+        out.name = P(vi.name)
+        emu.value_info.append(out)
+    return emu
 
 
 def emulated_model(model: Any, views: Sequence[NodeView], half: set[str]) -> Any:
-    """The graph computing as TensorRT FP16 would with the nodes in `half` in fp16 (module docstring):
-    same inputs, outputs, opset and metadata; run it with graph optimizations disabled."""
+    """The float32 graph computing as TensorRT FP16 would with the nodes in `half` in fp16: the emulation of
+    the mixed-precision graph engines/mixed_precision.py makes from `model`; same inputs, outputs, opset and
+    metadata; run it with graph optimizations disabled."""
     from onnx import helper
 
-    b = _Builder(model, views, half, prefix="")
-    b.copy_nodes()
+    e = upcast(mixed_precision_model(model, views, half))
     g = model.graph
-    graph = helper.make_graph(b.nodes, g.name, list(g.input), list(g.output),
-                              initializer=list(g.initializer) + b.new_inits, value_info=list(g.value_info))
+    graph = helper.make_graph(e.nodes, g.name, list(g.input), list(g.output), initializer=e.initializers,
+                              value_info=e.value_info)
     return _model_like(model, graph)
 
 
 def probe_model(model: Any, views: Sequence[NodeView], half: set[str]) -> tuple[Any, list[str]]:
-    """The float32 graph + its emulated copy + one statistics vector (PROBE_FIELDS) per float tensor.
+    """The float32 graph + the emulation of its mixed-precision form + one statistics vector
+    (PROBE_FIELDS) per float tensor.
 
     -> (model, tensors): output `stats::<tensor>` holds the vector of `tensor`; integer tensors computed
     from floats are listed as `stats::int::<tensor>` ([values differing from float32, size]); the original
     outputs keep their names (float32 reference) and the emulated ones are `emu::<name>`."""
     from onnx import TensorProto, helper, numpy_helper
 
-    b = _Builder(model, views, half, prefix=EMU)
-    raw = b.copy_nodes()
+    mixed = mixed_precision_model(model, views, half)
+    e = upcast(mixed, prefix=EMU)
     g = model.graph
+    types = tensor_types(model)
     zero = numpy_helper.from_array(np.zeros(1, np.float32), STATS + "zero")
     flat = numpy_helper.from_array(np.array([-1], np.int64), STATS + "flat")
     nodes: list[Any] = []          # the statistics nodes of the view being processed
@@ -273,15 +188,24 @@ def probe_model(model: Any, views: Sequence[NodeView], half: set[str]) -> tuple[
                    keepdims=1)
         return amax, count
 
+    def emu_of(t: str) -> str:
+        return EMU + t if t not in e.keep else t
+
+    def raw_of(t: str) -> str:
+        return e.raw.get(mixed.renamed.get(t, t), emu_of(t))
+
+    by_origin: dict[int, list[Any]] = {}
+    for node, at in zip(e.nodes, e.origin):
+        by_origin.setdefault(at, []).append(node)
     tensors = []
     ordered: list[Any] = []
-    for view, node, (start, end) in zip(views, g.node, b.segments):
+    for view, node in zip(views, g.node):
         # node order = execution order in ONNX Runtime: each reference node, its emulated copy, then the
         # statistics of its outputs, so every activation is released as soon as it was measured (with the
         # statistics at the end, all activations of both copies would stay alive: tens of GB at full size)
         nodes.clear()
         for t in view.float_outputs:
-            ref, emu, pre = t, b.emu_name(t), raw[t]
+            ref, emu, pre = t, emu_of(t), raw_of(t)
             ref_amax, ref_bad = finite_amax_and_bad(ref)
             raw_amax, raw_bad = finite_amax_and_bad(pre)
             _, emu_bad = finite_amax_and_bad(emu)
@@ -299,18 +223,19 @@ def probe_model(model: Any, views: Sequence[NodeView], half: set[str]) -> tuple[
                                                      size], [vec], axis=0, name=vec))
             outputs.append(helper.make_tensor_value_info(vec, TensorProto.FLOAT, [len(PROBE_FIELDS)]))
             tensors.append(t)
-        for t in integer_from_float(view, b.types):     # integers computed from floats: indices, argmax
-            diff = mk("Cast", [mk("Not", [mk("Equal", [t, b.emu_name(t)])])], to=TensorProto.FLOAT)
+        for t in integer_from_float(view, types):     # integers computed from floats: indices, argmax
+            diff = mk("Cast", [mk("Not", [mk("Equal", [t, emu_of(t)])])], to=TensorProto.FLOAT)
             count = mk("ReduceSum", [mk("Concat", [mk("Reshape", [diff, flat.name]), zero.name], axis=0)], keepdims=1)
             size = mk("Reshape", [mk("Cast", [mk("Size", [t])], to=TensorProto.FLOAT), flat.name])
             vec = f"{STATS_INT}{t}"
             nodes.append(helper.make_node("Concat", [count, size], [vec], axis=0, name=vec))
             outputs.append(helper.make_tensor_value_info(vec, TensorProto.FLOAT, [2]))
             tensors.append(STATS_INT + t)
-        ordered += [node, *b.nodes[start:end], *nodes]
-    graph = helper.make_graph(ordered, g.name, list(g.input), outputs,
-                              initializer=list(g.initializer) + b.new_inits + [zero, flat],
-                              value_info=list(g.value_info))
+        ordered += [node, *by_origin.get(view.index, []), *nodes]
+    known = {i.name for i in g.initializer}
+    initializers = list(g.initializer) + [i for i in e.initializers if i.name not in known] + [zero, flat]
+    graph = helper.make_graph(ordered, g.name, list(g.input), outputs, initializer=initializers,
+                              value_info=list(g.value_info) + e.value_info)
     return _model_like(model, graph), tensors
 
 

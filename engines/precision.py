@@ -70,8 +70,9 @@ FLOAT_DTYPES = frozenset({"FLOAT", "HALF", "BF16"})
 #: LayerType names never forced to fp32: weights and shapes, not arithmetic.
 NEVER_FORCED_TYPES = frozenset({"CONSTANT", "SHAPE"})
 
-_RULE_KEYS = {"pattern", "types", "exclude", "dtype", "why"}
+_RULE_KEYS = {"pattern", "ops", "types", "exclude", "dtype", "why"}
 _TYPE_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_OP_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _METADATA_NODE = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 
 
@@ -86,6 +87,7 @@ class LayerInfo:
     type: str
     output_dtypes: tuple[str, ...]
     metadata: str = ""
+    op: str = ""                       # the ONNX op type, for rules with `ops`
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -109,9 +111,12 @@ class PolicyRule:
     exclude: tuple[str, ...] = ()
     dtype: str = "fp32"
     why: str = ""
+    ops: tuple[str, ...] = ()
 
     def matches(self, layer: LayerInfo) -> bool:
         if self.types and layer.type not in self.types:
+            return False
+        if self.ops and layer.op not in self.ops:
             return False
         labels = layer.labels
         if not any(fnmatch.fnmatchcase(s, self.pattern) for s in labels):
@@ -119,11 +124,14 @@ class PolicyRule:
         return not any(fnmatch.fnmatchcase(s, x) for s in labels for x in self.exclude)
 
     def describe(self, scope: str) -> str:
-        where = f"{scope}:{self.pattern}" + (f" types={','.join(self.types)}" if self.types else "")
+        where = (f"{scope}:{self.pattern}" + (f" ops={','.join(self.ops)}" if self.ops else "")
+                 + (f" types={','.join(self.types)}" if self.types else ""))
         return f"{self.why} [{where}]" if self.why else f"[{where}]"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pattern": self.pattern}
+        if self.ops:
+            out["ops"] = list(self.ops)
         if self.types:
             out["types"] = list(self.types)
         if self.exclude:
@@ -220,6 +228,9 @@ def _rule_from(data: Any, where: str) -> tuple[PolicyRule | None, list[str]]:
     if not isinstance(types, list) or not all(isinstance(t, str) and _TYPE_NAME.match(t) for t in types):
         problems.append(f"{where}: 'types' must be a list of TensorRT LayerType names in capitals "
                         f"(e.g. SOFTMAX), got {types!r}")
+    ops = data.get("ops", [])
+    if not isinstance(ops, list) or not all(isinstance(t, str) and _OP_NAME.match(t) for t in ops):
+        problems.append(f"{where}: 'ops' must be a list of ONNX op types (e.g. Softmax), got {ops!r}")
     exclude = data.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(x, str) and x for x in exclude):
         problems.append(f"{where}: 'exclude' must be a list of patterns, got {exclude!r}")
@@ -231,7 +242,7 @@ def _rule_from(data: Any, where: str) -> tuple[PolicyRule | None, list[str]]:
         problems.append(f"{where}: 'why' must be a string")
     if problems:
         return None, problems
-    return PolicyRule(pattern, tuple(types), tuple(exclude), dtype, why), []
+    return PolicyRule(pattern, tuple(types), tuple(exclude), dtype, why, tuple(ops)), []
 
 
 def default_policy() -> PrecisionPolicy:

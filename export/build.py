@@ -13,7 +13,11 @@ reads (by sha256) and config.yaml, the contract at this checkpoint's sizes, the 
 code (export/models, the wrapper's module, the export machinery) and the torch/onnx/onnxscript
 versions. Nothing changed → no model is loaded and nothing is exported.
 
-`--precision` is the engine precision: the ONNX graphs are always float32. INT8 engines are not built here:
+`--precision` is the engine precision, and precision lives in the graph (strongly typed engines): every
+graph is exported in float32, and `--precision fp16` also writes its fp16 form `onnx/fp16/<graph>.onnx`
+(export/precision_forms.py: fp16 tensors with the precision policy's fp32 islands and explicit Casts; the
+policy is the shipped default or `--precision-policy FILE`), which the engines and ONNX Runtime CUDA run.
+INT8 engines are not built here:
 they need calibration data, and calibration sits above export (DESIGN.md §1), so `python -m calibration
 int8 --engines OUT --calib CALIB` builds them (entropy calibrator, then the INT8 gate); `--precision int8`
 is refused with that command before any work. Engine outcomes are typed (engines/outcome.py).
@@ -156,6 +160,12 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
     plans = {n: make_plan(contracts[n], wrappers[n], dims, layout, identity) for n in contracts if n in wrappers}
     entries, outcome = _export_all(options, layout, out, dims, plans, selected, previous)
     _carry_over(entries, previous, plans, selected, out)
+    if options.precision == "fp16":
+        from .precision_forms import write_fp16_forms
+
+        forms, form_failed = write_fp16_forms(entries, contracts, dims, out, options.precision_policy)
+        entries.update(forms)
+        outcome["failed"].update({f"{n} (fp16 form)": why for n, why in form_failed.items()})
     manifest = Manifest(
         checkpoint=identity, dims=dims, precision=options.precision,
         graphs={n: entries[n] for n in contracts if n in entries},
@@ -522,12 +532,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints", required=True, type=Path, help="IndexTTS2 checkpoint directory")
     p.add_argument("--out", required=True, type=Path, help="output directory (onnx/, manifest.json, engines)")
     p.add_argument("--precision", default="fp16", choices=PRECISIONS,
-                   help="engine precision (ONNX stays fp32); int8 engines: python -m calibration int8")
+                   help="engine precision; fp16 also writes each graph's fp16 form onnx/fp16/ (precision in the "
+                        "graph); int8 engines: python -m calibration int8")
     p.add_argument("--graphs", default=None, help="comma-separated graph names (default: all)")
     p.add_argument("--force", action="store_true", help="re-export even if nothing changed")
     p.add_argument("--no-lint", action="store_true", help="skip polygraphy's lint")
     p.add_argument("--precision-policy", type=Path, default=None,
-                   help="fp32 islands for fp16 engines (default: engines/policy_default.json; a calibration "
+                   help="fp32 islands of the fp16 graphs (default: engines/policy_default.json; a calibration "
                         "run writes CALIB/precision_policy.json)")
     p.add_argument("--calibration", type=Path, default=None, help=argparse.SUPPRESS)   # gone: refused in main
     p.add_argument("-v", "--verbose", action="store_true")

@@ -94,7 +94,8 @@ def open_backend(manifest: Manifest, root: str | Path, backend: str = "auto", *,
                  ort_options: OrtOptions = OrtOptions(), precision: str | None = None) -> Backend:
     """Open every graph of the export directory `root` on `backend` (auto | trt | ort-cuda | ort-cpu) now.
 
-    `precision`: which TensorRT plans to run (default: the manifest's). Raises what the first file that
+    `precision`: which graph form to run (runtime.executors.graph_form; default: the manifest's on trt /
+    ort-cuda, fp32 on ort-cpu). Raises what the first file that
     cannot be opened raises, after closing whatever was already open.
     """
     require_graphs(manifest, root)

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{' > '.join(AUTO_ORDER)})")
     b.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     b.add_argument("--engine-precision", choices=("fp32", "fp16", "int8"), default=None,
-                   help="which TensorRT plans to run (default: the precision the export was built for)")
+                   help="which graph form to run: the TensorRT plans, and the ONNX graphs ONNX Runtime loads (default: "
+                        "the export's precision on trt and ort-cuda, fp32 on ort-cpu)")
     b.add_argument("--normalizer", default="auto", choices=("auto", "wetext", "fallback"),
                    help="text normalizer backend")
     syn.add_argument("--stream", action="store_true", help="write each segment as soon as it is ready")
@@ -178,6 +179,14 @@ def inspect(args: argparse.Namespace) -> int:
         outs = ", ".join(f"{t.name}{_shape(t.shape)}" for t in entry.outputs)
         ranges = ", ".join(f"{a} {r.min}..{r.opt}..{r.max}" for a, r in entry.ranges.items())
         print(f"  {name:20s} {size / 2**20:9.1f} MiB  ({ins}) -> ({outs})  [{ranges}]")
+        for kind, form in entry.forms.items():
+            fpath = root / form.file
+            fsize = fpath.stat().st_size if fpath.is_file() else 0
+            fsize += sum((fpath.parent / f).stat().st_size for f in form.external_data if (fpath.parent / f).is_file())
+            counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in form.counts.items())
+            stale = "" if form.made_from == entry.sha256 else "  (STALE: made from another float32 file)"
+            print(f"  {'':20s} {fsize / 2**20:9.1f} MiB  {kind} form {form.file}: {counts}; policy "
+                  f"{Path(form.policy).name or '?'} ({form.policy_sha256[:12]}){stale}")
     assets = manifest.assets
     print("runtime assets: " + (", ".join(f"{k} {v.file}" for k, v in assets.files().items()) or "none "
                                 "(re-run export.build)")

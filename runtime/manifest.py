@@ -8,7 +8,9 @@ written here once, by the export side, and read back here. A manifest of another
 version is refused with a `ContractError` that says to rebuild; a missing or altered graph file is a
 `CheckpointError` naming it. Torch-free (stdlib only).
 
-Layout of `OUT/`: `manifest.json`, `onnx/<graph>.onnx` (+ `<graph>.onnx.data` over 2 GB), `assets/` (what
+Layout of `OUT/`: `manifest.json`, `onnx/<graph>.onnx` (float32; + `<graph>.onnx.data` over 2 GB), the
+graphs' precision forms `onnx/<form>/<graph>.onnx` (`fp16`: the mixed-precision graph TensorRT and ONNX
+Runtime CUDA run, engines/mixed_precision.py; `int8`: its explicitly quantized form), `assets/` (what
 the runtime needs besides the graphs, torch-free: `bpe.model`, `glossary.yaml` when the checkpoint has
 one, `emotion_matrices.npz` = feat1.pt / feat2.pt as float32 arrays).
 """
@@ -79,6 +81,28 @@ class TensorSignature:
 
 
 @dataclass(frozen=True)
+class GraphForm:
+    """A precision form of a graph, derived from its float32 file: `fp16` (mixed precision: fp16 tensors,
+    the precision policy's fp32 islands, explicit Casts; same inputs and outputs as the float32 graph) or
+    `int8` (the fp16 form with QuantizeLinear/DequantizeLinear nodes). `made_from`: the float32 file's
+    sha256; `policy_sha256`: the precision policy's; `counts`: fp16 / fp32 nodes, Casts (and Q/DQ) added."""
+
+    kind: str
+    file: str
+    sha256: str
+    made_from: str
+    policy_sha256: str
+    external_data: Mapping[str, str] = field(default_factory=dict)
+    counts: Mapping[str, int] = field(default_factory=dict)
+    policy: str = ""                               # where the policy was read from, for the record
+    recipe: str = ""                               # hash of the policy and the pass's code (reuse key)
+
+
+#: Graph forms, by the engine precision that runs them ("fp32" is the graph file itself).
+GRAPH_FORMS = ("fp16", "int8")
+
+
+@dataclass(frozen=True)
 class GraphEntry:
     """One exported graph. `file` and `external_data` are relative to the manifest's directory."""
 
@@ -93,9 +117,26 @@ class GraphEntry:
     fingerprint: str                               # what the file was built from (export.build reuse key)
     external_data: Mapping[str, str] = field(default_factory=dict)   # file -> sha256
     lint: str = ""                                 # polygraphy lint outcome, for the record
+    forms: Mapping[str, GraphForm] = field(default_factory=dict)     # "fp16" / "int8" -> its file
+    form_kind: str = "fp32"                        # which form this entry's `file` is (see `form`)
 
     def path(self, root: str | Path) -> Path:
         return Path(root) / self.file
+
+    def form(self, kind: str) -> "GraphEntry":
+        """This graph as the file of form `kind` ("fp32": itself): the same signature and ranges, that
+        form's file, hash and external data. Executors and the engine builder take the result as they take
+        any entry. A missing form is a CheckpointError saying how to make it."""
+        if kind == "fp32" or kind == self.form_kind:
+            return self
+        if kind not in self.forms:
+            how = ("python -m export.build --precision fp16" if kind == "fp16" else
+                   "python -m calibration int8 --engines OUT --calib CALIB")
+            raise CheckpointError(f"graph '{self.name}' has no {kind} form in this export (it has: "
+                                  f"{', '.join(['fp32', *self.forms])}); make it with {how}")
+        f = self.forms[kind]
+        return dataclasses.replace(self, file=f.file, sha256=f.sha256, external_data=dict(f.external_data),
+                                   forms={}, form_kind=kind)
 
     def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """Per input: (min, opt, max) concrete shapes — an engine optimization profile."""
@@ -187,7 +228,7 @@ class RuntimeAssets:
 class Manifest:
     checkpoint: CheckpointIdentity
     dims: ModelDims
-    precision: str                                 # engine precision requested (fp16 / fp32 / int8); ONNX is fp32
+    precision: str                                 # engine precision requested (fp16 / fp32 / int8): its graph form
     graphs: Mapping[str, GraphEntry]
     tools: Mapping[str, str]                       # package -> version used to export
     gpt: GptTokens = GptTokens()
@@ -299,6 +340,9 @@ def file_problems(manifest: Manifest, root: str | Path, check_hashes: bool = Fal
     for entry in manifest.graphs.values():
         files = {entry.file: entry.sha256}
         files.update({str(Path(entry.file).parent / f): h for f, h in entry.external_data.items()})
+        for form in entry.forms.values():
+            files[form.file] = form.sha256
+            files.update({str(Path(form.file).parent / f): h for f, h in form.external_data.items()})
         for rel, digest in files.items():
             p = Path(root) / rel
             if not p.is_file():
@@ -350,6 +394,9 @@ def plain_json(obj: Any) -> Any:
 def _graph_json(g: GraphEntry) -> dict[str, Any]:
     data = plain_json(dataclasses.asdict(g))
     data["ranges"] = {a: [r.min, r.opt, r.max] for a, r in g.ranges.items()}
+    data.pop("form_kind")                          # a view's attribute, never written
+    if not g.forms:
+        data.pop("forms")
     return data
 
 
@@ -367,7 +414,16 @@ def _graph_from(d: Mapping[str, Any]) -> GraphEntry:
         fingerprint=str(d["fingerprint"]),
         external_data={str(k): str(v) for k, v in d.get("external_data", {}).items()},
         lint=str(d.get("lint", "")),
+        forms={str(k): _form_from(v) for k, v in d.get("forms", {}).items()},
     )
+
+
+def _form_from(d: Mapping[str, Any]) -> GraphForm:
+    return GraphForm(kind=str(d["kind"]), file=str(d["file"]), sha256=str(d["sha256"]),
+                     made_from=str(d["made_from"]), policy_sha256=str(d["policy_sha256"]),
+                     external_data={str(k): str(v) for k, v in d.get("external_data", {}).items()},
+                     counts={str(k): int(v) for k, v in d.get("counts", {}).items()}, policy=str(d.get("policy", "")),
+                     recipe=str(d.get("recipe", "")))
 
 
 def _checkpoint_from(d: Mapping[str, Any]) -> CheckpointIdentity:

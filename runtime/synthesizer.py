@@ -86,7 +86,9 @@ class Synthesizer:
                  executors: Mapping[str, Executor] | None = None, ort_options: OrtOptions = OrtOptions(),
                  cache_size: int = 8, normalizer: str = "auto", emo_text_max_new_tokens: int = 32768,
                  engine_precision: str | None = None) -> None:
-        """`engine_precision`: which TensorRT plans to run (default: the precision the export was built for)."""
+        """`engine_precision`: which graph form to run ("fp32", "fp16", "int8": the TensorRT plans, and the ONNX
+        graphs ONNX Runtime loads; default: the export's precision on trt / ort-cuda, fp32 on ort-cpu;
+        runtime.executors.graph_form)."""
         self.root = Path(engines)
         if not self.root.exists():
             raise InputError(f"{self.root}: engine directory not found; create it with "

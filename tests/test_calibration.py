@@ -26,7 +26,7 @@ from calibration.gate import (Int8Limits, decide, evaluate, refuse_plans, refuse
 from calibration.int8 import (CacheKey, CalibrationBatches, CalibrationCache, calibrator_factory, entropy_calibrator,
                               fit_feed, parse_trt_cache)
 from calibration.policy_writer import calibrated_policy, write_policy
-from engines.precision import PrecisionPolicy, apply_precision, default_policy, load_policy
+from engines.precision import PrecisionPolicy, default_policy, load_policy
 from runtime.errors import InputError
 from runtime.manifest import read_manifest
 
@@ -205,18 +205,16 @@ def test_an_injected_overflow_is_caught_and_forced_to_fp32(tmp_path):
     assert "net.act/tanh/Tanh" not in analysis.measured and "net.out/linear/MatMul" not in analysis.measured
     final = analysis.final
     assert final.outputs[0].nonfinite == 0 and final.outputs[0].rel_err < 5e-3 and not final.flags
-    # the written policy forces exactly those layers, in the emulation and through the builder's seam
+    # the written policy forces exactly those layers, in the emulation and in the shipped fp16 graph
     policy = calibrated_policy(None, [analysis])
     policy = PrecisionPolicy.from_file(write_policy(policy, tmp_path))
     views = node_views(model)
     assert set(policy_fp32("overflow", views, policy)) == {"net.big/linear/MatMul", "net/mul/Mul"}
-    from tests.test_engines import DataType, FakeLayer, FakeNetwork, FakeTrt
-    layers = [FakeLayer(v.name, "MATRIX_MULTIPLY" if v.op_type == "MatMul" else "ELEMENTWISE") for v in views]
-    trt = FakeTrt(lambda p: ([], []))
-    forced = apply_precision(FakeNetwork(["x"], layers), "overflow", policy, trt)
-    assert [n for n, _ in forced] == ["net.big/linear/MatMul", "net/mul/Mul"]
-    assert [layer.precision for layer in layers] == [DataType.FLOAT, DataType.FLOAT, None, None]
-    assert all(why.startswith("calibration (") for _, why in forced)
+    from engines.mixed_precision import to_mixed_precision
+
+    mixed = to_mixed_precision(model, "overflow", policy)
+    assert list(mixed.fp32_nodes) == ["net.big/linear/MatMul", "net/mul/Mul"]
+    assert all(why.startswith("calibration (") for why in mixed.fp32_nodes.values())
 
 
 def test_constant_guards_that_fp16_flushes_are_flagged(tmp_path):
@@ -273,9 +271,10 @@ def test_measured_rules_are_exact_node_names():
 # The policy file through the engine builder (TensorRT network API behind the fakes)
 
 
-def test_the_calibrated_policy_is_what_the_builder_marks(tiny_calib, tiny_export, tmp_path):
-    from engines.builder import BuildSettings, build_plan
-    from tests.test_engines import BuilderFlag, DataType, FakeLayer, FakeTrt, LayerType
+def test_the_calibrated_policy_is_what_the_fp16_graph_keeps_in_fp32(tiny_calib, tiny_export, tmp_path):
+    """The policy file a calibration writes, applied by the mixed-precision pass that makes the shipped fp16
+    graphs (export.build --precision fp16 --precision-policy FILE), keeps exactly the measured nodes in fp32."""
+    from engines.mixed_precision import to_mixed_precision, tensor_types
 
     export, _ = tiny_export
     manifest = read_manifest(export)
@@ -283,25 +282,12 @@ def test_the_calibrated_policy_is_what_the_builder_marks(tiny_calib, tiny_export
     entry = manifest.graph("length_regulator")
     analysis = analyze_graph("length_regulator", entry.path(export), store, None, AnalysisLimits(max_feeds=3))
     policy_file = write_policy(calibrated_policy(None, [analysis]), tmp_path)
-    model = onnx.load(str(entry.path(export)))
-    views = node_views(model)
-    known = set(LayerType.__members__)
-    made: list[FakeLayer] = []
-
-    def network(path):
-        made[:] = [FakeLayer(v.name, v.layer.type if v.layer.type in known else "ELEMENTWISE",
-                             *[d if d in DataType.__members__ else "FLOAT" for d in v.layer.output_dtypes])
-                   for v in views]
-        return [t.name for t in entry.inputs], made
-
-    trt = FakeTrt(network)
-    built = build_plan(entry, entry.path(export), BuildSettings("fp16", load_policy(policy_file)), trt)
-    ((_, config),) = trt.builds
-    assert BuilderFlag.OBEY_PRECISION_CONSTRAINTS in config.flags
-    forced = {name for name, _ in built.fp32_layers}
-    assert forced == set(analysis.measured)
-    for layer in made:
-        assert (layer.precision == DataType.FLOAT) == (layer.name in forced)
+    mixed = to_mixed_precision(onnx.load(str(entry.path(export))), "length_regulator", load_policy(policy_file))
+    assert set(mixed.fp32_nodes) == set(analysis.measured)
+    types = tensor_types(onnx.shape_inference.infer_shapes(mixed.model))
+    for node in mixed.model.graph.node:
+        if node.name in analysis.measured:
+            assert all(types.get(o) != onnx.TensorProto.FLOAT16 for o in node.output), node.name
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ AUTO_ORDER = ("trt", "ort-cuda", "ort-cpu")
 CUDA_GRAPH_GRAPHS = ("dit_step",)
 
 __all__ = ["BACKENDS", "Executor", "Feed", "GraphSet", "OrtExecutor", "OrtOptions", "backend_status",
-           "check_feed", "open_executor", "resolve_backend"]
+           "check_feed", "graph_form", "open_executor", "resolve_backend"]
 
 
 def backend_status(backend: str, root: str | Path | None = None, precision: str | None = None) -> Probe:
@@ -88,17 +88,36 @@ def resolve_backend(requested: str, root: str | Path | None = None, precision: s
     raise BackendError("no backend can run here:\n  " + "\n  ".join(reasons))
 
 
+def graph_form(manifest: Manifest, name: str, backend: str, precision: str | None = None) -> str:
+    """Which form of graph `name` a backend runs ("fp32", "fp16", "int8"; manifest.GraphForm).
+
+    trt and ort-cuda run the form of the engine precision (`precision`, default the export's), so both
+    compute the same graph; ort-cuda falls back to float32 (with a warning) when an older export has no
+    such form. ort-cpu runs float32 unless a precision is asked for explicitly: ONNX Runtime's CPU provider
+    computes fp16 nodes in float32 anyway (engines/mixed_precision.py), so the fp16 form is only slower there,
+    but it can be run for a parity check."""
+    entry = manifest.graph(name)
+    if backend == "ort-cpu":
+        return precision or "fp32"
+    kind = precision or manifest.precision
+    if backend == "ort-cuda" and kind != "fp32" and kind not in entry.forms:
+        log.warning("%s: this export has no %s form (exported before precision moved into the graphs); ONNX Runtime "
+                    "CUDA runs the float32 graph — re-run python -m export.build --precision fp16", name, kind)
+        return "fp32"
+    return kind
+
+
 def open_executor(manifest: Manifest, root: str | Path, name: str, backend: str,
                   ort_options: OrtOptions = OrtOptions(), precision: str | None = None) -> Executor:
-    entry = manifest.graph(name)
+    if backend not in BACKENDS or backend == "auto":
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    entry = manifest.graph(name).form(graph_form(manifest, name, backend, precision))
     if backend in ("ort-cpu", "ort-cuda"):
         return OrtExecutor(entry, root, backend, ort_options)
-    if backend == "trt":
-        from runtime.trt.executor import TrtExecutor
+    from runtime.trt.executor import TrtExecutor
 
-        # static shapes for all 25 steps of a segment: the Euler step is replayed from a CUDA graph
-        return TrtExecutor(entry, root, precision or manifest.precision, cuda_graphs=name in CUDA_GRAPH_GRAPHS)
-    raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    # static shapes for all 25 steps of a segment: the Euler step is replayed from a CUDA graph
+    return TrtExecutor(entry, root, precision or manifest.precision, cuda_graphs=name in CUDA_GRAPH_GRAPHS)
 
 
 class GraphSet(Mapping[str, Executor]):
