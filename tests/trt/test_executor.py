@@ -61,12 +61,15 @@ def test_missing_plan_tensorrt_or_gpu_are_clear(manifest, tmp_path, monkeypatch)
         TrtExecutor(entry, tmp_path, "fp32")
     _write_plan(tmp_path, entry, "fp32", RTX3090, TRT_VERSION)
     monkeypatch.setitem(sys.modules, "tensorrt", None)             # import tensorrt -> ImportError
-    with pytest.raises(BackendError, match="tensorrt is not installed: pip install 'tensorrt>=10,<11'"):
+    with pytest.raises(BackendError, match=r"tensorrt is not installed .*'tensorrt-cu13>=10\.12,<12'"):
         TrtExecutor(entry, tmp_path, "fp32")
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.1.0"))
-    with pytest.raises(BackendError, match=r"TensorRT 11\.1\.0 is installed; .* written for TensorRT 10"):
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.11.0.33"))
+    with pytest.raises(BackendError, match=r"TensorRT 10\.11\.0\.33 is too old: .* needs TensorRT ≥ 10\.12"):
         TrtExecutor(entry, tmp_path, "fp32")
-    assert not gpu.tensorrt().ok and "written for TensorRT 10" in gpu.tensorrt().detail
+    assert not gpu.tensorrt().ok and "needs TensorRT ≥ 10.12" in gpu.tensorrt().detail
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("12.0.0"))
+    with pytest.raises(BackendError, match=r"TensorRT 12\.0\.0 is a major version this toolkit does not know"):
+        TrtExecutor(entry, tmp_path, "fp32")
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(TRT_VERSION))
     monkeypatch.setattr(gpu, "gpu_info", lambda device=0: None)
     with pytest.raises(BackendError, match="no usable CUDA GPU"):
