@@ -47,6 +47,26 @@ def test_an_engine_built_for_another_gpu_and_tensorrt_is_refused(manifest, tmp_p
     assert "Rebuild it on this machine with python -m export.build" in message
 
 
+def test_a_plan_recorded_before_strong_typing_is_refused(manifest, tmp_path, monkeypatch) -> None:
+    """An old sidecar (no graph_form: a weakly typed build) loads as a record, and the runtime refuses its plan."""
+    import json
+
+    from runtime.trt.engine_plan import plan_paths
+    from runtime.trt.executor import TrtExecutor
+
+    entry = manifest.graph("dit_step")
+    _write_plan(tmp_path, entry, "fp16", RTX3090, TRT_VERSION)
+    sidecar = plan_paths(tmp_path, "dit_step", "fp16")[1]
+    data = json.loads(sidecar.read_text())
+    del data["key"]["graph_form"]
+    sidecar.write_text(json.dumps(data))
+    monkeypatch.setattr(gpu, "gpu_info", lambda device=0: RTX3090)
+    monkeypatch.setattr(api, "import_tensorrt", lambda: SimpleNamespace(__version__=TRT_VERSION))
+    with pytest.raises(EngineMismatchError, match=r"cannot run here: it was built as a weakly typed network .* "
+                                                  r"strongly typed from the fp16-mixed graph\. Rebuild"):
+        TrtExecutor(entry, tmp_path, "fp16")
+
+
 def _fake_tensorrt(version: str) -> SimpleNamespace:
     """A stand-in `tensorrt` module for sys.modules (importlib's find_spec needs a __spec__)."""
     return SimpleNamespace(__version__=version, __spec__=SimpleNamespace(name="tensorrt"))
