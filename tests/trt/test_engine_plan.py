@@ -95,8 +95,10 @@ def test_record_round_trip_and_refusal(manifest, tmp_path) -> None:
 
 
 def test_the_graph_form_follows_the_precision_unless_given(manifest) -> None:
-    assert [_key(manifest, precision=p).graph_form for p in ("fp32", "fp16", "int8")] == ["fp32", "fp16-mixed",
-                                                                                          "int8-qdq"]
+    entry = manifest.graph("dit_step")
+    forms = [EngineKey("dit_step", entry.sha256, p, engine_profiles(entry), "11.4.0.106", RTX3090).graph_form
+             for p in ("fp32", "fp16", "int8")]
+    assert forms == ["fp32", "fp16-mixed", "int8-qdq"]
     assert GRAPH_FORMS == {"fp32": "fp32", "fp16": "fp16-mixed", "int8": "int8-qdq"}
     assert _key(manifest, graph_form="int8-qdq").graph_form == "int8-qdq"
     assert _key(manifest).digest() != _key(manifest, graph_form="int8-qdq").digest()
