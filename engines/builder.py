@@ -27,8 +27,8 @@ Build steps and why:
    alive until the build finished (it owns the weights). Then the parsed types must be the plan's graph form
    (an fp16 plan from an fp32 graph would silently compute in fp32).
 3. Config: workspace pool limit; TF32 cleared for every plan: BuilderFlag.TF32 still exists in 11 and is
-   "Enabled by default" (https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/infer/Core/
-   BuilderConfig.html), and TF32 matmuls (10-bit mantissas) in the fp32 tensors — a whole fp32 plan or the fp32
+   "Enabled by default" (its docstring in python/docstrings/infer/pyCoreDoc.h of NVIDIA/TensorRT v11.1; the
+   BuilderFlag page under the URLs below), and TF32 matmuls (10-bit mantissas) in the fp32 tensors — a whole fp32 plan or the fp32
    islands of a mixed one — would miss the contracts' fp32 tolerances of ~1e-4. No precision flag is set.
 4. One optimization profile per `Profile` (`set_shape(name, min, opt, max)` per input;
    `add_optimization_profile` must return >= 0).
