@@ -4,9 +4,10 @@
   raises and imports nothing heavy at module level (tensorrt is imported lazily, STYLE.md practice 8),
   so `engines` imports everywhere.
 - `build_all(manifest, out, precision, ...)`: every graph's plan, reused when its key (graph, ONNX
-  sha256, precision, profiles, TensorRT version, GPU, precision policy) is unchanged, else built
-  (engines/builder.py); fp16 keeps the precision policy's fp32 islands (engines/precision.py); int8
-  needs a calibrator (engines/calibration_hook.py). -> `EngineResults` (engines/outcome.py): one typed
+  sha256, precision, graph form, profiles, TensorRT version, GPU, precision policy) is unchanged, else built
+  (engines/builder.py) as a strongly typed network: the precision is the ONNX graph's (fp32; fp16-mixed with
+  explicit Casts around fp32 islands; int8-qdq with Q/DQ nodes), the builder sets none (engines/strong_typing.py).
+  -> `EngineResults` (engines/outcome.py): one typed
   `EngineOutcome` per graph (built / reused / failed with the reason). One failed graph does not stop the
   others; the failures are raised together at the end (`EngineBuildFailures`, carrying the results).
 """
@@ -25,8 +26,6 @@ from .outcome import EngineOutcome, EngineResults
 if TYPE_CHECKING:
     from runtime.manifest import Manifest
     from runtime.trt.engine_plan import GpuInfo
-
-    from .calibration_hook import CalibratorFactory
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,13 @@ def available() -> tuple[bool, str]:
 
 
 def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path: str | Path | None = None,
-              workspace_gib: float = 4.0, graphs: Sequence[str] | None = None,
-              calibrator: "CalibratorFactory | None" = None, *, trt: Any = None,
+              workspace_gib: float = 4.0, graphs: Sequence[str] | None = None, *, trt: Any = None,
               gpu: "GpuInfo | None" = None) -> EngineResults:
     """Build (or reuse) one plan per graph of `manifest` (or of `graphs`) under `out/engines/`.
 
-    `policy_path`: a precision policy file (e.g. a calibration run's precision_policy.json) instead of the
-    shipped default; `workspace_gib`: TensorRT's workspace pool limit; `calibrator`: the INT8 hook
-    (required for int8). `trt` / `gpu` replace the tensorrt module and the GPU identity (tests).
+    `policy_path`: the precision policy file the mixed-precision graphs were made with (e.g. a calibration
+    run's precision_policy.json; default: the shipped one), part of the plans' keys; `workspace_gib`:
+    TensorRT's workspace pool limit. `trt` / `gpu` replace the tensorrt module and the GPU identity (tests).
     -> one outcome per graph (built or reused, with its plan), in manifest order. Raises
     EngineBuildFailures (with every outcome, the failed ones with their reason) after trying every graph."""
     from runtime.trt.api import import_tensorrt
@@ -77,7 +75,7 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
         raise InputError(f"graphs {unknown} are not in the manifest (it has: {', '.join(manifest.graphs)})")
     if workspace_gib <= 0:
         raise InputError(f"workspace {workspace_gib} GiB: must be positive")
-    settings = BuildSettings(precision, load_policy(policy_path), int(workspace_gib * GIB), calibrator)
+    settings = BuildSettings(precision, load_policy(policy_path), int(workspace_gib * GIB))
     trt = trt if trt is not None else import_tensorrt()
     if gpu is None:
         from runtime.trt.gpu import gpu_info

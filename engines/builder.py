@@ -1,56 +1,60 @@
 """One graph's ONNX file -> a serialized TensorRT plan, reused while its EngineKey holds (DESIGN.md §5).
 
 Two layers, so that everything but the TensorRT calls is testable on a machine without a GPU:
-- pure decisions: which builder flags a precision needs (`builder_flags`), the optimization-profile
-  `set_shape` calls of a graph (`profile_calls`, from runtime.trt.engine_plan.engine_profiles: gpt_decode
-  gets one profile per KV-cache bucket with cache_len fixed), the plan's key (`engine_key`) and whether
-  an existing plan can be reused (`cache_decision`);
-- thin TensorRT calls (`build_plan`), each as documented for TensorRT 10 (see the URLs at each step).
-  The `tensorrt` module is passed in (or imported lazily), never imported at module level.
+- pure decisions: which builder flags a plan needs (`builder_flags`), the optimization-profile `set_shape`
+  calls of a graph (`profile_calls`, from runtime.trt.engine_plan.engine_profiles: gpt_decode gets one
+  profile per KV-cache bucket with cache_len fixed), the plan's key (`engine_key`) and whether an existing
+  plan can be reused (`cache_decision`); how to make a strongly typed network and whether the parsed graph
+  is in the plan's precision form (engines/strong_typing.py);
+- thin TensorRT calls (`build_plan`), each as documented for TensorRT 11 and 10.12+ (engines/TENSORRT_API.md
+  §1). The `tensorrt` module is passed in (or imported lazily), never imported at module level.
+
+Strongly typed only: the precision is in the ONNX graph (fp32; fp16 with explicit Casts around fp32 islands;
+INT8 as QuantizeLinear/DequantizeLinear), and the builder sets none. TensorRT 11 removed every weak-typing
+API (BuilderFlag.FP16/INT8, OBEY/PREFER_PRECISION_CONSTRAINTS, ILayer.precision / set_output_type, the INT8
+calibrators; "Removed Python APIs and Replacements", https://docs.nvidia.com/deeplearning/tensorrt/latest/api/
+migration/tensorrt-10x-to-11x-python-api-reference.html), and 10.12 deprecated them; strong typing is the one
+build that works on both.
 
 Build steps and why:
 1. Logger: a `trt.ILogger` subclass routing TensorRT's messages to `logging` ("tensorrt"; TensorRT
    INFO goes to DEBUG because it is chatty) and keeping the last errors for the failure message. One
    instance per process: TensorRT keeps the first logger given to a builder as its global logger.
-2. `trt.Builder(logger)`, `builder.create_network(0)` (explicit batch is implicit in TRT 10; a weakly
-   typed network, because fp16 with fp32 islands is set per layer), `trt.OnnxParser(network, logger)`,
-   `parser.parse_from_file(path)` (resolves `<graph>.onnx.data` next to the file); on failure every
-   parser error with its node name, operator and description. The parser stays alive until the build
-   finished (it owns the weights).
-3. Config: workspace pool limit; precision flags (FP16; OBEY_PRECISION_CONSTRAINTS whenever fp32 islands
-   were applied, else they are only hints; INT8 only with a calibrator from engines/calibration_hook.py);
-   TF32 cleared for fp32 plans (TensorRT enables it by default, and TF32 matmuls — 10-bit mantissas —
-   would miss the contracts' fp32 tolerances of ~1e-4).
+2. `trt.Builder(logger)`, `builder.create_network(flags)`: 10.12+ `1 << int(STRONGLY_TYPED)`, 11.x `0`
+   (always strongly typed; the flag is deprecated and ignored) — strong_typing.network_creation;
+   `trt.OnnxParser(network, logger)`, `parser.parse_from_file(path)` (resolves `<graph>.onnx.data` next to
+   the file); on failure every parser error with its node name, operator and description. The parser stays
+   alive until the build finished (it owns the weights). Then the parsed types must be the plan's graph form
+   (an fp16 plan from an fp32 graph would silently compute in fp32).
+3. Config: workspace pool limit; TF32 cleared for every plan: BuilderFlag.TF32 still exists in 11 and is
+   "Enabled by default" (its docstring in python/docstrings/infer/pyCoreDoc.h of NVIDIA/TensorRT v11.1; the
+   BuilderFlag page under the URLs below), and TF32 matmuls (10-bit mantissas) in the fp32 tensors — a whole fp32 plan or the fp32
+   islands of a mixed one — would miss the contracts' fp32 tolerances of ~1e-4. No precision flag is set.
 4. One optimization profile per `Profile` (`set_shape(name, min, opt, max)` per input;
    `add_optimization_profile` must return >= 0).
 5. The shared timing cache `OUT/engines/timing.cache` (created empty if absent or unusable, saved
    atomically after each successful build) and a progress monitor logging the build phases.
 6. `build_serialized_network` (None = failure) -> the plan, written atomically, then its sidecar
-   record (runtime.trt.engine_plan.PlanRecord: key, plan sha256, the fp32 layers, build time).
+   record (runtime.trt.engine_plan.PlanRecord: key with the graph form, plan sha256, the layers computing in
+   fp32 as the graph declares them, build time, notes saying the network was strongly typed and which
+   flags were cleared).
 
-Deprecations to know (TENSORRT_API.md §2-3): the precision flags and per-layer precision are deprecated
-since TensorRT 10.12 (strong typing supersedes them) and implicit INT8 calibration since 10.1; they work
-on weakly typed networks throughout 10.x and are gone in TensorRT 11.
-
-URLs: Builder https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Builder.html ,
-BuilderConfig .../infer/Core/BuilderConfig.html , OnnxParser .../parsers/Onnx/pyOnnx.html ,
-OptimizationProfile .../infer/Core/OptimizationProfile.html , ProgressMonitor
-.../infer/Core/ProgressMonitor.html
-(all under https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/).
+URLs (TensorRT 11 Python API, https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/):
+Builder infer/Core/Builder.html , BuilderConfig infer/Core/BuilderConfig.html , OnnxParser
+parsers/Onnx/pyOnnx.html , OptimizationProfile infer/Core/OptimizationProfile.html , ProgressMonitor
+infer/Core/ProgressMonitor.html ; where 10.12+ differs, engines/TENSORRT_API.md says so.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import logging
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from runtime.errors import (
     BackendError,
@@ -63,6 +67,7 @@ from runtime.manifest import GraphEntry, sha256_file
 from runtime.trt.api import enum_name, import_tensorrt, trt_logger
 from runtime.trt.engine_plan import (
     ENGINES_DIR,
+    GRAPH_FORMS,
     PRECISIONS,
     TIMING_CACHE,
     EngineKey,
@@ -74,8 +79,8 @@ from runtime.trt.engine_plan import (
     write_record,
 )
 
-from .calibration_hook import CalibratorFactory, require_calibrator
-from .precision import PrecisionPolicy, apply_precision
+from .precision import PrecisionPolicy
+from .strong_typing import NetworkCreation, check_graph_form, check_strongly_typed, network_creation, network_types
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +93,25 @@ SetShape = tuple[str, Shape, Shape, Shape]          # profile.set_shape(input, m
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """What every plan of one `build_all` shares."""
+    """What every plan of one `build_all` shares. `graph_form`: the precision form of the ONNX graphs the plans
+    are built from ("" = the precision's: fp32, fp16-mixed, int8-qdq); `policy`: the precision policy those
+    graphs were made with (it enters the key, so a policy change rebuilds the mixed-precision plans)."""
 
     precision: str
     policy: PrecisionPolicy
     workspace_bytes: int = int(DEFAULT_WORKSPACE_GIB * GIB)
-    calibrator: CalibratorFactory | None = None
     device: int = 0
+    graph_form: str = ""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise InputError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.workspace_bytes <= 0:
             raise InputError(f"workspace {self.workspace_bytes} bytes: must be positive")
-        require_calibrator(self.precision, self.calibrator)
+        if not self.graph_form:
+            object.__setattr__(self, "graph_form", GRAPH_FORMS[self.precision])
+        if self.graph_form not in GRAPH_FORMS.values():
+            raise InputError(f"graph form {self.graph_form!r}: expected one of {', '.join(GRAPH_FORMS.values())}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,23 +126,15 @@ class FlagPlan:
     clear: tuple[str, ...] = ()
 
 
-def builder_flags(precision: str, fp32_islands: bool, int8_calibrated: bool = False) -> FlagPlan:
-    """The flags a precision needs.
+def builder_flags(precision: str) -> FlagPlan:
+    """The flags a strongly typed plan needs: none set, TF32 cleared, at every precision.
 
-    fp32: nothing set, TF32 cleared (on by default; would break fp32 parity). fp16: FP16. int8: FP16
-    plus INT8 when this graph has a calibrator (layers INT8 cannot take fall back to fp16, not fp32).
-    OBEY_PRECISION_CONSTRAINTS whenever fp32 islands were set, so TensorRT honours them instead of
-    treating them as hints (it then fails the build rather than silently ignoring one)."""
+    No precision flag: the graph carries the types (FP16/INT8/OBEY... are removed in TensorRT 11 and not
+    allowed on a strongly typed 10.x network). TF32 is on by default and would run the fp32 tensors (an fp32
+    plan, or the fp32 islands of a mixed one) with 10-bit mantissas."""
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return FlagPlan((), ("TF32",))
-    flags = ["FP16"]
-    if precision == "int8" and int8_calibrated:
-        flags.append("INT8")
-    if fp32_islands:
-        flags.append("OBEY_PRECISION_CONSTRAINTS")
-    return FlagPlan(tuple(flags), ())
+    return FlagPlan((), ("TF32",))
 
 
 def profile_calls(entry: GraphEntry) -> list[tuple[str, list[SetShape]]]:
@@ -146,9 +148,9 @@ def policy_digest(precision: str, policy: PrecisionPolicy) -> str:
 
 
 def engine_key(entry: GraphEntry, precision: str, policy: PrecisionPolicy, trt_version: str,
-               gpu: GpuInfo) -> EngineKey:
+               gpu: GpuInfo, graph_form: str = "") -> EngineKey:
     return EngineKey(entry.name, entry.sha256, precision, engine_profiles(entry), str(trt_version), gpu,
-                     policy_digest(precision, policy))
+                     policy_digest(precision, policy), graph_form)
 
 
 @dataclass(frozen=True)
@@ -181,10 +183,11 @@ def cache_decision(expected: EngineKey, plan: Path, sidecar: Path) -> CacheDecis
 
 
 def _enable_activation_resize(trt: Any, config: Any, tag: str) -> bool:
-    """Ask for plans whose activation memory follows the bound shapes (TensorRT >= 10.10 preview feature
-    RUNTIME_ACTIVATION_RESIZE_10_10). Without it `update_device_memory_size_for_shapes` may report the
+    """Ask for plans whose activation memory follows the bound shapes (preview feature
+    RUNTIME_ACTIVATION_RESIZE_10_10: added in 10.10, still an opt-in preview feature under that name in 11.x,
+    python/src/infer/pyCore.cpp of v11.1). Without it `update_device_memory_size_for_shapes` may report the
     profile maximum, and the executor's user-managed memory (runtime/trt/context_memory.py) could not shrink
-    below it. Older 10.x: logged and skipped (the plan then behaves as before). -> whether it was set."""
+    below it. A TensorRT without it: logged and skipped. -> whether it was set."""
     feature = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
     if feature is None or not hasattr(config, "set_preview_feature"):
         log.debug("%s: this TensorRT has no RUNTIME_ACTIVATION_RESIZE_10_10; activation memory is sized per profile",
@@ -268,39 +271,35 @@ def check_network_inputs(network: Any, entry: GraphEntry) -> None:
 @dataclass
 class BuiltPlan:
     plan: Any                              # trt.IHostMemory (buffer protocol)
-    fp32_layers: list[tuple[str, str]]
+    fp32_layers: tuple[str, ...]           # layers with a float32 output in a mixed graph (() for fp32 graphs)
     timing_cache: bytes | None
     flags: FlagPlan
-    int8: bool
-    notes: dict[str, Any] = field(default_factory=dict)
+    network: NetworkCreation
+    tensor_types: dict[str, int] = field(default_factory=dict)
 
 
 def build_plan(entry: GraphEntry, onnx_path: Path, settings: BuildSettings, trt: Any,
                timing_cache: bytes | None = None, tag: str = "") -> BuiltPlan:
     """Parse `onnx_path` and build its serialized plan at `settings` (the thin TensorRT part)."""
     tag = tag or entry.name
+    creation = network_creation(trt)                    # refuses a TensorRT outside 10.12 .. 11.x
     logger = trt_logger(trt)
     logger.errors.clear()
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(creation.flags)
+    check_strongly_typed(network, trt, creation, tag)
     parser = trt.OnnxParser(network, logger)            # kept alive until the build is done
     if not parser.parse_from_file(str(onnx_path)):
         lines = parser_errors(parser) or list(logger.errors) or ["no error reported"]
         raise BackendError(f"{onnx_path}: TensorRT {getattr(trt, '__version__', '?')} could not parse the graph:\n  - "
                            + "\n  - ".join(lines))
     check_network_inputs(network, entry)
+    types = network_types(network)
+    check_graph_form(entry.name, onnx_path, settings.graph_form, types)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
-
-    islands = apply_precision(network, entry.name, settings.policy, trt) if settings.precision != "fp32" else []
-    profiles = engine_profiles(entry)
-    calibrator = None
-    if settings.precision == "int8" and settings.calibrator is not None:
-        calibrator = settings.calibrator(entry.name, entry, profiles[0])
-        if calibrator is None:
-            log.warning("%s: no INT8 calibration for this graph: its int8 plan is built as fp16", tag)
-    flags = builder_flags(settings.precision, bool(islands), calibrator is not None)
+    flags = builder_flags(settings.precision)
     for name in flags.set:
         config.set_flag(getattr(trt.BuilderFlag, name))
     for name in flags.clear:
@@ -308,19 +307,15 @@ def build_plan(entry: GraphEntry, onnx_path: Path, settings: BuildSettings, trt:
     _enable_activation_resize(trt, config, tag)
 
     trt_profiles = [_add_profile(builder, config, entry, label, calls) for label, calls in profile_calls(entry)]
-    if calibrator is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)     # implicit INT8: deprecated since 10.1
-            config.int8_calibrator = calibrator
-            config.set_calibration_profile(trt_profiles[0])
-
     cache = _timing_cache(config, timing_cache, tag)
     monitor = progress_monitor(trt, tag)
     if monitor is not None:
         config.progress_monitor = monitor
 
-    log.info("%s: building %s plan (%d profile(s), %d fp32 layer(s), flags %s)", tag, settings.precision,
-             len(trt_profiles), len(islands), ",".join(flags.set) or "-")
+    fp32_layers = types.fp32_layers if settings.graph_form != "fp32" else ()
+    log.info("%s: building %s plan, strongly typed from the %s graph (%d profile(s), %d fp32 layer(s), flags "
+             "cleared %s)", tag, settings.precision, settings.graph_form, len(trt_profiles), len(fp32_layers),
+             ",".join(flags.clear) or "-")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         errors = list(logger.errors) or ["TensorRT logged no error; rerun with -v for its full log"]
@@ -328,7 +323,7 @@ def build_plan(entry: GraphEntry, onnx_path: Path, settings: BuildSettings, trt:
                            f"'{entry.name}':\n  - " + "\n  - ".join(errors))
     serialized = config.get_timing_cache() if cache is not None else None
     cache_bytes = bytes(serialized.serialize()) if serialized is not None else None
-    return BuiltPlan(plan, islands, cache_bytes, flags, calibrator is not None)
+    return BuiltPlan(plan, fp32_layers, cache_bytes, flags, creation, dict(types.dtypes))
 
 
 def _add_profile(builder: Any, config: Any, entry: GraphEntry, label: str, calls: Sequence[SetShape]) -> Any:
@@ -420,7 +415,7 @@ def ensure_plan(entry: GraphEntry, root: str | Path, settings: BuildSettings, *,
         gpu = gpu_info(settings.device)
         if gpu is None:
             raise BackendError(f"no usable CUDA GPU (device {settings.device}): TensorRT engines cannot be built here")
-    expected = engine_key(entry, settings.precision, settings.policy, trt.__version__, gpu)
+    expected = engine_key(entry, settings.precision, settings.policy, trt.__version__, gpu, settings.graph_form)
     plan_path, sidecar = plan_paths(root, entry.name, settings.precision)
     decision = cache_decision(expected, plan_path, sidecar)
     if decision.reuse:
@@ -440,8 +435,7 @@ def ensure_plan(entry: GraphEntry, root: str | Path, settings: BuildSettings, *,
     digest = hashlib.sha256(memoryview(built.plan)).hexdigest()
     if built.timing_cache:
         write_atomic(cache_file, built.timing_cache)
-    record = PlanRecord(expected, digest, tuple(n for n, _ in built.fp32_layers), round(seconds, 2),
-                        _notes(settings, built))
+    record = PlanRecord(expected, digest, built.fp32_layers, round(seconds, 2), _notes(settings, built))
     write_record(sidecar, record)
     log.info("%s: built %s in %.1f s (%.1f MB, %d fp32 layer(s))", tag, plan_path.relative_to(root), seconds,
              plan_path.stat().st_size / 1e6, len(built.fp32_layers))
@@ -449,16 +443,15 @@ def ensure_plan(entry: GraphEntry, root: str | Path, settings: BuildSettings, *,
 
 
 def _notes(settings: BuildSettings, built: BuiltPlan) -> dict[str, Any]:
-    notes: dict[str, Any] = {
+    """What the build chose, for people reading the sidecar: a strongly typed network (and the creation flags it
+    took: STRONGLY_TYPED on 10.x, none on 11.x where it is the only mode), the builder flags set and cleared,
+    and the tensor types the graph gave it."""
+    return {
         "workspace_bytes": int(settings.workspace_bytes),
+        "network": "strongly typed",
+        "network_flags": list(built.network.names),
         "flags_set": list(built.flags.set), "flags_cleared": list(built.flags.clear),
+        "graph_form": settings.graph_form,
         "policy": settings.policy.source if settings.precision != "fp32" else "",
-        "fp32_rules": _count(reason for _, reason in built.fp32_layers),
+        "tensor_types": dict(sorted(built.tensor_types.items())),
     }
-    if settings.precision == "int8":
-        notes["int8"] = built.int8
-    return notes
-
-
-def _count(items: Iterable[str]) -> dict[str, int]:
-    return dict(collections.Counter(items))

@@ -1,11 +1,12 @@
-"""The engine builder on CPU (engines/): the precision policy and its selection of fp32 islands, applying it
-to a network, the builder's decisions (flags, optimization profiles, cache key, reuse), parser and build
-failures, INT8 without calibration, build_all's per-graph failures, and `export.build` without a GPU.
+"""The engine builder on CPU (engines/): the precision policy and its selection of fp32 islands, the builder's
+decisions (flags, optimization profiles, cache key, reuse), parser and build failures, build_all's per-graph
+failures, and `export.build` without a GPU. The strongly typed build itself (creation flags per TensorRT
+version, TF32, graph forms, no removed call) is tests/test_engines_strong_typing.py's.
 
-TensorRT cannot be installed here, so a fake `tensorrt` module (FakeTrt below) stands in: it has the
-classes and methods engines/builder.py calls (as in engines/TENSORRT_API.md) and records every call, and its
-per-layer precision setters warn DeprecationWarning the way TensorRT >= 10.12 bindings may. The same flow
-runs against real TensorRT in tests/test_engines_gpu.py.
+TensorRT cannot be installed here, so a fake `tensorrt` module stands in (tests/trt/fake_builder.py): it has
+the classes and methods engines/builder.py calls (as in engines/TENSORRT_API.md), records every call, and
+behaves like TensorRT 11 by default (what 11 removed is an AttributeError) or like 10.12+ when asked. The same
+flow runs against real TensorRT in tests/test_engines_gpu.py.
 """
 
 from __future__ import annotations
@@ -35,12 +36,10 @@ from engines.builder import (
     progress_monitor,
     timing_cache_path,
 )
-from engines.calibration_hook import INT8_NEEDS_CALIBRATION
 from engines.precision import (
     DEFAULT_POLICY_PATH,
     LayerInfo,
     PrecisionPolicy,
-    apply_precision,
     load_policy,
     select_fp32_layers,
 )
@@ -50,272 +49,26 @@ from runtime.manifest import read_manifest, sha256_file
 from runtime.trt.api import trt_logger
 from runtime.trt.engine_plan import GpuInfo, decode_buckets, plan_paths, read_record
 
+from tests.trt.fake_builder import (  # noqa: F401 — re-exported: tests/test_calibration.py imports them from here
+    BuilderFlag,
+    DataType,
+    FakeLayer,
+    FakeNetwork,
+    FakeParserError,
+    FakeProfile,
+    FakeTrt,
+    LayerType,
+    MemoryPoolType,
+    PreviewFeature,
+    Severity,
+    ErrorCode,
+    fake_trt_for,
+    graph_layers,
+)
+
 RTX = GpuInfo("NVIDIA GeForce RTX 4090", "8.9")
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")
-
-
-# ---------------------------------------------------------------------------------------------------
-# A fake tensorrt module
-
-
-DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT8 INT32 INT64 BOOL UINT8")
-LayerType = enum.Enum("LayerType", "CONVOLUTION CAST ACTIVATION SOFTMAX ELEMENTWISE UNARY SHUFFLE REDUCE GATHER "
-                                   "MATRIX_MULTIPLY CONSTANT SHAPE NORMALIZATION SLICE CONCATENATION")
-BuilderFlag = enum.Enum("BuilderFlag", "FP16 BF16 INT8 TF32 OBEY_PRECISION_CONSTRAINTS PREFER_PRECISION_CONSTRAINTS")
-MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE TACTIC_DRAM")
-PreviewFeature = enum.Enum("PreviewFeature", "PROFILE_SHARING_0806 ALIASED_PLUGIN_IO_10_03 RUNTIME_ACTIVATION_RESIZE_10_10")
-Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
-ErrorCode = enum.Enum("ErrorCode", "SUCCESS INVALID_GRAPH UNSUPPORTED_NODE")
-
-
-class FakeTensor:
-    def __init__(self, name: str, dtype=DataType.FLOAT, is_shape_tensor: bool = False) -> None:
-        self.name, self.dtype, self.is_shape_tensor = name, dtype, is_shape_tensor
-
-
-class FakeLayer:
-    """A network layer; the precision setters warn like deprecated TensorRT >= 10.12 bindings."""
-
-    def __init__(self, name: str, type_: str, *dtypes: str, metadata: str = "") -> None:
-        self.name, self.type, self.metadata = name, LayerType[type_], metadata
-        self.outputs = [FakeTensor(f"{name}:{i}", DataType[d]) for i, d in enumerate(dtypes or ("FLOAT",))]
-        self._precision = None
-        self.output_types: dict[int, object] = {}
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.outputs)
-
-    def get_output(self, i: int):
-        return self.outputs[i] if i < len(self.outputs) else None
-
-    @property
-    def precision(self):
-        return self._precision
-
-    @precision.setter
-    def precision(self, value) -> None:
-        warnings.warn("ILayer.precision is deprecated", DeprecationWarning, stacklevel=2)
-        self._precision = value
-
-    def set_output_type(self, index: int, dtype) -> None:
-        warnings.warn("ILayer.set_output_type is deprecated", DeprecationWarning, stacklevel=2)
-        self.output_types[index] = dtype
-
-
-class FakeNetwork:
-    def __init__(self, inputs, layers) -> None:
-        self.inputs, self.layers = [FakeTensor(n) for n in inputs], list(layers)
-
-    num_layers = property(lambda self: len(self.layers))
-    num_inputs = property(lambda self: len(self.inputs))
-
-    def get_layer(self, i: int) -> FakeLayer:
-        return self.layers[i]
-
-    def get_input(self, i: int) -> FakeTensor:
-        return self.inputs[i]
-
-
-class FakeParserError:
-    def __init__(self, code: str, desc: str, node: int = -1, name: str = "", op: str = "") -> None:
-        self._code, self._desc, self._node, self._name, self._op = ErrorCode[code], desc, node, name, op
-
-    def code(self):
-        return self._code
-
-    def desc(self) -> str:
-        return self._desc
-
-    def node(self) -> int:
-        return self._node
-
-    def node_name(self) -> str:
-        return self._name
-
-    def node_operator(self) -> str:
-        return self._op
-
-
-class FakeProfile:
-    def __init__(self) -> None:
-        self.shapes: list[tuple] = []
-        self.shape_inputs: list[tuple] = []
-
-    def set_shape(self, input, min, opt, max) -> None:  # noqa: A002 — TensorRT's keyword names
-        if not (len(min) == len(opt) == len(max) and all(a <= b <= c for a, b, c in zip(min, opt, max))):
-            raise RuntimeError(f"Shape provided for min is inconsistent ({input})")
-        self.shapes.append((input, tuple(min), tuple(opt), tuple(max)))
-
-    def set_shape_input(self, input, min, opt, max) -> None:  # noqa: A002 — TensorRT's keyword names
-        """Value ranges of a shape-tensor input (the binding raises on inconsistent values)."""
-        if not (len(min) == len(opt) == len(max) and all(a <= b <= c for a, b, c in zip(min, opt, max))):
-            raise RuntimeError("min input provided for shape tensor is inconsistent with other inputs.")
-        self.shape_inputs.append((input, tuple(min), tuple(opt), tuple(max)))
-
-
-class FakeTimingCache:
-    def __init__(self, data: bytes) -> None:
-        self.data = bytes(data)
-
-    def serialize(self) -> bytes:
-        return self.data + b"+timed"
-
-
-class FakeConfig:
-    def __init__(self, trt: "FakeTrt") -> None:
-        self.trt = trt
-        self.flags: set = set()
-        self.pools: dict = {}
-        self.profiles: list[FakeProfile] = []
-        self.cache = None
-        self.progress_monitor = None
-        self._int8_calibrator = None
-        self.calibration_profile = None
-        self.preview: dict = {}
-
-    def set_preview_feature(self, feature, enable: bool) -> None:
-        self.preview[feature] = enable
-
-    def set_memory_pool_limit(self, pool, pool_size: int) -> None:
-        self.pools[pool] = pool_size
-
-    def set_flag(self, flag) -> None:
-        self.flags.add(flag)
-
-    def clear_flag(self, flag) -> None:
-        self.flags.discard(flag)
-        self.trt.cleared.add(flag)
-
-    def add_optimization_profile(self, profile: FakeProfile) -> int:
-        if self.trt.reject_profiles:
-            return -1
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
-
-    def create_timing_cache(self, serialized_timing_cache: bytes) -> FakeTimingCache:
-        self.trt.cache_loads.append(bytes(serialized_timing_cache))
-        return FakeTimingCache(serialized_timing_cache)
-
-    def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
-        if cache.data.startswith(b"stale"):
-            return False
-        self.cache = cache
-        return True
-
-    def get_timing_cache(self):
-        return self.cache
-
-    @property
-    def int8_calibrator(self):
-        return self._int8_calibrator
-
-    @int8_calibrator.setter
-    def int8_calibrator(self, value) -> None:
-        warnings.warn("int8_calibrator is deprecated", DeprecationWarning, stacklevel=2)
-        self._int8_calibrator = value
-
-    def set_calibration_profile(self, profile) -> None:
-        self.calibration_profile = profile
-
-
-class FakeTrt:
-    """Stands in for the tensorrt module. `networks(path) -> FakeNetwork` decides what a parsed ONNX file
-    contains; `parse_errors` / `build_fails` make those steps fail for paths containing a given text."""
-
-    def __init__(self, networks, version: str = "10.13.0.35") -> None:
-        self.__version__ = version
-        self.networks = networks
-        self.parse_errors: dict[str, list[FakeParserError]] = {}
-        self.build_fails: set[str] = set()
-        self.reject_profiles = False
-        self.builds: list[tuple[FakeNetwork, FakeConfig]] = []
-        self.cache_loads: list[bytes] = []
-        self.cleared: set = set()
-        self.DataType, self.LayerType, self.BuilderFlag = DataType, LayerType, BuilderFlag
-        self.MemoryPoolType = MemoryPoolType
-        self.PreviewFeature = PreviewFeature
-        self.float32, self.float16 = DataType.FLOAT, DataType.HALF
-        trt = self
-
-        class ILogger:
-            Severity = globals()["Severity"]
-
-            def __init__(self) -> None:
-                self.base_initialised = True
-
-        class IProgressMonitor:
-            def __init__(self) -> None:
-                self.base_initialised = True
-
-        class OnnxParser:
-            def __init__(self, network: FakeNetwork, logger) -> None:
-                self.network, self.logger, self.errors = network, logger, []
-
-            def parse_from_file(self, model: str) -> bool:
-                path = str(model)
-                self.errors = next((e for key, e in trt.parse_errors.items() if key in path), [])
-                if self.errors:
-                    return False
-                names, layers = trt.networks(Path(path))
-                self.network.inputs, self.network.layers = [FakeTensor(n) for n in names], list(layers)
-                return True
-
-            @property
-            def num_errors(self) -> int:
-                return len(self.errors)
-
-            def get_error(self, index: int) -> FakeParserError:
-                return self.errors[index]
-
-        class Builder:
-            def __init__(self, logger) -> None:
-                assert getattr(logger, "base_initialised", False), "ILogger.__init__ was not called"
-                self.logger = logger
-
-            def create_network(self, flags: int = 0) -> FakeNetwork:
-                assert flags == 0
-                return FakeNetwork([], [])
-
-            def create_builder_config(self) -> FakeConfig:
-                return FakeConfig(trt)
-
-            def create_optimization_profile(self) -> FakeProfile:
-                return FakeProfile()
-
-            def build_serialized_network(self, network: FakeNetwork, config: FakeConfig):
-                trt.builds.append((network, config))
-                monitor = config.progress_monitor
-                if monitor is not None:
-                    monitor.phase_start("Building engine", None, 2)
-                    monitor.phase_start("Tactic selection", "Building engine", 1)
-                    assert monitor.step_complete("Tactic selection", 0) is True
-                    monitor.phase_finish("Tactic selection")
-                    monitor.phase_finish("Building engine")
-                if any(key in n.name for key in trt.build_fails for n in network.inputs):
-                    self.logger.log(Severity.ERROR, "Error Code 4: Internal Error (out of memory for tactic)")
-                    return None
-                layers = ",".join(f"{ly.name}={getattr(ly.precision, 'name', '-')}" for ly in network.layers)
-                return f"PLAN flags={sorted(f.name for f in config.flags)} {layers}".encode()
-
-        self.ILogger, self.IProgressMonitor = ILogger, IProgressMonitor
-        self.OnnxParser, self.Builder = OnnxParser, Builder
-
-
-def graph_layers(entry) -> tuple[list[str], list[FakeLayer]]:
-    """A small layer list in the exporter's naming for any graph: some unsafe spots, some ordinary ones."""
-    return [t.name for t in entry.inputs], [
-        FakeLayer("node_Shape_1", "SHAPE", "INT64"),
-        FakeLayer(f"{entry.name}.block.norm/mean/ReduceMean", "REDUCE"),
-        FakeLayer(f"{entry.name}.block/linear/MatMul", "MATRIX_MULTIPLY"),
-        FakeLayer(f"{entry.name}.block.attn/softmax/Softmax", "SOFTMAX"),
-        FakeLayer(f"{entry.name}/add/Add", "ELEMENTWISE"),
-    ]
-
-
-def fake_trt_for(manifest, version: str = "10.13.0.35") -> FakeTrt:
-    by_file = {Path(e.file).name: e for e in manifest.graphs.values()}
-    return FakeTrt(lambda path: graph_layers(by_file[path.name]), version)
+TRT = "11.4.0.106"          # the fake's default version
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -485,12 +238,17 @@ def test_integer_shape_and_constant_layers_are_never_forced():
 
 
 def test_apply_precision_sets_only_the_selected_layers_float_outputs(policy, caplog):
-    trt = FakeTrt(networks=None)
-    layers = [FakeLayer("bigvgan.resblocks.0.activations.0.act/sin/Sin", "UNARY"),
-              FakeLayer("bigvgan.resblocks.0.convs1.0/conv1d_3/Conv", "CONVOLUTION"),
-              FakeLayer("bigvgan.block.norm/topk", "SLICE", "FLOAT", "INT32"),
-              FakeLayer("node_Shape_1", "SHAPE", "INT64"),
-              FakeLayer("node_softmax", "SOFTMAX")]
+    """engines.precision.apply_precision (weak typing; no longer called by the builder, removed with the
+    explicit-precision work) on a weakly typed TensorRT 10.x network, the only place it can work. Imported here,
+    so its removal fails only these two tests (delete them with it)."""
+    from engines.precision import apply_precision
+
+    trt = FakeTrt(networks=None, version="10.16.1.11")
+    layers = [FakeLayer("bigvgan.resblocks.0.activations.0.act/sin/Sin", "UNARY", weak_api=True),
+              FakeLayer("bigvgan.resblocks.0.convs1.0/conv1d_3/Conv", "CONVOLUTION", weak_api=True),
+              FakeLayer("bigvgan.block.norm/topk", "SLICE", "FLOAT", "INT32", weak_api=True),
+              FakeLayer("node_Shape_1", "SHAPE", "INT64", weak_api=True),
+              FakeLayer("node_softmax", "SOFTMAX", weak_api=True)]
     network = FakeNetwork(["mel"], layers)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -506,9 +264,12 @@ def test_apply_precision_sets_only_the_selected_layers_float_outputs(policy, cap
 
 
 def test_a_layer_type_unknown_to_tensorrt_is_reported(caplog):
+    from engines.precision import apply_precision
+
     typo = PrecisionPolicy({"*": (dataclasses.replace(load_policy().graphs["*"][0], types=("SOFTMAXX",)),)}, source="p")
     with caplog.at_level(logging.WARNING, logger="engines"):
-        assert apply_precision(FakeNetwork([], [FakeLayer("x", "SOFTMAX")]), "g", typo, FakeTrt(None)) == []
+        assert apply_precision(FakeNetwork([], [FakeLayer("x", "SOFTMAX", weak_api=True)]), "g", typo,
+                               FakeTrt(None, "10.16.1.11")) == []
     assert "['SOFTMAXX'] do not exist in this TensorRT" in caplog.text
 
 
@@ -516,15 +277,12 @@ def test_a_layer_type_unknown_to_tensorrt_is_reported(caplog):
 # Builder decisions
 
 
-def test_builder_flags_per_precision():
-    assert builder_flags("fp32", fp32_islands=False) == builder_flags("fp32", True)
-    assert builder_flags("fp32", False).set == () and builder_flags("fp32", False).clear == ("TF32",)
-    assert builder_flags("fp16", False).set == ("FP16",)
-    assert builder_flags("fp16", True).set == ("FP16", "OBEY_PRECISION_CONSTRAINTS")
-    assert builder_flags("int8", True, int8_calibrated=True).set == ("FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS")
-    assert builder_flags("int8", False, int8_calibrated=False).set == ("FP16",)
+def test_builder_flags_set_nothing_and_clear_tf32_at_every_precision():
+    """Strong typing: the precision is the graph's, so no flag is set; TF32 is cleared for every plan."""
+    for precision in ("fp32", "fp16", "int8"):
+        assert builder_flags(precision).set == () and builder_flags(precision).clear == ("TF32",)
     with pytest.raises(InputError, match="expected one of fp32, fp16, int8"):
-        builder_flags("bf16", False)
+        builder_flags("bf16")
 
 
 def test_decode_profiles_are_one_per_bucket_with_cache_len_fixed(manifest):
@@ -560,26 +318,28 @@ def test_build_plan_drives_tensorrt_as_documented(manifest, root, policy, caplog
     with caplog.at_level(logging.DEBUG, logger="engines"):
         built = build_plan(entry, entry.path(root), settings, trt, timing_cache=b"old-cache", tag="[1/1] gpt_decode")
     ((network, config),) = trt.builds
+    assert trt.creation_flags == [0] and network.strongly_typed                     # TensorRT 11: always
     assert config.pools == {MemoryPoolType.WORKSPACE: 3 << 30}
-    assert config.flags == {BuilderFlag.FP16, BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
+    assert config.flags == set() and trt.cleared == {BuilderFlag.TF32}             # nothing set, TF32 cleared
     assert config.preview == {PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10: True}   # memory follows the shapes
     assert [p.shapes for p in config.profiles] == [list(calls) for _, calls in profile_calls(entry)]
     assert trt.cache_loads == [b"old-cache"] and built.timing_cache == b"old-cache+timed"
     assert config.progress_monitor is not None
     assert "[1/1] gpt_decode: Building engine (2 steps)" in caplog.text
-    assert [n for n, _ in built.fp32_layers] == ["gpt_decode.block.norm/mean/ReduceMean",
-                                                 "gpt_decode.block.attn/softmax/Softmax"]
-    assert b"gpt_decode.block.attn/softmax/Softmax=FLOAT" in built.plan
-    assert b"gpt_decode/add/Add=-" in built.plan
+    assert built.fp32_layers == ("gpt_decode.block.norm/mean/ReduceMean",          # as the graph types them
+                                 "gpt_decode.block.attn/softmax/Cast", "gpt_decode.block.attn/softmax/Softmax",
+                                 "gpt_decode/add/Add")
+    assert b"gpt_decode.block/linear/MatMul=HALF" in built.plan and b"strongly_typed=True" in built.plan
+    assert built.tensor_types == {"INT64": 1, "FLOAT": 4, "HALF": 2}
 
 
-def test_fp32_plans_clear_tf32_and_apply_no_islands(manifest, root, policy):
-    trt = fake_trt_for(manifest)
+def test_fp32_plans_clear_tf32_and_record_no_fp32_layers(manifest, root, policy):
+    trt = fake_trt_for(manifest, form="fp32")
     entry = manifest.graph("dit_step")
     built = build_plan(entry, entry.path(root), BuildSettings("fp32", policy), trt)
     ((network, config),) = trt.builds
     assert config.flags == set() and trt.cleared == {BuilderFlag.TF32}
-    assert built.fp32_layers == [] and all(ly.precision is None for ly in network.layers)
+    assert built.fp32_layers == () and network.strongly_typed
 
 
 def test_parser_errors_name_the_failing_nodes(manifest, root, policy):
@@ -593,7 +353,7 @@ def test_parser_errors_name_the_failing_nodes(manifest, root, policy):
     with pytest.raises(BackendError) as err:
         build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
     text = str(err.value)
-    assert str(entry.path(root)) in text and "TensorRT 10.13.0.35 could not parse the graph" in text
+    assert str(entry.path(root)) in text and f"TensorRT {TRT} could not parse the graph" in text
     assert "node 'regulator/floor/Floor' (Floor): UNSUPPORTED_NODE: Floor on INT64 is not supported" in text
     assert "graph: INVALID_GRAPH: graph input 'ylens' has no shape" in text
     assert "node #12 (Mish): UNSUPPORTED_NODE: no importer" in text
@@ -702,13 +462,15 @@ def test_plans_are_reused_while_the_key_holds_and_rebuilt_with_the_reason(manife
     plan, sidecar = plan_paths(root, "length_regulator", "fp16")
     assert first.plan == plan and not first.reused and len(trt.builds) == 1
     record = read_record(sidecar)
-    assert record.key == engine_key(entry, "fp16", policy, "10.13.0.35", RTX)
+    assert record.key == engine_key(entry, "fp16", policy, TRT, RTX)
+    assert record.key.graph_form == "fp16-mixed"
     assert record.key.policy_sha256 == policy.sha256() and record.plan_sha256 == sha256_file(plan)
-    assert record.fp32_layers == ("length_regulator.block.norm/mean/ReduceMean",   # REDUCE
-                                  "length_regulator.block/linear/MatMul",          # LR: outside the conv stack
-                                  "length_regulator.block.attn/softmax/Softmax",   # SOFTMAX
-                                  "length_regulator/add/Add")                      # LR: outside the conv stack
-    assert record.notes["flags_set"] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert record.fp32_layers == ("length_regulator.block.norm/mean/ReduceMean",   # the graph's fp32 layers
+                                  "length_regulator.block.attn/softmax/Cast",
+                                  "length_regulator.block.attn/softmax/Softmax",
+                                  "length_regulator/add/Add")
+    assert record.notes["network"] == "strongly typed" and record.notes["network_flags"] == []   # 11: implicit
+    assert record.notes["flags_set"] == [] and record.notes["flags_cleared"] == ["TF32"]
     assert timing_cache_path(root).read_bytes() == b"+timed"
     assert "lr: building engines/length_regulator.fp16.plan: no plan built yet" in caplog.text
 
@@ -726,10 +488,10 @@ def test_plans_are_reused_while_the_key_holds_and_rebuilt_with_the_reason(manife
 
     rebuilt("it was built for NVIDIA GeForce RTX 4090 (compute capability 8.9), this GPU is NVIDIA A100", gpu=A100)
     rebuilt("it was built for NVIDIA A100-SXM4-80GB (compute capability 8.0), this GPU is NVIDIA GeForce RTX 4090")
-    newer = fake_trt_for(manifest, version="10.14.1.48")
-    newer.builds = trt.builds
-    rebuilt("it was built with TensorRT 10.13.0.35, this is TensorRT 10.14.1.48", trt=newer)
-    rebuilt("it was built with TensorRT 10.14.1.48, this is TensorRT 10.13.0.35")
+    older = fake_trt_for(manifest, version="10.16.1.11")
+    older.builds = trt.builds
+    rebuilt(f"it was built with TensorRT {TRT}, this is TensorRT 10.16.1.11", trt=older)
+    rebuilt(f"it was built with TensorRT 10.16.1.11, this is TensorRT {TRT}")
 
     onnx_file = entry.path(root)
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\n")                 # "re-exported"
@@ -737,7 +499,6 @@ def test_plans_are_reused_while_the_key_holds_and_rebuilt_with_the_reason(manife
     rebuilt("it was built from another ONNX file (re-exported since)", entry=changed)
     empty = BuildSettings("fp16", PrecisionPolicy({}, source="empty"))
     rebuilt("it was built with another precision policy", entry=changed, settings=empty)
-    assert read_record(sidecar).fp32_layers == ()
 
     plan.write_bytes(plan.read_bytes() + b"x")
     rebuilt("does not match its recorded sha256", entry=changed, settings=empty)
@@ -747,7 +508,7 @@ def test_plans_are_reused_while_the_key_holds_and_rebuilt_with_the_reason(manife
 
 def test_a_policy_change_does_not_rebuild_fp32_plans(manifest, root, policy):
     entry = manifest.graph("length_regulator")
-    trt = fake_trt_for(manifest)
+    trt = fake_trt_for(manifest, form="fp32")
     ensure_plan(entry, root, BuildSettings("fp32", policy), trt=trt, gpu=RTX)
     out = ensure_plan(entry, root, BuildSettings("fp32", PrecisionPolicy({}, source="other")), trt=trt, gpu=RTX)
     assert out.reused and out.record.key.policy_sha256 == "" and len(trt.builds) == 1
@@ -770,39 +531,25 @@ def test_an_onnx_file_changed_behind_the_manifest_is_refused(manifest, root, pol
 
 
 # ---------------------------------------------------------------------------------------------------
-# INT8 hook
+# INT8: explicit quantization in the graph
 
 
-def test_int8_without_a_calibrator_is_refused(manifest, root, policy):
-    with pytest.raises(InputError) as err:
-        BuildSettings("int8", policy)
-    assert str(err.value) == INT8_NEEDS_CALIBRATION and "python -m calibration" in str(err.value)
-    with pytest.raises(InputError, match="INT8 needs calibration data"):
-        build_all(manifest, root, "int8", trt=fake_trt_for(manifest), gpu=RTX)
+def test_int8_plans_are_built_from_qdq_graphs_without_a_calibrator(manifest, root, policy):
+    """INT8 is the graph's (QuantizeLinear/DequantizeLinear): nothing to pass, no flag, no calibrator."""
+    trt = fake_trt_for(manifest, form="int8-qdq")
+    out = ensure_plan(manifest.graph("gpt_decode"), root, BuildSettings("int8", policy), trt=trt, gpu=RTX)
+    ((network, config),) = trt.builds
+    assert out.plan.name == "gpt_decode.int8.plan" and out.record.key.graph_form == "int8-qdq"
+    assert config.flags == set() and out.record.notes["tensor_types"]["INT8"] == 1
+    with pytest.raises(AttributeError, match="removed in TensorRT 11"):
+        config.int8_calibrator                                           # not even there (TensorRT 11)
 
 
-def test_int8_calibrator_goes_through_the_hook(manifest, root, policy):
-    asked = []
-
-    def factory(graph, entry, profile):
-        asked.append((graph, profile.label))
-        return None if graph == "dit_step" else f"calibrator for {graph}"
-
-    trt = fake_trt_for(manifest)
-    settings = BuildSettings("int8", policy, calibrator=factory)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)                # the deprecated setter stays quiet
-        decode = ensure_plan(manifest.graph("gpt_decode"), root, settings, trt=trt, gpu=RTX)
-        dit = ensure_plan(manifest.graph("dit_step"), root, settings, trt=trt, gpu=RTX)
-    assert asked == [("gpt_decode", f"cache_len={decode_buckets(manifest.graph('gpt_decode'))[0]}"),
-                     ("dit_step", "default")]
-    (_, config_decode), (_, config_dit) = trt.builds
-    assert config_decode.int8_calibrator == "calibrator for gpt_decode"
-    assert config_decode.calibration_profile is config_decode.profiles[0]
-    assert BuilderFlag.INT8 in config_decode.flags and BuilderFlag.FP16 in config_decode.flags
-    assert config_dit.int8_calibrator is None and BuilderFlag.INT8 not in config_dit.flags
-    assert decode.record.notes["int8"] is True and dit.record.notes["int8"] is False
-    assert decode.plan.name == "gpt_decode.int8.plan"
+def test_int8_from_a_graph_without_qdq_nodes_is_refused(manifest, root, policy):
+    with pytest.raises(EngineBuildFailures) as err:
+        build_all(manifest, root, "int8", graphs=["gpt_decode"], trt=fake_trt_for(manifest, form="fp16-mixed"), gpu=RTX)
+    assert "is not in the int8-qdq precision form: it has 0 quantize/dequantize layer(s)" in str(err.value)
+    assert "explicit quantization" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -831,7 +578,7 @@ def test_build_all_goes_on_after_a_failed_graph(manifest, root, caplog):
     results = build_all(manifest, root, "fp16", graphs=graphs, trt=trt, gpu=RTX)
     assert [p.name for p in results.plans] == [f"{g}.fp16.plan" for g in graphs]
     assert [o.status for o in results.outcomes] == ["reused", "built", "reused"] and results.ok
-    assert results.detail == f"TensorRT 10.13.0.35 on {RTX.describe()}"
+    assert results.detail == f"TensorRT {TRT} on {RTX.describe()}"
     assert len(trt.builds) == 3                                           # only semantic_codec was built again
 
 
@@ -951,9 +698,9 @@ def test_engine_outcomes_are_checked():
         results.outcome("c")
 
 
-def test_an_older_tensorrt_without_activation_resize_still_builds(manifest, root, policy):
+def test_a_tensorrt_without_activation_resize_still_builds(manifest, root, policy):
     trt = fake_trt_for(manifest)
-    trt.PreviewFeature = enum.Enum("PreviewFeature", "PROFILE_SHARING_0806")       # TensorRT < 10.10
+    trt.PreviewFeature = enum.Enum("PreviewFeature", "ALIASED_PLUGIN_IO_10_03")    # should a release drop it
     entry = manifest.graph("length_regulator")
     build_plan(entry, entry.path(root), BuildSettings("fp16", policy), trt)
     ((_, config),) = trt.builds

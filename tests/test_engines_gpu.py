@@ -15,7 +15,8 @@ reference):
 
 Gated by the `gpu` marker (tests/conftest.py: require_gpu): skipped with the probe's reason where no NVIDIA
 GPU is visible, failed where one is visible but TensorRT/CUDA is not usable; written to run unchanged on a
-machine with TensorRT 10, cuda-python and a GPU. The engines run through the runtime's TensorRT executor
+machine with TensorRT 10.12+ or 11.x, cuda-python and a GPU. Plans are strongly typed: the fp16 plans need the
+fp16-mixed graphs (engines/TENSORRT_API.md §2). The engines run through the runtime's TensorRT executor
 (`runtime.trt.executor.TrtExecutor(entry, root, precision).run(feed) -> dict`), imported lazily.
 """
 
@@ -218,8 +219,10 @@ def test_every_graph_has_a_plan_per_precision(graph, trt_engines, manifest, gpu_
         record = read_record(sidecar)
         assert record.key == engine_key(entry, precision, policy, trt_version, here), graph
         assert plan.stat().st_size > 0
+        assert record.notes["network"] == "strongly typed" and record.notes["flags_cleared"] == ["TF32"]
+        assert record.notes["flags_set"] == []
         if precision == "fp32":
-            assert record.fp32_layers == () and record.notes["flags_cleared"] == ["TF32"]
+            assert record.fp32_layers == ()
     if graph == "bigvgan":
         snake = read_record(plan_paths(gpu_export, "bigvgan", "fp16")[1])
         assert any(".act/" in n for n in snake.fp32_layers), "BigVGAN's SnakeBeta was not kept in fp32"

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from runtime.errors import BackendError
-from runtime.trt.gpu import TENSORRT_PIN, unsupported_tensorrt
+from runtime.trt.gpu import install_hint, unsupported_tensorrt
 
 trt_log = logging.getLogger("tensorrt")
 
@@ -24,12 +24,13 @@ _LOGGERS: dict[int, tuple[Any, Any]] = {}
 
 
 def import_tensorrt() -> Any:
-    """The tensorrt module, checked to be a supported version; BackendError (with what to install) otherwise."""
+    """The tensorrt module, checked to be a supported version (10.12 to 11.x: runtime.trt.gpu.unsupported_tensorrt);
+    BackendError (with what to install) otherwise."""
     try:
         import tensorrt as trt  # type: ignore[import-not-found]
     except ImportError as err:
-        raise BackendError(f"tensorrt is not installed: pip install '{TENSORRT_PIN}' (needs an NVIDIA GPU; without "
-                           "one the ONNX graphs run with --backend ort-cuda or ort-cpu)") from err
+        raise BackendError(f"tensorrt is not installed (needs an NVIDIA GPU; without one the ONNX graphs run with "
+                           f"--backend ort-cuda or ort-cpu): {install_hint()}") from err
     except Exception as err:  # noqa: BLE001 — a broken install (missing libnvinfer) raises anything
         raise BackendError(f"tensorrt cannot be imported ({type(err).__name__}: {err})") from err
     unsupported = unsupported_tensorrt(getattr(trt, "__version__", ""))

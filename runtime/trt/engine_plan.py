@@ -4,7 +4,9 @@ TensorRT executor (runtime/trt/executor.py) read. Torch-free and tensorrt-free.
 DESIGN.md §5: one plan per graph and precision; optimization profiles from the manifest's ranges (the
 decode graph: one profile per KV-cache bucket, cache_len fixed, so each bucket's shapes are static and
 its step can be captured in a CUDA graph); a plan is keyed by graph, ONNX sha256, precision, profiles,
-TensorRT version, GPU name and compute capability (plus the precision policy, which changes the plan).
+TensorRT version, GPU name and compute capability (plus the precision policy, which changes the plan, and the
+graph's precision form: plans are strongly typed, so the ONNX graph carries the precision — "fp32",
+"fp16-mixed" (fp16 with explicit Casts around fp32 islands) or "int8-qdq" (QuantizeLinear/DequantizeLinear)).
 A plan whose key differs from what this machine would build is rebuilt by the builder and refused by the
 runtime, with a message that says what differs.
 
@@ -32,6 +34,14 @@ TIMING_CACHE = "timing.cache"
 SIDECAR_FORMAT = "indextts2-engines/plan"
 SIDECAR_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
+#: The precision form of the ONNX graph a plan of each precision is built from (strong typing: TensorRT takes
+#: every tensor's type from the graph, https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
+#: tensorrt-10x-to-11x.html "Strongly Typed Networks Are Now Required").
+GRAPH_FORMS = {"fp32": "fp32", "fp16": "fp16-mixed", "int8": "int8-qdq"}
+#: The graph form a record without one stands for: plans built before the builder was strongly typed (weakly
+#: typed networks with precision flags and per-layer precision). Never equal to a real form, so such a plan is
+#: rebuilt (builder) or refused (runtime).
+LEGACY_GRAPH_FORM = "weakly-typed"
 #: KV-cache buckets of the host runtime (runtime/gpt/kv_cache.py); the engines add the contract maximum.
 DECODE_GRAPH = "gpt_decode"
 
@@ -89,6 +99,11 @@ class EngineKey:
     trt_version: str
     gpu: GpuInfo
     policy_sha256: str = ""        # the precision policy applied ("" = none)
+    graph_form: str = ""           # the ONNX graph's precision form ("" = GRAPH_FORMS[precision])
+
+    def __post_init__(self) -> None:
+        if not self.graph_form:
+            object.__setattr__(self, "graph_form", default_graph_form(self.precision))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
@@ -110,7 +125,22 @@ class EngineKey:
             out.append("its optimization profiles differ from the manifest's ranges")
         if other.policy_sha256 != self.policy_sha256:
             out.append("it was built with another precision policy")
+        if other.graph_form != self.graph_form:
+            out.append(f"{_describe_form(other.graph_form)}, this build is strongly typed from the {self.graph_form} "
+                       "graph")
         return out
+
+
+def default_graph_form(precision: str) -> str:
+    """The graph form a plan of `precision` is built from (unknown precisions map to themselves)."""
+    return GRAPH_FORMS.get(precision, precision)
+
+
+def _describe_form(form: str) -> str:
+    if form == LEGACY_GRAPH_FORM:
+        return ("it was built as a weakly typed network (its record names no graph form: precision flags, before "
+                "the precision moved into the ONNX graph)")
+    return f"it was built from the {form} graph"
 
 
 @dataclass(frozen=True)
@@ -194,7 +224,8 @@ def read_record(path: str | Path) -> PlanRecord:
                 InputProfile(str(i["name"]), tuple(i["min"]), tuple(i["opt"]), tuple(i["max"])) for i in p["inputs"]))
                 for p in k["profiles"]),
             trt_version=str(k["trt_version"]), gpu=GpuInfo(str(k["gpu"]["name"]), str(k["gpu"]["compute_capability"])),
-            policy_sha256=str(k.get("policy_sha256", "")))
+            policy_sha256=str(k.get("policy_sha256", "")),
+            graph_form=str(k.get("graph_form") or LEGACY_GRAPH_FORM))
         return PlanRecord(key, str(data["plan_sha256"]), tuple(data.get("fp32_layers", ())),
                           float(data.get("build_seconds", 0.0)), dict(data.get("notes", {})))
     except FileNotFoundError as err:

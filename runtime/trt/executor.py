@@ -4,9 +4,10 @@ buffers allocated once (DESIGN.md §4), optionally replayed as CUDA graphs.
 Refusals before anything is loaded (DESIGN.md §4-5, the "engine built for another GPU" bad input):
 - no plan at OUT/engines/<graph>.<precision>.plan -> CheckpointError with the build command;
 - a plan whose sidecar key (runtime/trt/engine_plan.py) is not what THIS machine would build (another GPU,
-  TensorRT version, ONNX file, precision or profiles) -> EngineMismatchError saying what differs and to
-  rebuild. The key's precision policy is taken from the record (the runtime does not know which policy
-  file the build used; a plan built from the same ONNX with any policy is a valid plan of the graph).
+  TensorRT version, ONNX file, precision, profiles, or graph form: a plan recorded before the builder was
+  strongly typed has none and is refused) -> EngineMismatchError saying what differs and to rebuild.
+  The key's precision policy is taken from the record (the runtime does not know which policy file the
+  build used; a plan built from the same ONNX with any policy is a valid plan of the graph).
 
 Refusals at load (the engine itself): I/O names and dtypes other than the manifest's, another number of
 optimization profiles, and any input whose engine location is HOST (`get_tensor_location`): TensorRT

@@ -5,14 +5,21 @@ DESIGN.md §3 (export facts): cuda-python 13 imports as `cuda.bindings.runtime` 
 Both the engine builder (`engines.available`) and the runtime's backend choice (`--backend auto`,
 `python -m runtime inspect`) ask here, so they always agree. Nothing heavy is imported at module level.
 
-Why the driver check: the unpinned wheels (`tensorrt` 10.x, `cuda-python` 13.x) are CUDA 13 builds, which
-need a driver >= R580. On the R535-R575 drivers many GPU machines run, every CUDA call returns
+Why the driver check: the `tensorrt` metapackage and `cuda-python` 13.x are CUDA 13 builds, which need a
+driver >= R580. On the R535-R575 drivers many GPU machines run, every CUDA call returns
 cudaErrorInsufficientDriver (35); reported as "no CUDA GPU" that would make every GPU test skip and
 `--backend auto` fall back to ONNX Runtime without a word. So error 35 is reported as what it is: the
 driver found (cudaDriverGetVersion, /proc/driver/nvidia/version), the CUDA major the cuda-python wheel
 targets (cudaRuntimeGetVersion), the driver that major needs, and the build to install instead.
 `gpu_visible` says whether the machine has an NVIDIA GPU at all, without CUDA, so GPU tests can fail
 (rather than skip) where a GPU is visible but the probe fails.
+
+Which TensorRT (`unsupported_tensorrt`): 10.12 up to 11.x. The builder makes strongly typed networks only
+(the precision is in the ONNX graph): TensorRT 11 removed every weak-typing API ("TensorRT 11.x removes all
+weak typing APIs", https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x.html),
+and 10.12 is the release that deprecated them in favour of strong typing (NvInfer.h of v10.12: BuilderFlag::kFP16
+"Deprecated in TensorRT 10.12. Superseded by strong typing."). Older 10.x is refused with the minimum and the
+pip command; 12.x and later are refused as unknown (a major release removes APIs).
 """
 
 from __future__ import annotations
@@ -25,22 +32,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: The TensorRT major version the builder and the executor are written against. TensorRT 11 removes what the
-#: fp16-with-fp32-islands build relies on (weakly typed networks, per-layer precision, precision flags), so
-#: another major version is refused up front instead of failing inside a build.
-TENSORRT_MAJOR = 10
-TENSORRT_PIN = "tensorrt>=10,<11"
+#: The TensorRT releases the builder and the executor are written for: 10.12 (the first where strong typing
+#: supersedes the deprecated weak typing) through 11.x (strong typing only). Anything else is refused up front
+#: with what to install, instead of failing inside a build.
+TENSORRT_MIN = (10, 12)
+TENSORRT_MAX_MAJOR = 11
+TENSORRT_PIN = "tensorrt>=10.12,<12"       # the metapackage: the CUDA 13 build since 10.13.3
 
 #: The oldest Linux driver that runs wheels built for each CUDA major (CUDA minor version compatibility:
 #: NVIDIA's "CUDA Compatibility" guide gives CUDA 12.x >= 525 and CUDA 13.x >= 580; the exact versions are
 #: those of the CUDA Toolkit release notes' minor-version-compatibility table).
 MIN_DRIVER: dict[int, str] = {12: "525.60.13", 13: "580.65.06"}
-#: How to install TensorRT 10 and cuda-python for one CUDA major. The bare `tensorrt` 10.x wheel is the CUDA 13
-#: build, and an unpinned `tensorrt-cu12` now resolves to TensorRT 11: both pins matter. A fresh environment,
-#: because the CUDA 12 and 13 TensorRT wheels install the same `tensorrt` module.
+#: How to install TensorRT and cuda-python for one CUDA major (the `gpu-cu12` / `gpu-cu13` extras of
+#: pyproject.toml hold the same pins plus the matching onnxruntime-gpu). The bare `tensorrt` metapackage is the
+#: CUDA 13 build, so the CUDA major is named explicitly. A fresh environment, because the CUDA 12 and 13
+#: TensorRT wheels install the same `tensorrt` module.
 CUDA_BUILDS: dict[int, str] = {
-    12: "pip install 'cuda-python>=12,<13' 'tensorrt-cu12>=10,<11'",
-    13: "pip install 'cuda-python>=13,<14' 'tensorrt-cu13>=10,<11'",
+    12: "pip install 'cuda-python>=12,<13' 'tensorrt-cu12>=10.12,<12'",
+    13: "pip install 'cuda-python>=13,<14' 'tensorrt-cu13>=10.12,<12'",
 }
 INSUFFICIENT_DRIVER = 35        # cudaErrorInsufficientDriver
 #: where the kernel driver states its version (Linux), and the device node of the first GPU
@@ -137,13 +146,34 @@ def tensorrt_version() -> str | None:
         return None
 
 
+def tensorrt_release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a TensorRT version string ("10.16.1.11" -> (10, 16)), None when it is not one."""
+    match = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def install_hint() -> str:
+    """The pip commands of a supported TensorRT, one per CUDA major, with the driver each needs."""
+    return "; ".join(f"CUDA {major} (driver ≥ {MIN_DRIVER[major]}): {CUDA_BUILDS[major]}"
+                     for major in sorted(CUDA_BUILDS, reverse=True))
+
+
 def unsupported_tensorrt(version: str) -> str:
-    """Why this TensorRT version cannot be used ("" when it can)."""
-    major = str(version).split(".", 1)[0]
-    if major.isdigit() and int(major) == TENSORRT_MAJOR:
-        return ""
-    return (f"TensorRT {version or '(unknown version)'} is installed; the engine builder and executor are written "
-            f"for TensorRT {TENSORRT_MAJOR} (pip install '{TENSORRT_PIN}')")
+    """Why this TensorRT version cannot be used ("" when it can: 10.12 <= version < 12)."""
+    release = tensorrt_release(version)
+    shown = version or "(unknown version)"
+    minimum = ".".join(map(str, TENSORRT_MIN))
+    if release is None:
+        return (f"TensorRT {shown} is installed, a version this toolkit cannot read; it supports TensorRT {minimum} "
+                f"to {TENSORRT_MAX_MAJOR}.x: {install_hint()}")
+    if release < TENSORRT_MIN:
+        return (f"TensorRT {shown} is too old: the engine builder needs TensorRT ≥ {minimum} (strongly typed "
+                f"networks; the weakly typed build is deprecated since 10.12 and gone in 11); upgrade: {install_hint()}")
+    if release[0] > TENSORRT_MAX_MAJOR:
+        return (f"TensorRT {shown} is a major version this toolkit does not know (it is written for TensorRT "
+                f"{minimum} to {TENSORRT_MAX_MAJOR}.x; a new major version removes APIs); install a supported one: "
+                f"{install_hint()}")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,7 +22,10 @@ bugs):
 - data-dependent outputs: enqueue synchronises internally (TensorRT must know the size), calls the
   allocator's reallocate_output_async (the legacy reallocate_output only when async is not overridden,
   as the Python binding's trampoline does) and notify_shape before execute_async_v3 returns; a null (0 or
-  None) pointer makes execute_async_v3 return False.
+  None) pointer makes execute_async_v3 return False;
+- the runtime API is TensorRT 11's (the default `TRT_VERSION`; 10.12+ has the same calls): what 11 removed
+  (`engine.device_memory_size`, `get_device_memory_size_for_profile`, `create_execution_context_without_device_
+  memory`, ...; tests/trt/removed_api.py) is an AttributeError on the module, the engine and the context.
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ from runtime.trt.engine_plan import (
     plan_paths,
     write_record,
 )
+from tests.trt.removed_api import REMOVED_NAMES, removed_message
 
 RTX3090 = GpuInfo("NVIDIA GeForce RTX 3090", "8.6")
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")
-TRT_VERSION = "10.13.0.35"
+TRT_VERSION = "11.4.0.106"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,8 +349,10 @@ class FakeTrt:
         def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
             return self.reallocate_output(tensor_name, memory, size, alignment)
 
-    def __init__(self, manifest, root: Path, cudart: FakeCudart, capturable: bool = True) -> None:
+    def __init__(self, manifest, root: Path, cudart: FakeCudart, capturable: bool = True,
+                 version: str = TRT_VERSION) -> None:
         self.manifest, self.root, self.cudart, self.capturable = manifest, root, cudart, capturable
+        self.__version__ = version
         self.executions = 0
         self.sessions: dict = {}
         self.engines: list = []
@@ -356,6 +362,12 @@ class FakeTrt:
     @staticmethod
     def nptype(dtype):
         return dtype
+
+    def __getattr__(self, name):                       # only for names the module does not have
+        if name in REMOVED_NAMES:
+            raise AttributeError(f"module 'tensorrt' has no attribute '{name}' (removed in TensorRT 11; "
+                                 f"replacement: {REMOVED_NAMES[name]})")
+        raise AttributeError(f"module 'tensorrt' has no attribute '{name}'")
 
     def Runtime(self, logger):  # noqa: N802 — tensorrt's spelling
         fake = self
@@ -383,7 +395,20 @@ def _activation_bytes(entry, shapes) -> int:
     return -(-2 * n // 256) * 256
 
 
-class FakeEngine:
+class _Removed:
+    """Names TensorRT 11 removed are an AttributeError that says so (the executor must not use them)."""
+
+    _owner = "object"
+
+    def __getattr__(self, name):                       # only for names the object does not have
+        if name in REMOVED_NAMES:
+            raise AttributeError(removed_message(self._owner, name))
+        raise AttributeError(f"'{self._owner}' object has no attribute '{name}'")
+
+
+class FakeEngine(_Removed):
+    _owner = "ICudaEngine"
+
     def __init__(self, trt: FakeTrt, entry) -> None:
         self.trt, self.entry = trt, entry
         self.names = [t.name for t in (*entry.inputs, *entry.outputs)]
@@ -430,7 +455,9 @@ class FakeEngine:
         return sum(c.owned_memory for c in self.created)
 
 
-class FakeContext:
+class FakeContext(_Removed):
+    _owner = "IExecutionContext"
+
     def __init__(self, engine: FakeEngine, strategy) -> None:
         self.engine, self.strategy = engine, strategy
         self.shapes: dict = {}

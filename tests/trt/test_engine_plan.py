@@ -12,6 +12,8 @@ from runtime.errors import EngineMismatchError
 from runtime.manifest import read_manifest
 from runtime.trt import gpu
 from runtime.trt.engine_plan import (
+    GRAPH_FORMS,
+    LEGACY_GRAPH_FORM,
     EngineKey,
     GpuInfo,
     PlanRecord,
@@ -69,6 +71,7 @@ def test_other_graphs_take_the_manifest_ranges(manifest) -> None:
     ({"onnx_sha256": "0" * 64}, "another ONNX file"),
     ({"precision": "fp32"}, "built for fp32, not fp16"),
     ({"policy_sha256": "zzz"}, "another precision policy"),
+    ({"graph_form": "int8-qdq"}, "built from the int8-qdq graph, this build is strongly typed from the fp16-mixed graph"),
 ])
 def test_key_differences_are_said_in_words(manifest, change, words) -> None:
     want = _key(manifest)
@@ -89,6 +92,33 @@ def test_record_round_trip_and_refusal(manifest, tmp_path) -> None:
     with pytest.raises(EngineMismatchError, match=r"cannot run here: it was built for NVIDIA GeForce RTX 3090 \(compute "
                        r"capability 8.6\), this GPU is NVIDIA A100"):
         check_record(record, _key(manifest, gpu=GpuInfo("NVIDIA A100", "8.0")), plan)
+
+
+def test_the_graph_form_follows_the_precision_unless_given(manifest) -> None:
+    entry = manifest.graph("dit_step")
+    forms = [EngineKey("dit_step", entry.sha256, p, engine_profiles(entry), "11.4.0.106", RTX3090).graph_form
+             for p in ("fp32", "fp16", "int8")]
+    assert forms == ["fp32", "fp16-mixed", "int8-qdq"]
+    assert GRAPH_FORMS == {"fp32": "fp32", "fp16": "fp16-mixed", "int8": "int8-qdq"}
+    assert _key(manifest, graph_form="int8-qdq").graph_form == "int8-qdq"
+    assert _key(manifest).digest() != _key(manifest, graph_form="int8-qdq").digest()
+
+
+def test_an_old_sidecar_without_a_graph_form_reads_as_weakly_typed_and_differs(manifest, tmp_path) -> None:
+    """A record written before strong typing has no graph_form: it reads (no crash), as the legacy form, and its
+    key differs from any key built now, so the builder rebuilds the plan and the runtime refuses it."""
+    plan, sidecar = plan_paths(tmp_path, "gpt_decode", "fp16")
+    plan.parent.mkdir()
+    write_record(sidecar, PlanRecord(_key(manifest), "f" * 64, ("a/b/Softmax",), 3.0, {"flags_set": ["FP16"]}))
+    data = json.loads(sidecar.read_text())
+    del data["key"]["graph_form"]
+    sidecar.write_text(json.dumps(data))
+    old = read_record(sidecar)
+    assert old.key.graph_form == LEGACY_GRAPH_FORM and old.fp32_layers == ("a/b/Softmax",)
+    (reason,) = _key(manifest).differences(old.key)
+    assert "built as a weakly typed network" in reason and "strongly typed from the fp16-mixed graph" in reason
+    with pytest.raises(EngineMismatchError, match="weakly typed network"):
+        check_record(old, _key(manifest), plan)
 
 
 def test_unreadable_records_are_named(tmp_path) -> None:

@@ -43,8 +43,28 @@ def test_an_engine_built_for_another_gpu_and_tensorrt_is_refused(manifest, tmp_p
     message = str(err.value)
     assert "dit_step.fp16.plan: this engine cannot run here" in message
     assert "built for NVIDIA A100-SXM4-80GB (compute capability 8.0), this GPU is NVIDIA GeForce RTX 3090" in message
-    assert "built with TensorRT 10.4.0.26, this is TensorRT 10.13.0.35" in message
+    assert f"built with TensorRT 10.4.0.26, this is TensorRT {TRT_VERSION}" in message
     assert "Rebuild it on this machine with python -m export.build" in message
+
+
+def test_a_plan_recorded_before_strong_typing_is_refused(manifest, tmp_path, monkeypatch) -> None:
+    """An old sidecar (no graph_form: a weakly typed build) loads as a record, and the runtime refuses its plan."""
+    import json
+
+    from runtime.trt.engine_plan import plan_paths
+    from runtime.trt.executor import TrtExecutor
+
+    entry = manifest.graph("dit_step")
+    _write_plan(tmp_path, entry, "fp16", RTX3090, TRT_VERSION)
+    sidecar = plan_paths(tmp_path, "dit_step", "fp16")[1]
+    data = json.loads(sidecar.read_text())
+    del data["key"]["graph_form"]
+    sidecar.write_text(json.dumps(data))
+    monkeypatch.setattr(gpu, "gpu_info", lambda device=0: RTX3090)
+    monkeypatch.setattr(api, "import_tensorrt", lambda: SimpleNamespace(__version__=TRT_VERSION))
+    with pytest.raises(EngineMismatchError, match=r"cannot run here: it was built as a weakly typed network .* "
+                                                  r"strongly typed from the fp16-mixed graph\. Rebuild"):
+        TrtExecutor(entry, tmp_path, "fp16")
 
 
 def _fake_tensorrt(version: str) -> SimpleNamespace:
@@ -61,12 +81,15 @@ def test_missing_plan_tensorrt_or_gpu_are_clear(manifest, tmp_path, monkeypatch)
         TrtExecutor(entry, tmp_path, "fp32")
     _write_plan(tmp_path, entry, "fp32", RTX3090, TRT_VERSION)
     monkeypatch.setitem(sys.modules, "tensorrt", None)             # import tensorrt -> ImportError
-    with pytest.raises(BackendError, match="tensorrt is not installed: pip install 'tensorrt>=10,<11'"):
+    with pytest.raises(BackendError, match=r"tensorrt is not installed .*'tensorrt-cu13>=10\.12,<12'"):
         TrtExecutor(entry, tmp_path, "fp32")
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.1.0"))
-    with pytest.raises(BackendError, match=r"TensorRT 11\.1\.0 is installed; .* written for TensorRT 10"):
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.11.0.33"))
+    with pytest.raises(BackendError, match=r"TensorRT 10\.11\.0\.33 is too old: .* needs TensorRT ≥ 10\.12"):
         TrtExecutor(entry, tmp_path, "fp32")
-    assert not gpu.tensorrt().ok and "written for TensorRT 10" in gpu.tensorrt().detail
+    assert not gpu.tensorrt().ok and "needs TensorRT ≥ 10.12" in gpu.tensorrt().detail
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("12.0.0"))
+    with pytest.raises(BackendError, match=r"TensorRT 12\.0\.0 is a major version this toolkit does not know"):
+        TrtExecutor(entry, tmp_path, "fp32")
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(TRT_VERSION))
     monkeypatch.setattr(gpu, "gpu_info", lambda device=0: None)
     with pytest.raises(BackendError, match="no usable CUDA GPU"):
@@ -140,6 +163,34 @@ def test_trt_executor_through_fakes_equals_onnx_runtime(fake_engines, manifest, 
                 assert len(trt.cudart.device) == allocations, "a run allocated device memory"
             assert ex.last_gpu_ms == 0.25 and ex.last_mode == "plain"
     assert not trt.cudart.device and not trt.cudart.host, "close() left allocations behind"
+
+
+@pytest.mark.parametrize("version", ["10.12.0.36", "11.4.0.106"])
+def test_the_executor_runs_on_tensorrt_10_12_and_11(manifest, tiny_export, graph_kit, tmp_path, monkeypatch,
+                                                    fake_cuda, version) -> None:
+    """The executor's calls are the same on 10.12+ and 11.x (engines/TENSORRT_API.md §4): the fake engine
+    refuses what 11 removed, and a plan recorded by that TensorRT runs under it and equals ONNX Runtime."""
+    import shutil
+
+    from runtime.trt.executor import TrtExecutor
+    from tests.trt.fakes import FakeTrt
+
+    root = tmp_path / "out"
+    shutil.copytree(tiny_export[0], root)
+    entry = manifest.graph("dit_step")
+    _write_plan(root, entry, "fp16", RTX3090, version)
+    monkeypatch.setattr(gpu, "gpu_info", lambda device=0: RTX3090)
+    trt = FakeTrt(manifest, root, fake_cuda, version=version)
+    feed = _feed(graph_kit, "dit_step", {"batch": 1, "mel_len": 40}, 0)
+    with TrtExecutor(entry, root, "fp16", trt=trt) as ex:
+        got = ex.run(feed)
+        with pytest.raises(AttributeError, match="device_memory_size.*removed in TensorRT 11"):
+            ex._engine.device_memory_size
+    want = _ort(root, manifest, "dit_step").run(feed)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    with pytest.raises(AttributeError, match="create_execution_context_without_device_memory"):
+        trt.engines[0].create_execution_context_without_device_memory()
 
 
 def test_trt_executor_device_inputs_outputs_and_checks(fake_engines, manifest, graph_kit) -> None:

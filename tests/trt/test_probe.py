@@ -75,7 +75,7 @@ def test_an_r535_driver_under_the_cuda13_wheels_names_driver_need_and_fix(machin
 @pytest.mark.parametrize("driver_cuda, wheel_cuda, proc, expected", [
     # the R575 open kernel module (CUDA 12.9): the CUDA 12 build runs there
     (12090, 13040, R575_OPEN, ["driver 575.57.08 (CUDA 12.9)", "CUDA 13 wheels", "install the CUDA 12 build",
-                               "tensorrt-cu12>=10,<11", "cuda-python>=12,<13"]),
+                               "tensorrt-cu12>=10.12,<12", "cuda-python>=12,<13"]),
     # no /proc file: the driver is described by the CUDA version it supports
     (12020, 13000, None, ["a driver for CUDA 12.2", "install the CUDA 12 build"]),
     # too old for every build: update the driver, with the minimum of each
@@ -127,11 +127,37 @@ def test_an_explanation_never_raises() -> None:
     assert "missing or too old" in message and "update the NVIDIA driver" in message
 
 
-def test_the_builds_pin_tensorrt_10_for_every_cuda_major() -> None:
+def test_the_builds_pin_a_supported_tensorrt_for_every_cuda_major() -> None:
     assert set(gpu.CUDA_BUILDS) == set(gpu.MIN_DRIVER)
+    low, high = ".".join(map(str, gpu.TENSORRT_MIN)), gpu.TENSORRT_MAX_MAJOR + 1
     for major, command in gpu.CUDA_BUILDS.items():
-        assert f"'tensorrt-cu{major}>={gpu.TENSORRT_MAJOR},<{gpu.TENSORRT_MAJOR + 1}'" in command
+        assert f"'tensorrt-cu{major}>={low},<{high}'" in command
         assert f"'cuda-python>={major},<{major + 1}'" in command
+        assert command in gpu.install_hint() and f"CUDA {major} (driver ≥ {gpu.MIN_DRIVER[major]})" in gpu.install_hint()
+
+
+@pytest.mark.parametrize("version", ["10.12.0.36", "10.13.3.9", "10.16.1.11", "11.0.0.114", "11.4.0.106"])
+def test_tensorrt_10_12_to_11_is_accepted(version) -> None:
+    assert gpu.unsupported_tensorrt(version) == ""
+
+
+@pytest.mark.parametrize("version, words", [
+    ("10.11.0.33", ["TensorRT 10.11.0.33 is too old", "needs TensorRT ≥ 10.12", "strongly typed"]),
+    ("10.7.0.23", ["too old", "≥ 10.12"]),
+    ("8.6.1", ["too old", "≥ 10.12"]),
+    ("12.0.0.1", ["TensorRT 12.0.0.1 is a major version this toolkit does not know", "10.12 to 11.x"]),
+    ("", ["(unknown version)", "cannot read"]),
+    ("nightly", ["TensorRT nightly", "cannot read"]),
+])
+def test_other_tensorrt_versions_are_refused_with_what_to_install(version, words) -> None:
+    message = gpu.unsupported_tensorrt(version)
+    assert all(w in message for w in words), message
+    assert gpu.CUDA_BUILDS[12] in message and gpu.CUDA_BUILDS[13] in message
+
+
+def test_tensorrt_release_reads_major_and_minor() -> None:
+    assert gpu.tensorrt_release("10.16.1.11") == (10, 16) and gpu.tensorrt_release("11.4.0.106") == (11, 4)
+    assert gpu.tensorrt_release("11") is None and gpu.tensorrt_release("") is None
 
 
 def test_the_driver_version_is_read_from_proc(tmp_path) -> None:
