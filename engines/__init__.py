@@ -24,7 +24,7 @@ from runtime.errors import BackendError, InputError, ToolkitError
 from .outcome import EngineOutcome, EngineResults
 
 if TYPE_CHECKING:
-    from runtime.manifest import Manifest
+    from runtime.manifest import GraphEntry, Manifest
     from runtime.trt.engine_plan import GpuInfo
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,24 @@ class EngineBuildFailures(BackendError):
         self.built, self.failed = results.plans, results.failed
         lines = "\n".join(f"  - {name}: {why}" for name, why in self.failed.items())
         super().__init__(f"{len(self.failed)} engine(s) failed to build ({len(self.built)} ready):\n{lines}")
+
+
+def graph_file(manifest: "Manifest", name: str, settings: Any) -> "GraphEntry":
+    """The manifest entry of the ONNX file a plan of `name` is built from: the graph's form of the build's
+    precision (fp32: the graph itself; fp16: its mixed-precision form; int8: its Q/DQ form), whose precision
+    policy must be the build's (the policy enters the plan's key; a form made with another policy would be
+    recorded under the wrong one). A missing form is a CheckpointError naming the command that makes it."""
+    entry = manifest.graph(name)
+    if settings.precision == "fp32":
+        return entry
+    view = entry.form(settings.precision)
+    made_with = entry.forms[settings.precision].policy_sha256
+    if made_with != settings.policy.sha256():
+        raise InputError(f"graph '{name}': its {settings.precision} form was made with another precision policy "
+                         f"({made_with[:12]}) than this build's {settings.policy.source} "
+                         f"({settings.policy.sha256()[:12]}); re-run python -m export.build --precision fp16 with the "
+                         "same --precision-policy")
+    return view
 
 
 def available() -> tuple[bool, str]:
@@ -90,7 +108,7 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
         tag = f"[{i}/{len(names)}] {name}"
         t0 = time.perf_counter()
         try:
-            outcome = ensure_plan(manifest.graph(name), out, settings, trt=trt, gpu=gpu, tag=tag)
+            outcome = ensure_plan(graph_file(manifest, name, settings), out, settings, trt=trt, gpu=gpu, tag=tag)
         except Exception as err:  # noqa: BLE001 — reported per graph; the others are still built
             log.error("%s: engine FAILED after %.1f s: %s", tag, time.perf_counter() - t0, err,
                       exc_info=not isinstance(err, ToolkitError))

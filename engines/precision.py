@@ -1,44 +1,39 @@
-"""FP16 with FP32 islands (DESIGN.md §5), as data plus one seam that applies it to a TensorRT network.
+"""FP16 with FP32 islands (DESIGN.md §5): which nodes of each graph stay float32, as data.
 
-Why data: which layers must stay in float32 is a finding (from reading the models, later from
-calibration), not code. A `PrecisionPolicy` is a JSON file of rules per graph; the default one ships as
+Why data: which nodes must stay in float32 is a finding (from reading the models, later from calibration),
+not code. A `PrecisionPolicy` is a JSON file of rules per graph; the default one ships as
 engines/policy_default.json and covers the spots DESIGN §5 names (normalization statistics, softmax,
-BigVGAN's SnakeBeta, the length regulator's index arithmetic, the DiT time embedding). A later
-calibration issue writes a `precision_policy.json` that replaces it when passed explicitly. The
-policy's sha256 is part of every fp16/int8 plan's EngineKey, so changing a rule rebuilds the plans.
+reductions, BigVGAN's SnakeBeta, the length regulator's index arithmetic, the DiT time embedding, CAMPPlus
+statistics pooling, the codec's codebook search). A calibration run writes a `precision_policy.json` that
+replaces it when passed explicitly (`export.build --precision-policy FILE`).
+
+Where it acts: precision lives in the graph. The mixed-precision pass (engines/mixed_precision.py) writes
+each graph's fp16 form with the policy's nodes in float32 and explicit Casts at the borders, and TensorRT
+builds that graph strongly typed (TensorRT 11 removed per-layer precision and the precision flags); the
+calibration's emulation is derived from the same form. The policy's sha256 is recorded with every form and
+enters every fp16/int8 plan's key.
 
 Form (`version` 1)::
 
     {"version": 1,
      "graphs": {"<graph name or *>": [
-        {"pattern": "<fnmatch on the layer name>",      # required, case-sensitive (fnmatchcase)
-         "types": ["<TensorRT LayerType name>", ...],   # optional: the layer's type must be one of these
+        {"pattern": "<fnmatch on the node name>",       # required, case-sensitive (fnmatchcase)
+         "ops": ["<ONNX op type>", ...],                # optional: the node's op must be one of these
+         "types": ["<TensorRT LayerType name>", ...],   # optional, older files: the op's main TensorRT layer
          "exclude": ["<fnmatch>", ...],                 # optional: names that never match this rule
          "dtype": "fp32",                               # the only island type so far
-         "why": "<reason, shown in logs and the plan record>"}]}}
+         "why": "<reason, shown in logs and the form's record>"}]}}
 
 Rules under "*" apply to every graph; rules under a graph name only to that graph. The first matching
-rule gives the reason. Layer names: the TensorRT ONNX parser names each layer after its ONNX node, and
-the exporter names nodes `<module path>/<op name>` (e.g. `bigvgan.resblocks.0.activations.2.act/sin_8`,
-`cfm.estimator.transformer.layers.3.attention_norm/mean_12`), so patterns are written against that form
-with leading wildcards. A layer's `metadata` (TensorRT 10 parsers set it to `[ONNX Layer: <node>]`;
-seen in third-party tooling, not in NVIDIA's API docs) is matched too when present, and so is the node
-name inside it, which covers extra layers the parser creates for one node. Calibration's measured rules
-(calibration/policy_writer.py) are exact node names, escaped for fnmatch.
+rule gives the reason. Node names: the exporter names nodes `<module path>/<op name>` (e.g.
+`bigvgan.resblocks.0.activations.2.act/sin_8`, `cfm.estimator.transformer.layers.3.attention_norm/mean_12`),
+so patterns are written against that form with leading wildcards; calibration's measured rules are exact
+node names, escaped for fnmatch. `types` (TensorRT LayerType names, from the weakly typed era) are matched
+through the approximate op -> layer table engines.mixed_precision.ONNX_TO_TRT_LAYER; new rules use `ops`.
+A node's `metadata` label (TensorRT parsers' `[ONNX Layer: <node>]`) is still matched when present.
 
-Never forced, whatever the rules say: layers whose outputs are all non-float (INT32/INT64/BOOL: shape
-and index arithmetic; TensorRT requires shape tensors in INT32/INT64) and CONSTANT/SHAPE layers. This
-filter is a heuristic (TENSORRT_API.md §2), not a documented TensorRT rule.
-
-Applying (`apply_precision`): `layer.precision = trt.float32` and `layer.set_output_type(j, trt.float32)`
-for each float output of a selected layer. These are only hints unless the builder config has
-`BuilderFlag.OBEY_PRECISION_CONSTRAINTS` (engines/builder.py sets it whenever islands were applied), and
-TensorRT 10.12 deprecated both calls together with weak typing ("superseded by strong typing"); the
-binding may emit DeprecationWarning, which is silenced here once and noted in the log. Strongly typed
-networks reject these calls; the builder never creates one for fp16 (the ONNX graphs are float32, so a
-strongly typed fp16 build needs Cast nodes in the graph — the strong-typing route of a later issue).
-Docs: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Graph/LayerBase.html
-and https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/precision-control.html
+Never forced, whatever the rules say: nodes whose outputs are all non-float (INT32/INT64/BOOL: shape and
+index arithmetic) and Constant/Shape nodes.
 """
 
 from __future__ import annotations
@@ -48,13 +43,11 @@ import hashlib
 import json
 import logging
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from runtime.errors import InputError
-from runtime.trt.api import enum_name
 
 log = logging.getLogger(__name__)
 
@@ -286,56 +279,3 @@ def _select(graph: str, layers: Sequence[LayerInfo], policy: PrecisionPolicy) ->
                 out.append((i, layer, rule.describe(scope)))
                 break
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# The TensorRT seam
-
-
-def layer_info(layer: Any) -> LayerInfo:
-    """LayerInfo of one trt.ILayer (name, type, each output's dtype, metadata when the binding has it)."""
-    dtypes = []
-    for j in range(int(layer.num_outputs)):
-        out = layer.get_output(j)
-        dtypes.append(enum_name(out.dtype) if out is not None else "NONE")
-    metadata = getattr(layer, "metadata", "") or ""
-    return LayerInfo(str(layer.name), enum_name(layer.type), tuple(dtypes), str(metadata))
-
-
-def network_layers(network: Any) -> list[tuple[Any, LayerInfo]]:
-    return [(layer, layer_info(layer)) for layer in (network.get_layer(i) for i in range(int(network.num_layers)))]
-
-
-def unknown_layer_types(graph: str, policy: PrecisionPolicy, trt: Any) -> list[str]:
-    """LayerType names in the rules for `graph` that this TensorRT does not have (a typo never matches)."""
-    names = {t for _, r in policy.rules_for(graph) for t in r.types}
-    return sorted(t for t in names if not hasattr(trt.LayerType, t))
-
-
-def apply_precision(network: Any, graph: str, policy: PrecisionPolicy, trt: Any) -> list[tuple[str, str]]:
-    """Force the policy's layers of `graph` to float32 in a parsed (weakly typed) network.
-
-    -> [(layer name, reason)] of the layers set. The caller must set BuilderFlag.OBEY_PRECISION_CONSTRAINTS
-    when the list is not empty, else TensorRT may still pick fp16 kernels for them."""
-    unknown = unknown_layer_types(graph, policy, trt)
-    if unknown:
-        log.warning("precision policy %s: LayerType(s) %s do not exist in this TensorRT; those rules never match",
-                    policy.source, unknown)
-    pairs = network_layers(network)
-    chosen = _select(graph, [info for _, info in pairs], policy)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DeprecationWarning)
-        for i, info, _ in chosen:
-            layer = pairs[i][0]
-            layer.precision = trt.float32
-            for j, dtype in enumerate(info.output_dtypes):
-                if dtype in FLOAT_DTYPES:
-                    layer.set_output_type(j, trt.float32)
-    deprecations = {str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)}
-    for message in sorted(deprecations):
-        log.debug("TensorRT: %s (per-layer precision is deprecated since 10.12 in favour of strong typing; "
-                  "still honoured for weakly typed networks)", message)
-    for w in caught:
-        if not issubclass(w.category, DeprecationWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return [(info.name, reason) for _, info, reason in chosen]

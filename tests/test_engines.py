@@ -16,7 +16,6 @@ import enum
 import json
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -87,8 +86,10 @@ def root(tiny_export, tmp_path) -> Path:
     dst = tmp_path / "out"
     (dst / "onnx").mkdir(parents=True)
     shutil.copy2(src / "manifest.json", dst / "manifest.json")
+    (dst / "onnx" / "fp16").mkdir()
     for name in ("length_regulator", "semantic_codec", "campplus", "gpt_decode", "dit_step"):
         shutil.copy2(src / "onnx" / f"{name}.onnx", dst / "onnx" / f"{name}.onnx")
+        shutil.copy2(src / "onnx" / "fp16" / f"{name}.onnx", dst / "onnx" / "fp16" / f"{name}.onnx")
     return dst
 
 
@@ -103,8 +104,8 @@ def policy() -> PrecisionPolicy:
 
 def test_default_policy_covers_the_design_spots(policy):
     assert policy.source == str(DEFAULT_POLICY_PATH) and policy.version == 1
-    everywhere = {t for _, r in policy.rules_for("gpt_decode") for t in r.types}
-    assert {"NORMALIZATION", "REDUCE", "SOFTMAX"} <= everywhere
+    everywhere = {t for _, r in policy.rules_for("gpt_decode") for t in r.ops}
+    assert {"LayerNormalization", "InstanceNormalization", "ReduceMean", "ReduceL2", "Softmax"} <= everywhere
     patterns = {g: {r.pattern for _, r in policy.rules_for(g)} for g in ("bigvgan", "length_regulator", "dit_step")}
     assert {"*.act/*", "*activations*act*"} <= patterns["bigvgan"]
     assert {"*interpolate*", "*floor*", "*Floor*", "*Cast*"} <= patterns["length_regulator"]
@@ -153,8 +154,9 @@ def test_every_problem_of_a_policy_is_listed_at_once():
     assert "graphs.a[1]: 'why' must be a string" in str(err.value)
 
 
-def L(name: str, type_: str = "ELEMENTWISE", *dtypes: str, metadata: str = "") -> LayerInfo:  # noqa: N802
-    return LayerInfo(name, type_, tuple(dtypes or ("FLOAT",)), metadata)
+def L(name: str, type_: str = "ELEMENTWISE", *dtypes: str, metadata: str = "", op: str = "") -> LayerInfo:  # noqa: N802
+    """A node as the policy sees it; its ONNX op is the last part of the exporter's name unless given."""
+    return LayerInfo(name, type_, tuple(dtypes or ("FLOAT",)), metadata, op or name.rsplit("/", 1)[-1])
 
 
 def selected(graph: str, layers, policy) -> list[str]:
@@ -166,8 +168,8 @@ def test_selection_keeps_norms_softmax_and_reductions_in_fp32_everywhere(policy)
         L("cfm.estimator.transformer.layers.3.attention_norm.norm/mean_12/ReduceMean", "REDUCE"),
         L("cfm.estimator.transformer.layers.3.attention_norm.norm/rsqrt_6/Sqrt", "UNARY"),
         L("gpt.gpt.h.0.ln_1/layer_norm/LayerNormalization", "NORMALIZATION"),
-        L("node_softmax", "SOFTMAX"),                                           # no module path: by type
-        L("node_linalg_vector_norm", "REDUCE"),
+        L("node_softmax", "SOFTMAX", op="Softmax"),                             # no module path: by op
+        L("node_linalg_vector_norm", "REDUCE", op="ReduceL2"),
         L("gpt.perceiver_encoder.norm/div_2/Div"),
         L("cfm.estimator.transformer.layers.0.attention_norm.project_layer/linear_4/MatMul", "MATRIX_MULTIPLY"),
         L("campplus.xvector.block1.tdnnd1.nonlinear1.batchnorm/_native_batch_norm/BatchNormalization", "SCALE"),
@@ -177,7 +179,7 @@ def test_selection_keeps_norms_softmax_and_reductions_in_fp32_everywhere(policy)
     for graph in ("dit_step", "gpt_decode", "speaker_conditioner"):
         assert selected(graph, layers, policy) == [ly.name for ly in layers[:6]], graph
     reasons = dict(select_fp32_layers("gpt_decode", layers, policy))
-    assert reasons["node_softmax"].endswith("[*:* types=SOFTMAX]") and "overflows fp16" in reasons["node_softmax"]
+    assert reasons["node_softmax"].endswith("[*:* ops=Softmax]") and "overflows fp16" in reasons["node_softmax"]
 
 
 def test_graph_rules_apply_only_to_their_graph(policy):
@@ -227,50 +229,10 @@ def test_length_regulator_index_arithmetic_is_fp32_but_not_its_conv_stack(policy
 
 
 def test_integer_shape_and_constant_layers_are_never_forced():
-    everything = PrecisionPolicy({"*": (dataclasses.replace(load_policy().graphs["*"][0], types=()),)})
+    everything = PrecisionPolicy({"*": (dataclasses.replace(load_policy().graphs["*"][0], ops=()),)})
     layers = [L("a/Shape", "SHAPE", "INT64"), L("b/const", "CONSTANT"), L("c/idx", "GATHER", "INT32"),
               L("d/mask", "ELEMENTWISE", "BOOL"), L("e/topk", "TOPK", "FLOAT", "INT32"), L("f/none", "GATHER", "INT8")]
     assert selected("any", layers, everything) == ["e/topk"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Applying the policy to a network
-
-
-def test_apply_precision_sets_only_the_selected_layers_float_outputs(policy, caplog):
-    """engines.precision.apply_precision (weak typing; no longer called by the builder, removed with the
-    explicit-precision work) on a weakly typed TensorRT 10.x network, the only place it can work. Imported here,
-    so its removal fails only these two tests (delete them with it)."""
-    from engines.precision import apply_precision
-
-    trt = FakeTrt(networks=None, version="10.16.1.11")
-    layers = [FakeLayer("bigvgan.resblocks.0.activations.0.act/sin/Sin", "UNARY", weak_api=True),
-              FakeLayer("bigvgan.resblocks.0.convs1.0/conv1d_3/Conv", "CONVOLUTION", weak_api=True),
-              FakeLayer("bigvgan.block.norm/topk", "SLICE", "FLOAT", "INT32", weak_api=True),
-              FakeLayer("node_Shape_1", "SHAPE", "INT64", weak_api=True),
-              FakeLayer("node_softmax", "SOFTMAX", weak_api=True)]
-    network = FakeNetwork(["mel"], layers)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with caplog.at_level(logging.DEBUG, logger="engines"):
-            chosen = apply_precision(network, "bigvgan", policy, trt)
-    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], "a DeprecationWarning escaped"
-    assert "deprecated since 10.12" in caplog.text
-    infos = [LayerInfo(ly.name, ly.type.name, tuple(o.dtype.name for o in ly.outputs)) for ly in layers]
-    assert chosen == select_fp32_layers("bigvgan", infos, policy)
-    assert [n for n, _ in chosen] == [layers[0].name, layers[2].name, layers[4].name]
-    assert [ly.precision for ly in layers] == [DataType.FLOAT, None, DataType.FLOAT, None, DataType.FLOAT]
-    assert [ly.output_types for ly in layers] == [{0: DataType.FLOAT}, {}, {0: DataType.FLOAT}, {}, {0: DataType.FLOAT}]
-
-
-def test_a_layer_type_unknown_to_tensorrt_is_reported(caplog):
-    from engines.precision import apply_precision
-
-    typo = PrecisionPolicy({"*": (dataclasses.replace(load_policy().graphs["*"][0], types=("SOFTMAXX",)),)}, source="p")
-    with caplog.at_level(logging.WARNING, logger="engines"):
-        assert apply_precision(FakeNetwork([], [FakeLayer("x", "SOFTMAX", weak_api=True)]), "g", typo,
-                               FakeTrt(None, "10.16.1.11")) == []
-    assert "['SOFTMAXX'] do not exist in this TensorRT" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -546,6 +508,12 @@ def test_int8_plans_are_built_from_qdq_graphs_without_a_calibrator(manifest, roo
 
 
 def test_int8_from_a_graph_without_qdq_nodes_is_refused(manifest, root, policy):
+    """An int8 form that holds no Q/DQ (here: the fp16 form recorded as the int8 one) is refused by the builder
+    (strongly typed: it would silently be an fp16 plan under the int8 name)."""
+    entry = manifest.graph("gpt_decode")
+    fake = dataclasses.replace(entry.forms["fp16"], kind="int8")
+    manifest = dataclasses.replace(manifest, graphs={**manifest.graphs, "gpt_decode": dataclasses.replace(
+        entry, forms={**entry.forms, "int8": fake})})
     with pytest.raises(EngineBuildFailures) as err:
         build_all(manifest, root, "int8", graphs=["gpt_decode"], trt=fake_trt_for(manifest, form="fp16-mixed"), gpu=RTX)
     assert "is not in the int8-qdq precision form: it has 0 quantize/dequantize layer(s)" in str(err.value)

@@ -33,7 +33,6 @@ SCANNED = ("runtime", "engines", "export", "calibration", "benchmarks")
 PENDING_REWRITE = frozenset({
     "calibration/int8.py",          # trt.IInt8EntropyCalibrator2, engines.calibration_hook
     "calibration/int8_build.py",    # calibrator_factory passed to engines.build_all
-    "engines/precision.py",         # layer.precision = trt.float32, layer.set_output_type
 })
 TRT_MODULE_NAMES = frozenset({"trt", "tensorrt"})
 SEAM_CALLEES = frozenset({"build_all", "BuildSettings"})

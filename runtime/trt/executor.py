@@ -133,8 +133,9 @@ class TrtExecutor(BaseExecutor):
                  cuda_graphs: bool = False, *, graph_capacity: int = GRAPH_CAPACITY, trt: Any = None,
                  user_memory_min_bytes: int = USER_MEMORY_MIN_BYTES) -> None:
         super().__init__()
+        entry = entry.form(precision)                # the plan was built from the graph's form of this precision
         self.name, self.entry, self.precision, self.root = entry.name, entry, precision, Path(root)
-        self._trt_module = trt                       # None: import tensorrt (a clear error without TensorRT 10)
+        self._trt_module = trt                       # None: import tensorrt (a clear error without TensorRT)
         plan_path = self._load(precision)
         self._check_engine()
         self._check_locations()

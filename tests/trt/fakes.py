@@ -301,7 +301,8 @@ def _write_plan(root: Path, entry, precision: str, gpu_info: GpuInfo, trt_versio
     plan, sidecar = plan_paths(root, entry.name, precision)
     plan.parent.mkdir(parents=True, exist_ok=True)
     plan.write_bytes(json.dumps({"graph": entry.name}).encode())
-    key = EngineKey(entry.name, entry.sha256, precision, engine_profiles(entry), trt_version, gpu_info, policy)
+    source = entry.form(precision) if precision in entry.forms else entry     # plans are built from the form
+    key = EngineKey(entry.name, source.sha256, precision, engine_profiles(entry), trt_version, gpu_info, policy)
     write_record(sidecar, PlanRecord(key, "0" * 64))
     return plan
 
