@@ -8,7 +8,8 @@
     python -m calibration int8-gate --engines OUT --calib CALIB          (needs TensorRT, a GPU and int8 plans)
 
 `analyze` writes CALIB/analysis.json, CALIB/precision_policy.json (for `python -m export.build
---precision-policy`), CALIB/effect.json and the report. `int8` (TensorRT and a GPU) builds the export's INT8
+--precision-policy`), CALIB/fp16_bounds.json (what the fp16 graphs made with that policy are held to:
+calibration/bounds.py), CALIB/effect.json and the report. `int8` (TensorRT and a GPU) builds the export's INT8
 plans with the entropy calibrator over the collected feeds, runs the INT8 gate over them and rebuilds the
 refused graphs as fp16 (calibration/int8_build.py); `int8-gate` reruns the gate alone.
 """
@@ -63,6 +64,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from runtime.manifest import read_manifest
 
+    from .bounds import bounds_record, write_bounds
     from .feeds import FeedStore
     from .fp16_analysis import AnalysisLimits, analysis_json, analyze_graph
     from .policy_writer import calibrated_policy, write_policy
@@ -98,6 +100,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     policy = calibrated_policy(base, analyses)
     policy_path = write_policy(policy, args.calib)
     print(f"precision policy -> {policy_path} (sha256 {policy.sha256()[:12]})")
+    bounds_path = write_bounds(bounds_record(analyses, policy.sha256()), args.calib)
+    print(f"fp16 bounds -> {bounds_path}")
     (args.calib / EFFECT_NAME).unlink(missing_ok=True)      # measured for the previous policy
     if not args.no_effect and graphs == list(manifest.graphs):
         _run_effect(args, store, {"calibrated": policy, "base": base})

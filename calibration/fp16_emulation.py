@@ -55,7 +55,7 @@ PROBE_FIELDS = ("ref_amax", "ref_nonfinite", "raw_amax", "raw_nonfinite", "emu_n
 EmulationError = MixedPrecisionError       # the name callers used before the pass moved to engines/
 
 __all__ = ["EMU", "STATS", "STATS_INT", "PROBE_FIELDS", "FP16_MAX", "ONNX_TO_TRT_LAYER", "EmulationError",
-           "NodeView", "Emulation", "upcast", "emulated_model", "probe_model", "node_views", "fp16_nodes",
+           "NodeView", "Emulation", "upcast", "emulate_form", "emulated_model", "probe_model", "node_views", "fp16_nodes",
            "fp16_weight", "policy_fp32", "tensor_types", "integer_from_float", "save_model", "session", "run_probe"]
 
 
@@ -138,6 +138,21 @@ def upcast(mixed: MixedGraph, prefix: str = "") -> Emulation:
         out.name = P(vi.name)
         emu.value_info.append(out)
     return emu
+
+
+def emulate_form(mixed_model: Any) -> Any:
+    """The emulation of a mixed-precision graph as it is (e.g. a shipped `onnx/fp16/<graph>.onnx` file):
+    same inputs and outputs; run it with graph optimizations disabled."""
+    from onnx import helper
+
+    types = tensor_types(mixed_model)
+    fp16 = {t for t, k in types.items() if k == FLOAT16}
+    mixed = MixedGraph(mixed_model, {}, set(), list(range(len(mixed_model.graph.node))), fp16)
+    e = upcast(mixed)
+    g = mixed_model.graph
+    graph = helper.make_graph(e.nodes, g.name, list(g.input), list(g.output), initializer=e.initializers,
+                              value_info=e.value_info)
+    return _model_like(mixed_model, graph)
 
 
 def emulated_model(model: Any, views: Sequence[NodeView], half: set[str]) -> Any:

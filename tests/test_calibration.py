@@ -639,3 +639,48 @@ def test_export_build_checks_policy_and_calibration_arguments_first(tmp_path, ti
     r = build("--precision", "fp16", "--calibration", str(tmp_path))      # the old INT8 route names the new one
     assert r.returncode == 2 and "--calibration: INT8 engines are built by" in r.stderr
     assert not out.exists()                                   # nothing exported before the refusal
+
+
+def test_shipped_fp16_graphs_stay_within_the_calibrated_bounds_on_held_out_feeds(tiny_calib, tiny_export, tiny_ckpt,
+                                                                                 tmp_path):
+    """The calibration's loop closed: analyse every graph on two feeds -> policy + bounds; export.build's form
+    writer makes the fp16 graphs with that policy; each shipped file, emulated (its fp16 rounding included),
+    stays within the recorded bounds against float32 on the feeds the analysis did not see."""
+    import shutil
+
+    from calibration.bounds import bounds_record, problems, read_bounds, write_bounds
+    from calibration.fp16_emulation import emulate_form, session
+    from export.dims import checkpoint_contracts
+    from export.layout import CheckpointLayout
+    from export.precision_forms import write_fp16_forms
+
+    export, _ = tiny_export
+    out = Path(shutil.copytree(export, tmp_path / "out"))
+    manifest = read_manifest(out)
+    store = FeedStore.open(tiny_calib[0])
+    analyses = [analyze_graph(g, manifest.graph(g).path(out), store, default_policy(), AnalysisLimits(max_feeds=2))
+                for g in manifest.graphs if g in store.graphs]
+    policy = calibrated_policy(default_policy(), analyses)
+    policy_file = write_policy(policy, tmp_path)
+    bounds = read_bounds(write_bounds(bounds_record(analyses, policy.sha256()), tmp_path))
+    dims = manifest.dims
+    contracts = checkpoint_contracts(dims, CheckpointLayout.open(tiny_ckpt).config)
+    entries, failed = write_fp16_forms(manifest.graphs, contracts, dims, out, policy_file)
+    assert not failed
+    found, checked = [], 0
+    for a in analyses:
+        form = entries[a.graph].forms["fp16"]
+        assert form.policy_sha256 == policy.sha256()
+        seen = {r.file for r in store.records(a.graph, 2)}
+        held_out = [r for r in store.records(a.graph) if r.file not in seen] or store.records(a.graph)
+        ref_sess = session(manifest.graph(a.graph).path(out))
+        emu_sess = session(emulate_form(onnx.load(str(out / form.file))))
+        names = [o.name for o in ref_sess.get_outputs()]
+        for record in held_out[:3]:
+            feed = store.load(record)
+            feed = {k: v for k, v in feed.items() if k in {i.name for i in ref_sess.get_inputs()}}
+            ref = dict(zip(names, ref_sess.run(None, feed)))
+            emu = dict(zip(names, emu_sess.run(None, feed)))
+            found += problems(a.graph, bounds[a.graph], ref, emu)
+            checked += 1
+    assert checked >= len(analyses) and not found, found
