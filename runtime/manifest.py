@@ -84,8 +84,10 @@ class TensorSignature:
 class GraphForm:
     """A precision form of a graph, derived from its float32 file: `fp16` (mixed precision: fp16 tensors,
     the precision policy's fp32 islands, explicit Casts; same inputs and outputs as the float32 graph) or
-    `int8` (the fp16 form with QuantizeLinear/DequantizeLinear nodes). `made_from`: the float32 file's
-    sha256; `policy_sha256`: the precision policy's; `counts`: fp16 / fp32 nodes, Casts (and Q/DQ) added."""
+    `int8` (the fp16 form with QuantizeLinear/DequantizeLinear nodes, calibration/int8_qdq.py; a graph the
+    INT8 gate refused has its fp16 form's file as int8 form, and `note` says why). `made_from`: the float32
+    file's sha256; `policy_sha256`: the precision policy's; `counts`: fp16 / fp32 nodes, Casts (and quantized
+    nodes, Q/DQ nodes) added."""
 
     kind: str
     file: str
@@ -96,6 +98,7 @@ class GraphForm:
     counts: Mapping[str, int] = field(default_factory=dict)
     policy: str = ""                               # where the policy was read from, for the record
     recipe: str = ""                               # hash of the policy and the pass's code (reuse key)
+    note: str = ""                                 # e.g. why an int8 form is the fp16 graph (INT8 gate refusal)
 
 
 #: Graph forms, by the engine precision that runs them ("fp32" is the graph file itself).
@@ -397,6 +400,9 @@ def _graph_json(g: GraphEntry) -> dict[str, Any]:
     data.pop("form_kind")                          # a view's attribute, never written
     if not g.forms:
         data.pop("forms")
+    for form in data.get("forms", {}).values():
+        if not form.get("note"):
+            form.pop("note", None)                 # written only when there is something to say
     return data
 
 
@@ -423,7 +429,7 @@ def _form_from(d: Mapping[str, Any]) -> GraphForm:
                      made_from=str(d["made_from"]), policy_sha256=str(d["policy_sha256"]),
                      external_data={str(k): str(v) for k, v in d.get("external_data", {}).items()},
                      counts={str(k): int(v) for k, v in d.get("counts", {}).items()}, policy=str(d.get("policy", "")),
-                     recipe=str(d.get("recipe", "")))
+                     recipe=str(d.get("recipe", "")), note=str(d.get("note", "")))
 
 
 def _checkpoint_from(d: Mapping[str, Any]) -> CheckpointIdentity:

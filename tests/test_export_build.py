@@ -209,6 +209,26 @@ def test_manifest_round_trip(tmp_path):
     assert data["kv_cache"]["input_template"] == "kv_cache.{layer}"
 
 
+def test_manifest_forms_and_their_notes_round_trip(tmp_path):
+    """An int8 form that is the fp16 graph (INT8 refused) says why in `note`; a note is written only when
+    set, and a manifest written before notes existed reads the same."""
+    import dataclasses
+
+    from runtime.manifest import GraphForm
+
+    manifest = _manifest(tmp_path)
+    fp16 = GraphForm("fp16", "onnx/gpt_prefill.onnx", "ab", "ab", "pp", counts={"fp16_nodes": 3})
+    int8 = dataclasses.replace(fp16, kind="int8", note="fp16 form (no INT8): refused by the INT8 gate: mel SNR 9 dB")
+    entry = dataclasses.replace(manifest.graph("gpt_prefill"), forms={"fp16": fp16, "int8": int8})
+    manifest = dataclasses.replace(manifest, graphs={"gpt_prefill": entry})
+    write_manifest(manifest, tmp_path)
+    assert read_manifest(tmp_path) == manifest
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    forms = data["graphs"]["gpt_prefill"]["forms"]
+    assert "note" not in forms["fp16"] and forms["int8"]["note"].startswith("fp16 form (no INT8)")
+    assert read_manifest(tmp_path).graph("gpt_prefill").form("int8").file == "onnx/gpt_prefill.onnx"
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("format_version", FORMAT_VERSION + 1, "format version"),
     ("contract_version", CONTRACT_VERSION + 1, "contract version"),
