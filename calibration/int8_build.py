@@ -37,6 +37,7 @@ from engines.outcome import EngineResults
 from runtime.errors import InputError, ToolkitError
 from runtime.manifest import GraphEntry, GraphForm, Manifest
 
+from .effect import pick_items
 from .gate import GateDecision, Int8Limits, judge_emulations, judged_on, write_gate_record
 from .int8_qdq import DEFAULT_METHOD, Int8Form, QdqSettings, form_recipe, make_int8_form
 
@@ -178,7 +179,8 @@ def build_int8(engines_dir: str | Path, calib: str | Path, settings: Int8Setting
             progress(f"  {g}: keeps its fp16 form ({'; '.join(made.reasons)})")
         else:
             outcomes[g], emulations[g] = made
-    progress(f"INT8 gate on the CPU over {len(emulations)} form(s), {settings.items} item(s) each")
+    n_items = len(pick_items(store.items, settings.items))
+    progress(f"INT8 gate on the CPU over {len(emulations)} form(s), {n_items} calibration item(s) each")
     decisions = _judge(judge, engines_dir, calib, emulations, settings, progress)
     for g, d in decisions.items():
         _apply_decision(outcomes[g], d, manifest.graph(g))
