@@ -44,6 +44,7 @@ from .int8_qdq import DEFAULT_METHOD, Int8Form, QdqSettings, form_recipe, make_i
 log = logging.getLogger(__name__)
 
 INT8 = "int8"
+FP16_GRAPH_FORM = "fp16-mixed"    # a fallback's graph form, in the engine builder's words (engine_plan.GRAPH_FORMS)
 WORK_DIR = "int8"                 # under CALIB: forms/ and emulated/ (the candidates the gate judges)
 
 #: (engines_dir, calib, {graph: emulated form file}, n_items, progress, limits) -> graph -> decision
@@ -235,7 +236,7 @@ def fallback(entry: GraphEntry, reasons: list[str], counts: Mapping[str, int] | 
     """The graph's fp16 form as its int8 form, with why."""
     fp16 = entry.forms["fp16"]
     note = "fp16 form (no INT8): " + "; ".join(reasons)
-    form = dataclasses.replace(fp16, kind=INT8, note=note, recipe="",
+    form = dataclasses.replace(fp16, kind=INT8, note=note, recipe="", graph_form=FP16_GRAPH_FORM,
                                counts={**fp16.counts, "quantized_nodes": 0, "quantize_linear": 0, "dequantize_linear": 0})
     return GraphOutcome(entry.name, form, "fp16", list(reasons), dict(counts or {}), dict(metrics or {}))
 

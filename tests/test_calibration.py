@@ -529,6 +529,8 @@ def test_int8_command_records_accepted_forms_and_falls_back_to_fp16(tiny_calib, 
         assert form.counts["quantize_linear"] > 0 and form.made_from == manifest.graph(g).sha256 and form.recipe
     dit = manifest.graph("dit_step")
     assert dit.forms["int8"].file == dit.forms["fp16"].file and dit.forms["int8"].counts["quantized_nodes"] == 0
+    assert dit.forms["int8"].graph_form == "fp16-mixed" and dit.form("int8").graph_form == "fp16-mixed"
+    assert manifest.graph("bigvgan").forms["int8"].graph_form == ""
     assert "refused by the INT8 gate: mel SNR 12.0 dB < 25.0 dB" in dit.forms["int8"].note
     assert not (out / "onnx" / "int8" / "dit_step.onnx").exists()
     assert built == [{"length_regulator": "onnx/int8/length_regulator.onnx", "dit_step": "onnx/fp16/dit_step.onnx",

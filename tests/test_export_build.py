@@ -210,15 +210,16 @@ def test_manifest_round_trip(tmp_path):
 
 
 def test_manifest_forms_and_their_notes_round_trip(tmp_path):
-    """An int8 form that is the fp16 graph (INT8 refused) says why in `note`; a note is written only when
-    set, and a manifest written before notes existed reads the same."""
+    """An int8 form that is the fp16 graph (INT8 refused) says so in `graph_form` (for the engine builder)
+    and why in `note`; both are written only when set, so a manifest written before them reads the same."""
     import dataclasses
 
     from runtime.manifest import GraphForm
 
     manifest = _manifest(tmp_path)
     fp16 = GraphForm("fp16", "onnx/gpt_prefill.onnx", "ab", "ab", "pp", counts={"fp16_nodes": 3})
-    int8 = dataclasses.replace(fp16, kind="int8", note="fp16 form (no INT8): refused by the INT8 gate: mel SNR 9 dB")
+    int8 = dataclasses.replace(fp16, kind="int8", note="fp16 form (no INT8): refused by the INT8 gate: mel SNR 9 dB",
+                               graph_form="fp16-mixed")
     entry = dataclasses.replace(manifest.graph("gpt_prefill"), forms={"fp16": fp16, "int8": int8})
     manifest = dataclasses.replace(manifest, graphs={"gpt_prefill": entry})
     write_manifest(manifest, tmp_path)
@@ -226,7 +227,11 @@ def test_manifest_forms_and_their_notes_round_trip(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     forms = data["graphs"]["gpt_prefill"]["forms"]
     assert "note" not in forms["fp16"] and forms["int8"]["note"].startswith("fp16 form (no INT8)")
-    assert read_manifest(tmp_path).graph("gpt_prefill").form("int8").file == "onnx/gpt_prefill.onnx"
+    assert "graph_form" not in forms["fp16"] and forms["int8"]["graph_form"] == "fp16-mixed"
+    assert "graph_form" not in data["graphs"]["gpt_prefill"]                   # the view attribute is not written
+    view = read_manifest(tmp_path).graph("gpt_prefill").form("int8")
+    assert (view.file, view.form_kind, view.graph_form) == ("onnx/gpt_prefill.onnx", "int8", "fp16-mixed")
+    assert read_manifest(tmp_path).graph("gpt_prefill").form("fp16").graph_form == ""
 
 
 @pytest.mark.parametrize("key, value, match", [
