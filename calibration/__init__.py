@@ -1,5 +1,5 @@
 """Calibration: representative inputs at every graph boundary, the FP16 safety analysis that writes the
-engines' precision policy, and INT8 calibration with its gate.
+engines' precision policy, and INT8 forms (explicit quantization) with their gate.
 
 - calibration/corpus.py      the calibration set (texts EN/ZH, generated voices; user-extendable)
 - calibration/collect.py     run the pipeline, keep the feeds (calibration/feeds.py: storage + statistics)
@@ -7,9 +7,9 @@ engines' precision policy, and INT8 calibration with its gate.
 - calibration/fp16_analysis.py    per layer: max |activation|, error added, first NaN/Inf -> fp32 flags
 - calibration/policy_writer.py    base policy + measured rules -> precision_policy.json (engines/precision.py)
 - calibration/effect.py      end to end: greedy-token agreement, mel / waveform SNR against float32
-- calibration/int8.py        TensorRT entropy calibrator fed by the feeds, its cache file
-- calibration/gate.py        INT8 limits: plans below them are refused
-- calibration/int8_build.py  INT8 plans for an export: calibrated build, gate, refused graphs rebuilt as fp16
+- calibration/int8_qdq.py    INT8 forms: Q/DQ from the feeds (ONNX Runtime's quantizer) on the fp16 form, checked
+- calibration/gate.py        the INT8 gate on the CPU: forms below the limits are refused
+- calibration/int8_build.py  INT8 for an export: forms, gate, manifest (refused graphs keep fp16), plans
 - calibration/report.py      the Markdown report
 CLI: python -m calibration collect | analyze | effect | report | int8 | int8-gate
 """

@@ -5,13 +5,15 @@
     python -m calibration effect  --engines OUT --calib CALIB [--effect-variants calibrated,base,none]
     python -m calibration report  --calib CALIB [--out REPORT.md]
     python -m calibration int8 --engines OUT --calib CALIB [--graphs a,b] [--precision-policy FILE] [--items N]
-    python -m calibration int8-gate --engines OUT --calib CALIB          (needs TensorRT, a GPU and int8 plans)
+                               [--method minmax|entropy|percentile] [--max-feeds N] [--workspace-gib N]
+    python -m calibration int8-gate --engines OUT --calib CALIB [--graphs a,b] [--items N]
 
 `analyze` writes CALIB/analysis.json, CALIB/precision_policy.json (for `python -m export.build
 --precision-policy`), CALIB/fp16_bounds.json (what the fp16 graphs made with that policy are held to:
-calibration/bounds.py), CALIB/effect.json and the report. `int8` (TensorRT and a GPU) builds the export's INT8
-plans with the entropy calibrator over the collected feeds, runs the INT8 gate over them and rebuilds the
-refused graphs as fp16 (calibration/int8_build.py); `int8-gate` reruns the gate alone.
+calibration/bounds.py), CALIB/effect.json and the report. `int8` makes every graph's INT8 form (Q/DQ from
+the collected feeds on the fp16 form), gates each on the CPU through ONNX Runtime, records the accepted forms
+(and the refused graphs' fp16 forms) as the manifest's int8 forms and builds the int8 TensorRT plans where
+TensorRT and a GPU exist (calibration/int8_build.py); `int8-gate` judges the recorded INT8 forms again.
 """
 
 from __future__ import annotations
@@ -194,30 +196,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_int8(args: argparse.Namespace) -> int:
-    from .int8_build import Int8Settings, build_int8
+def _int8_settings(args: argparse.Namespace):
+    from .int8_build import Int8Settings
 
     graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip()) if args.graphs else None
-    settings = Int8Settings(args.items, graphs, args.precision_policy, args.workspace_gib)
-    result = build_int8(args.engines, args.calib, settings, progress=_progress)
+    return Int8Settings(items=args.items, graphs=graphs, policy_path=getattr(args, "precision_policy", None),
+                        method=getattr(args, "method", "minmax"), max_feeds=getattr(args, "max_feeds", None),
+                        workspace_gib=getattr(args, "workspace_gib", 4.0), threads=args.threads)
+
+
+def cmd_int8(args: argparse.Namespace) -> int:
+    from .int8_build import build_int8
+    from .report import write_report
+
+    result = build_int8(args.engines, args.calib, _int8_settings(args), progress=_progress)
     print("\n".join(result.lines()))
-    if result.ok:
-        print(f"run them with: python -m runtime synthesize --engines {args.engines} --backend trt "
-              f"--engine-precision int8 ...")
+    print(f"report -> {write_report(args.calib)}")
+    print(f"run them with: python -m runtime synthesize --engines {args.engines} --engine-precision int8 "
+          f"(--backend trt where the plans exist; --backend ort-cpu runs the forms on the CPU)")
     return 0 if result.ok else 1
 
 
 def cmd_int8_gate(args: argparse.Namespace) -> int:
-    from .gate import run_int8_gate
+    from .int8_build import regate_int8
+    from .report import write_report
 
-    outcome = run_int8_gate(args.engines, args.calib, args.items, _progress)
-    print("\n".join(outcome.lines()))
-    return 0 if not outcome.refused else 1
+    result = regate_int8(args.engines, args.calib, _int8_settings(args), progress=_progress)
+    print("\n".join(result.lines()[:-1]))
+    print(f"report -> {write_report(args.calib)}")
+    return 0 if not result.fallbacks else 1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m calibration", description="Calibration: representative inputs, "
-                                "FP16 safety analysis -> precision policy, INT8 calibration and gate.")
+                                "FP16 safety analysis -> precision policy, INT8 forms and their gate.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="run the pipeline over the calibration set and keep every graph's feeds")
@@ -263,19 +275,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     r.add_argument("--calib", required=True, type=Path)
     r.add_argument("--out", type=Path, help="default CALIB/REPORT.md")
     r.set_defaults(func=cmd_report)
-    i = sub.add_parser("int8", help="build INT8 plans with the entropy calibrator, gate them, rebuild refused as fp16")
+    i = sub.add_parser("int8", help="INT8 forms (Q/DQ from the feeds), gated on the CPU, in the manifest; "
+                       "int8 TensorRT plans where TensorRT and a GPU exist")
     i.add_argument("--engines", required=True, type=Path, help="export directory (python -m export.build)")
     i.add_argument("--calib", required=True, type=Path, help="calibration directory (python -m calibration collect)")
     i.add_argument("--graphs", help="comma-separated graphs (default: all)")
-    i.add_argument("--precision-policy", type=Path, help="fp32 islands (default: the shipped policy; "
-                   "CALIB/precision_policy.json after analyze)")
-    i.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT workspace limit (default 4)")
+    i.add_argument("--precision-policy", type=Path, help="fp32 islands: the policy export.build made the fp16 forms "
+                   "with (default: the shipped policy; CALIB/precision_policy.json after analyze)")
+    i.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                   help="calibration method for the activation scales (default minmax)")
+    i.add_argument("--max-feeds", type=int, help="calibration feeds per graph, spread over the set (default: all)")
     i.add_argument("--items", type=int, default=4, help="calibration items the gate synthesizes (default 4)")
+    i.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT workspace limit for the plans "
+                   "(default 4)")
+    i.add_argument("--threads", type=int)
     i.set_defaults(func=cmd_int8)
-    g = sub.add_parser("int8-gate", help="measure INT8 plans against fp32 and refuse those below the limits")
+    g = sub.add_parser("int8-gate", help="judge the recorded INT8 forms again on the CPU; refused ones fall back "
+                       "to fp16")
     g.add_argument("--engines", required=True, type=Path)
     g.add_argument("--calib", required=True, type=Path)
+    g.add_argument("--graphs", help="comma-separated graphs (default: every graph with an INT8 form)")
     g.add_argument("--items", type=int, default=4)
+    g.add_argument("--threads", type=int)
     g.set_defaults(func=cmd_int8_gate)
     return p.parse_args(argv)
 

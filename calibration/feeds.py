@@ -1,7 +1,7 @@
 """The collected feeds: one `.npz` per recorded graph call plus an index with statistics.
 
 Feeds are the executors' currency (`dict[name -> array]`, contract names), so whatever consumes them —
-the FP16 analysis, an INT8 calibrator, a benchmark — runs a graph on them without translation.
+the FP16 analysis, the INT8 quantizer, a benchmark — runs a graph on them without translation.
 
 Layout of a calibration directory::
 

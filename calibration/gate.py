@@ -1,9 +1,19 @@
-"""The INT8 gate: an INT8 plan is kept only if the synthesis it takes part in stays close to float32.
+"""The INT8 gate: a graph's INT8 form is kept only if the synthesis it takes part in stays close to float32.
+It runs on the CPU, through ONNX Runtime, before any TensorRT plan exists.
 
-Each INT8 graph is judged alone: the pipeline runs with that one graph on its INT8 executor and every other
-graph on the float32 reference, over calibration items, greedy decoding (calibration/effect.py). So a
-refusal names the graph that caused it. Limits (`Int8Limits`, stated here and in the report):
+Each INT8 form is judged alone: the pipeline runs with that one graph as the form's FP16+INT8 emulation and
+every other graph float32, over calibration items, greedy decoding (calibration/effect.py), so a refusal
+names the graph that caused it. The emulation (calibration/fp16_emulation.py: `emulate_form`) is derived
+from the form file itself, like the FP16 analysis's: every fp16 tensor is a float32 tensor rounded to fp16
+after the node that writes it, QuantizeLinear/DequantizeLinear compute as ONNX defines them (round half to
+even, saturate), and ONNX Runtime runs it with graph optimizations off. Not the form itself on the CPU:
+ONNX Runtime's CPU provider computes fp16 nodes in float32 without rounding their results
+(engines/mixed_precision.py), so a plain run would show the INT8 error without the fp16 one, and with
+optimizations on it would fuse Q/DQ into its own integer kernels. What TensorRT computes differs from the
+emulation only in accumulation order and in not rounding the dequantized INT8 inputs to fp16 (the
+emulation does: slightly pessimistic).
 
+Limits (`Int8Limits`, stated here and in the report):
 - greedy-token agreement (teacher-forced) >= 0.98 — 2% of positions may flip where near ties are common;
   elsewhere INT8 GPT quantization kept only 26% of greedy tokens, which this refuses;
 - minimum mel SNR >= 25 dB and minimum waveform SNR >= 15 dB over the items (teacher-forced, identical
@@ -12,17 +22,15 @@ refusal names the graph that caused it. Limits (`Int8Limits`, stated here and in
   the mel's RMS; the waveform limit is lower because small phase shifts cost waveform SNR while being
   inaudible.
 
-A refused graph's plan is renamed `<graph>.int8.plan.refused` (the runtime never loads it) and recorded
-in `<calib>/int8_gate.json`; `calibration.int8.calibrator_factory` then returns None for it, so
-`python -m calibration int8` (calibration/int8_build.py) rebuilds that graph as FP16 with its fp32
-islands under its int8 plan name. Only plans that really hold INT8 layers are judged (a plan built as
-fp16 fallback says `notes["int8"] = false` in its record), and the record is merged per graph: a graph
-not judged in a run keeps its earlier decision, so a refusal stays until its entry (or the record) is
-deleted.
+The decisions are recorded in `<calib>/int8_gate.json` (merged per graph: a graph not judged in a run keeps
+its earlier decision), with where they were measured and each form's counts; `python -m calibration int8`
+(calibration/int8_build.py) records an accepted form in the manifest and gives a refused graph its fp16
+form as int8 form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from runtime.errors import BackendError, InputError
+from runtime.errors import InputError
 
 from .effect import EffectSummary, measure_effect, pick_items
 
@@ -68,15 +76,16 @@ def decide(summary: EffectSummary, limits: Int8Limits = Int8Limits()) -> GateDec
         reasons.append("NaN/Inf in the mel")
     metrics = {"token_agreement": summary.forced_agreement,
                "min_mel_snr_db": summary.min_mel_snr_db if math.isfinite(summary.min_mel_snr_db) else None,
-               "min_wav_snr_db": summary.min_wav_snr_db if math.isfinite(summary.min_wav_snr_db) else None}
+               "min_wav_snr_db": summary.min_wav_snr_db if math.isfinite(summary.min_wav_snr_db) else None,
+               "items": len(summary.items), "tokens": sum(i.tokens for i in summary.items)}
     return GateDecision(not reasons, reasons, metrics)
 
 
 def evaluate(ref: Any, open_test: Callable[[str], Any], candidates: Sequence[str], items: Sequence[Mapping[str, str]],
              gpt_tokens: int, limits: Int8Limits = Int8Limits(),
              progress: Callable[[str], None] = lambda s: None) -> dict[str, GateDecision]:
-    """Judge each candidate graph alone: `open_test(graph)` -> a synthesizer running that graph on its INT8
-    executor and every other graph as `ref` does."""
+    """Judge each candidate graph alone: `open_test(graph)` -> a synthesizer running that graph's INT8 form
+    and every other graph as `ref` does."""
     decisions = {}
     for graph in candidates:
         test = open_test(graph)
@@ -93,12 +102,56 @@ def evaluate(ref: Any, open_test: Callable[[str], Any], candidates: Sequence[str
     return decisions
 
 
-def write_gate_record(calib: Path, limits: Int8Limits, decisions: Mapping[str, GateDecision]) -> Path:
-    """Record `decisions` in CALIB/int8_gate.json, keeping the earlier decisions of graphs not judged now."""
+def judged_on() -> str:
+    """Where the gate measures, for the record and the report."""
+    import onnxruntime
+
+    return (f"CPU, ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider, graph optimizations off): each "
+            "graph's INT8 form as its FP16+INT8 emulation, every other graph float32")
+
+
+def judge_emulations(engines_dir: Path, calib: Path, emulations: Mapping[str, Path], n_items: int,
+                     progress: Callable[[str], None], limits: Int8Limits = Int8Limits(),
+                     threads: int | None = None) -> dict[str, GateDecision]:
+    """Run each graph's emulated INT8 form (a file per graph, `emulations`) alone against the float32 graphs
+    over `n_items` calibration items, on the CPU."""
+    from runtime.executors import GraphSet, OrtExecutor, OrtOptions
+    from runtime.manifest import read_manifest
+    from runtime.synthesizer import Synthesizer
+
+    from .feeds import FeedStore
+
+    manifest = read_manifest(engines_dir)
+    store = FeedStore.open(calib)
+    items = pick_items(store.items, n_items)
+    gpt_tokens = store.meta.get("settings", {}).get("gpt_tokens", 48)
+    ref_graphs = GraphSet(manifest, engines_dir, "ort-cpu", OrtOptions(intra_op_threads=threads))
+    ref_graphs.open_all()
+    ref = Synthesizer(engines_dir, executors=ref_graphs)
+    emulated = OrtOptions(intra_op_threads=threads, optimization="disable")     # fusions would drop roundings
+
+    def open_test(graph: str) -> Any:
+        path = Path(emulations[graph]).resolve()
+        entry = dataclasses.replace(manifest.graph(graph), file=path.name, external_data={}, forms={})
+        executors = {g: (OrtExecutor(entry, path.parent, "ort-cpu", emulated) if g == graph else ref_graphs[g])
+                     for g in manifest.graphs}
+        return Synthesizer(engines_dir, executors=executors)
+
+    try:
+        return evaluate(ref, open_test, list(emulations), items, gpt_tokens, limits, progress)
+    finally:
+        ref.close()
+
+
+def write_gate_record(calib: Path, limits: Int8Limits, decisions: Mapping[str, GateDecision],
+                      extra: Mapping[str, Mapping[str, Any]] | None = None, where: str = "") -> Path:
+    """Record `decisions` (with `extra` facts per graph) in CALIB/int8_gate.json, keeping the earlier decisions
+    of graphs not judged now."""
     path = Path(calib) / GATE_NAME
     graphs = _recorded_graphs(path)
-    graphs.update({g: asdict(d) for g, d in decisions.items()})
-    data = {"limits": asdict(limits), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "graphs": graphs}
+    graphs.update({g: {**asdict(d), **dict((extra or {}).get(g, {}))} for g, d in decisions.items()})
+    data = {"limits": asdict(limits), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "judged_on": where or judged_on(), "graphs": graphs}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, path)
@@ -123,110 +176,3 @@ def refused_graphs(calib: str | Path) -> dict[str, str]:
     """graph -> why, for the graphs the gate refused (none without a record)."""
     graphs = _recorded_graphs(Path(calib) / GATE_NAME)
     return {g: "; ".join(d["reasons"]) for g, d in graphs.items() if not d["accepted"]}
-
-
-def int8_plans(engines_dir: Path, graphs: Sequence[str]) -> list[str]:
-    """The graphs of `graphs` whose int8 plan exists and holds INT8 layers: a plan built as fp16 fallback
-    (its record says `notes["int8"] = false`) is no INT8 candidate for the gate."""
-    from runtime.errors import ToolkitError
-    from runtime.trt.engine_plan import plan_paths, read_record
-
-    found = []
-    for g in graphs:
-        plan, sidecar = plan_paths(engines_dir, g, "int8")
-        if not plan.exists():
-            continue
-        try:
-            if read_record(sidecar).notes.get("int8") is False:
-                continue
-        except ToolkitError:
-            pass                                       # judged anyway: the executor names the problem
-        found.append(g)
-    return found
-
-
-def refuse_plans(engines_dir: Path, decisions: Mapping[str, GateDecision]) -> list[Path]:
-    """Rename the refused graphs' INT8 plans (and records) so that no runtime loads them."""
-    from runtime.trt.engine_plan import plan_paths
-
-    moved = []
-    for graph, d in decisions.items():
-        if d.accepted:
-            continue
-        for path in plan_paths(engines_dir, graph, "int8"):
-            if path.exists():
-                target = path.with_name(path.name + ".refused")
-                os.replace(path, target)
-                moved.append(target)
-    return moved
-
-
-def judge_int8_plans(engines_dir: Path, calib: Path, candidates: Sequence[str], n_items: int,
-                     progress: Callable[[str], None], limits: Int8Limits = Int8Limits()) -> dict[str, GateDecision]:
-    """Run each candidate's INT8 TensorRT plan alone against the float32 reference (ONNX Runtime CPU)
-    over `n_items` calibration items. Needs TensorRT and a GPU."""
-    from runtime.executors import GraphSet, OrtOptions, backend_status
-    from runtime.manifest import read_manifest
-    from runtime.synthesizer import Synthesizer
-
-    from .feeds import FeedStore
-
-    status = backend_status("trt", engines_dir, "int8")
-    if not status.ok:
-        raise BackendError(f"the INT8 gate runs INT8 TensorRT plans: {status.detail}")
-    manifest = read_manifest(engines_dir)
-    store = FeedStore.open(calib)
-    items = pick_items(store.items, n_items)
-    gpt_tokens = store.meta.get("settings", {}).get("gpt_tokens", 48)
-    ref_graphs = GraphSet(manifest, engines_dir, "ort-cpu", OrtOptions())
-    ref_graphs.open_all()
-    ref = Synthesizer(engines_dir, executors=ref_graphs)
-    trt_graphs = GraphSet(manifest, engines_dir, "trt", OrtOptions(), "int8")
-
-    def open_test(graph: str) -> Any:
-        executors = {g: (trt_graphs[g] if g == graph else ref_graphs[g]) for g in manifest.graphs}
-        return Synthesizer(engines_dir, executors=executors)
-
-    return evaluate(ref, open_test, candidates, items, gpt_tokens, limits, progress)
-
-
-@dataclass(frozen=True)
-class GateOutcome:
-    """What one gate run decided and did: the decisions, the record written, the plans moved aside."""
-
-    decisions: dict[str, GateDecision]
-    record: Path | None
-    moved: list[Path]
-
-    @property
-    def refused(self) -> list[str]:
-        return [g for g, d in self.decisions.items() if not d.accepted]
-
-    def lines(self) -> list[str]:
-        accepted = len(self.decisions) - len(self.refused)
-        head = (f"INT8 gate -> {self.record}: {accepted} accepted, {len(self.refused)} refused" if self.record
-                else "INT8 gate: no INT8 plan to judge")
-        return [head] + [f"  {g} refused: {'; '.join(self.decisions[g].reasons)}" for g in self.refused] + [
-            f"  refused plan moved aside: {p}" for p in self.moved]
-
-
-def apply_gate(engines_dir: Path, calib: Path, decisions: Mapping[str, GateDecision],
-               limits: Int8Limits = Int8Limits()) -> GateOutcome:
-    """Record the decisions (merged per graph) and move the refused plans aside."""
-    if not decisions:
-        return GateOutcome({}, None, [])
-    record = write_gate_record(calib, limits, decisions)
-    return GateOutcome(dict(decisions), record, refuse_plans(engines_dir, decisions))
-
-
-def run_int8_gate(engines_dir: Path, calib: Path, n_items: int, progress: Callable[[str], None],
-                  limits: Int8Limits = Int8Limits()) -> GateOutcome:
-    """The CLI's `int8-gate`: judge the existing INT8 plans (needs TensorRT and a GPU), record, move aside."""
-    from runtime.manifest import read_manifest
-
-    candidates = int8_plans(engines_dir, list(read_manifest(engines_dir).graphs))
-    if not candidates:
-        raise InputError(f"{engines_dir}: no INT8 plans; build them with python -m calibration int8 --engines "
-                         f"{engines_dir} --calib {calib}")
-    decisions = judge_int8_plans(engines_dir, calib, candidates, n_items, progress, limits)
-    return apply_gate(engines_dir, calib, decisions, limits)

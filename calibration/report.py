@@ -143,17 +143,33 @@ def render(calib: Path) -> str:
             lines.append(f"| {g} | {len(gf.feeds)} | {name} | {s.dtype} | {shape} | {_f(s.min)} | {_f(s.max)} | "
                          f"{_f(s.mean)} | {_f(s.std)} |")
     lines.append("")
-    lines += ["## INT8", ""]
-    if gate:
-        lines += [f"Gate limits: {gate['limits']}.", "", "| graph | decision | why |", "|---|---|---|"]
-        lines += [f"| {g} | {'accepted' if d['accepted'] else 'REFUSED'} | {'; '.join(d['reasons']) or '–'} |"
-                  for g, d in gate["graphs"].items()]
-    else:
-        lines.append("No INT8 gate record: INT8 plans need TensorRT and a GPU (`python -m calibration int8` "
-                     "on such a machine builds and gates them). The calibrator, its cache file and the gate are described in "
-                     "calibration/int8.py and calibration/gate.py.")
-    lines.append("")
+    lines += ["## INT8", ""] + _int8_section(gate) + [""]
     return "\n".join(lines)
+
+
+def _int8_section(gate: dict[str, Any] | None) -> list[str]:
+    """The INT8 gate's decisions: where they were measured, the limits, per graph the form and the numbers."""
+    if not gate:
+        return ["No INT8 gate record: `python -m calibration int8 --engines OUT --calib CALIB` makes each graph's "
+                "INT8 form (Q/DQ from the collected feeds, calibration/int8_qdq.py) and gates it on the CPU "
+                "(calibration/gate.py)."]
+    lim = gate["limits"]
+    lines = [f"INT8 forms (explicit quantization: Q/DQ from the collected feeds on the fp16 form) judged on "
+             f"{gate.get('judged_on', 'the CPU through ONNX Runtime')} (greedy, teacher-forced; record of "
+             f"{gate.get('created', '?')}). Limits: greedy-token "
+             f"agreement ≥ {lim['min_token_agreement']}, min mel SNR ≥ {lim['min_mel_snr_db']} dB, min waveform "
+             f"SNR ≥ {lim['min_wav_snr_db']} dB. A graph without INT8 runs its fp16 form as int8 form.", "",
+             "| graph | int8 form | INT8 nodes | Q/DQ pairs | items | token agreement | min mel SNR | min wave SNR | why |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for g, d in gate["graphs"].items():
+        m, c = d.get("metrics") or {}, d.get("counts") or {}
+        form = "INT8" if d["accepted"] else "fp16 (refused)" if m else "fp16"
+        agree = f"{100 * m['token_agreement']:.1f}%" if "token_agreement" in m else "–"
+        mel = f"{_f(m['min_mel_snr_db'])} dB" if m.get("min_mel_snr_db") is not None else ("∞" if m else "–")
+        wav = f"{_f(m['min_wav_snr_db'])} dB" if m.get("min_wav_snr_db") is not None else ("∞" if m else "–")
+        lines.append(f"| {g} | {form} | {c.get('quantized_nodes', '–')} | {c.get('quantize_linear', '–')} | "
+                     f"{m.get('items', '–')} | {agree} | {mel} | {wav} | {'; '.join(d['reasons']) or '–'} |")
+    return lines
 
 
 def _load(path: Path) -> Any:

@@ -28,7 +28,14 @@ Constant/Shape nodes and the policy's fp32 nodes; `fp16_nodes`):
   LayerNormalization's Mean/InvStdDev outputs stay float32 (type U excludes fp16), Shape and Size read
   any type (no Cast);
 - graph inputs and outputs keep the contract's dtypes: an output computed in fp16 is produced under
-  `<name>/fp16` and cast to float32 under its own name.
+  `<name>/fp16` and cast to float32 under its own name;
+- QuantizeLinear / DequantizeLinear (an INT8 form's Q/DQ, calibration/int8_qdq.py) take the precision of
+  the compute node they feed, never the policy's: a DequantizeLinear is fp16 when every node reading it is
+  (its scale becomes an fp16 copy, its output fp16), a QuantizeLinear when every DequantizeLinear reading it
+  is (it reads its input and scale as fp16); the pair then shares one fp16 scale. This is the strongly typed
+  form TensorRT builds (its ONNX parser makes the Dequantize layer's output type the scale's type) and
+  needs opset 19 (QuantizeLinear-13 / DequantizeLinear-13 accept float32 only); an older graph with fp16
+  Q/DQ is refused.
 Node names and tensor names are kept (so policy rules and calibration reports keep meaning); the inserted
 Casts are named `<tensor>/to_fp16` and `<tensor>/to_fp32`. Graphs with control flow (If/Loop/Scan) are
 refused (the exported IndexTTS2 graphs have none).
@@ -86,7 +93,12 @@ ONNX_TO_TRT_LAYER: dict[str, str] = {
     "Constant": "CONSTANT", "ConstantOfShape": "FILL", "Range": "FILL", "Shape": "SHAPE", "Split": "SLICE",
     "TopK": "TOPK", "ArgMax": "TOPK", "ArgMin": "TOPK", "ScatterND": "SCATTER", "Tile": "SLICE",
     "CumSum": "CUMULATIVE", "Einsum": "EINSUM", "Resize": "RESIZE", "BatchNormalization": "SCALE",
+    "QuantizeLinear": "QUANTIZE", "DequantizeLinear": "DEQUANTIZE",
 }
+#: explicit quantization nodes: their precision follows the node they feed (`fp16_nodes`)
+QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
+#: the first opset whose QuantizeLinear / DequantizeLinear take fp16 data and scales
+FP16_QDQ_OPSET = 19
 
 _DTYPE_NAMES = {1: "FLOAT", 10: "HALF", 16: "BF16", 6: "INT32", 7: "INT64", 9: "BOOL", 3: "INT8", 2: "UINT8",
                 11: "DOUBLE"}
@@ -140,16 +152,39 @@ def node_views(model: Any) -> list[NodeView]:
 
 
 def policy_fp32(graph: str, views: Sequence[NodeView], policy: PrecisionPolicy | None) -> dict[str, str]:
-    """node name -> reason, for the nodes `policy` keeps in fp32 (none without a policy)."""
+    """node name -> reason, for the nodes `policy` keeps in fp32 (none without a policy). Q/DQ nodes are
+    never the policy's: their precision follows the node they feed (`fp16_nodes`)."""
     if policy is None:
         return {}
-    return dict(select_fp32_layers(graph, [v.layer for v in views], policy))
+    return dict(select_fp32_layers(graph, [v.layer for v in views if v.op_type not in (QUANTIZE, DEQUANTIZE)],
+                                   policy))
 
 
 def fp16_nodes(views: Sequence[NodeView], fp32: Iterable[str]) -> set[str]:
-    """Names of the nodes that compute in fp16 under the given fp32 set."""
+    """Names of the nodes that compute in fp16 under the given fp32 set (Q/DQ nodes: as their readers)."""
     keep = set(fp32)
-    return {v.name for v in views if forceable(v.layer) and v.float_outputs and v.name not in keep}
+    half = {v.name for v in views if forceable(v.layer) and v.float_outputs and v.name not in keep
+            and v.op_type not in (QUANTIZE, DEQUANTIZE)}
+    return half | _qdq_following_readers(views, half)
+
+
+def _qdq_following_readers(views: Sequence[NodeView], half: set[str]) -> set[str]:
+    """The Q/DQ nodes that are fp16 given the other nodes' precision `half`: a DequantizeLinear whose readers
+    are all fp16, then a QuantizeLinear whose readers (DequantizeLinear nodes) are all fp16. Shape and Size
+    do not count (they read any type); a Q/DQ node nobody else reads stays fp32."""
+    readers: dict[str, list[str]] = {}
+    for v in views:
+        for j, t in enumerate(v.inputs):
+            if t and j not in SHAPE_ONLY_INPUTS.get(v.op_type, ()):
+                readers.setdefault(t, []).append(v.name)
+    out: set[str] = set()
+    for kind in (DEQUANTIZE, QUANTIZE):                      # DQ first: a Q's readers are DQ nodes
+        for v in views:
+            if v.op_type == kind:
+                names = [r for o in v.outputs if o for r in readers.get(o, [])]
+                if names and all(r in half or r in out for r in names):
+                    out.add(v.name)
+    return out
 
 
 def fp16_weight(values: np.ndarray) -> np.ndarray:
@@ -208,6 +243,12 @@ def mixed_precision_model(model: Any, views: Sequence[NodeView], half: set[str])
     if bad:
         raise MixedPrecisionError(f"nodes {[v.name for v in bad[:5]]} ({bad[0].op_type}) take their output type from "
                                   "an attribute this pass does not rewrite; keep them fp32 in the precision policy")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    qdq = [v.name for v in views if v.name in half and v.op_type in (QUANTIZE, DEQUANTIZE)]
+    if qdq and opset < FP16_QDQ_OPSET:
+        raise MixedPrecisionError(f"{len(qdq)} QuantizeLinear/DequantizeLinear node(s) (e.g. {qdq[0]}) would read or "
+                                  f"write fp16, which needs opset {FP16_QDQ_OPSET} (this graph has opset {opset}); "
+                                  "convert the graph first (onnx.version_converter)")
 
     fp16: set[str] = set()                       # tensors (by new name) that are fp16
     renamed: dict[str, str] = {}                 # graph output computed in fp16 -> producer's fp16 name

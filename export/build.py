@@ -19,8 +19,8 @@ graph is exported in float32, and `--precision fp16` also writes its fp16 form `
 policy is the shipped default or `--precision-policy FILE`), which the engines and ONNX Runtime CUDA run.
 INT8 engines are not built here:
 they need calibration data, and calibration sits above export (DESIGN.md §1), so `python -m calibration
-int8 --engines OUT --calib CALIB` builds them (entropy calibrator, then the INT8 gate); `--precision int8`
-is refused with that command before any work. Engine outcomes are typed (engines/outcome.py).
+int8 --engines OUT --calib CALIB` makes them (INT8 forms with Q/DQ from the collected feeds, the INT8 gate on
+the CPU, then the plans); `--precision int8` is refused with that command before any work. Engine outcomes are typed (engines/outcome.py).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ PRECISIONS = ("fp16", "fp32", "int8")      # int8 is accepted only to be refused
 INT8_BY_CALIBRATION = ("INT8 engines are built by the calibration step, not by export.build: "
                        "export with --precision fp16, collect calibration data (python -m calibration collect "
                        "--engines {out} --out CALIB), then run python -m calibration int8 --engines {out} --calib "
-                       "CALIB (entropy calibrator, then the INT8 gate)")
+                       "CALIB (INT8 forms with Q/DQ from the collected feeds, the INT8 gate on the CPU, then the plans)")
 EXPORT_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = EXPORT_ROOT.parent
 

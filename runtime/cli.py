@@ -187,6 +187,8 @@ def inspect(args: argparse.Namespace) -> int:
             stale = "" if form.made_from == entry.sha256 else "  (STALE: made from another float32 file)"
             print(f"  {'':20s} {fsize / 2**20:9.1f} MiB  {kind} form {form.file}: {counts}; policy "
                   f"{Path(form.policy).name or '?'} ({form.policy_sha256[:12]}){stale}")
+            if form.note:
+                print(f"  {'':20s} {'':9s}      ({form.note})")
     assets = manifest.assets
     print("runtime assets: " + (", ".join(f"{k} {v.file}" for k, v in assets.files().items()) or "none "
                                 "(re-run export.build)")

@@ -84,8 +84,11 @@ class TensorSignature:
 class GraphForm:
     """A precision form of a graph, derived from its float32 file: `fp16` (mixed precision: fp16 tensors,
     the precision policy's fp32 islands, explicit Casts; same inputs and outputs as the float32 graph) or
-    `int8` (the fp16 form with QuantizeLinear/DequantizeLinear nodes). `made_from`: the float32 file's
-    sha256; `policy_sha256`: the precision policy's; `counts`: fp16 / fp32 nodes, Casts (and Q/DQ) added."""
+    `int8` (the fp16 form with QuantizeLinear/DequantizeLinear nodes, calibration/int8_qdq.py; a graph the
+    INT8 gate refused has its fp16 form's file as int8 form, `graph_form` "fp16-mixed" says so to the engine
+    builder and `note` says why). `made_from`: the float32
+    file's sha256; `policy_sha256`: the precision policy's; `counts`: fp16 / fp32 nodes, Casts (and quantized
+    nodes, Q/DQ nodes) added."""
 
     kind: str
     file: str
@@ -96,6 +99,9 @@ class GraphForm:
     counts: Mapping[str, int] = field(default_factory=dict)
     policy: str = ""                               # where the policy was read from, for the record
     recipe: str = ""                               # hash of the policy and the pass's code (reuse key)
+    note: str = ""                                 # e.g. why an int8 form is the fp16 graph (INT8 gate refusal)
+    graph_form: str = ""                           # what the file is when not its kind's usual graph: "fp16-mixed"
+                                                   # for an int8 form that is the fp16 graph ("" = the kind's own)
 
 
 #: Graph forms, by the engine precision that runs them ("fp32" is the graph file itself).
@@ -119,6 +125,7 @@ class GraphEntry:
     lint: str = ""                                 # polygraphy lint outcome, for the record
     forms: Mapping[str, GraphForm] = field(default_factory=dict)     # "fp16" / "int8" -> its file
     form_kind: str = "fp32"                        # which form this entry's `file` is (see `form`)
+    graph_form: str = ""                           # the form's `graph_form` (a view's attribute, see `form`)
 
     def path(self, root: str | Path) -> Path:
         return Path(root) / self.file
@@ -136,7 +143,7 @@ class GraphEntry:
                                   f"{', '.join(['fp32', *self.forms])}); make it with {how}")
         f = self.forms[kind]
         return dataclasses.replace(self, file=f.file, sha256=f.sha256, external_data=dict(f.external_data),
-                                   forms={}, form_kind=kind)
+                                   forms={}, form_kind=kind, graph_form=f.graph_form)
 
     def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """Per input: (min, opt, max) concrete shapes — an engine optimization profile."""
@@ -394,9 +401,14 @@ def plain_json(obj: Any) -> Any:
 def _graph_json(g: GraphEntry) -> dict[str, Any]:
     data = plain_json(dataclasses.asdict(g))
     data["ranges"] = {a: [r.min, r.opt, r.max] for a, r in g.ranges.items()}
-    data.pop("form_kind")                          # a view's attribute, never written
+    data.pop("form_kind")                          # a view's attributes, never written
+    data.pop("graph_form")
     if not g.forms:
         data.pop("forms")
+    for form in data.get("forms", {}).values():
+        for key in ("note", "graph_form"):
+            if not form.get(key):
+                form.pop(key, None)                # written only when there is something to say
     return data
 
 
@@ -423,7 +435,8 @@ def _form_from(d: Mapping[str, Any]) -> GraphForm:
                      made_from=str(d["made_from"]), policy_sha256=str(d["policy_sha256"]),
                      external_data={str(k): str(v) for k, v in d.get("external_data", {}).items()},
                      counts={str(k): int(v) for k, v in d.get("counts", {}).items()}, policy=str(d.get("policy", "")),
-                     recipe=str(d.get("recipe", "")))
+                     recipe=str(d.get("recipe", "")), note=str(d.get("note", "")),
+                     graph_form=str(d.get("graph_form", "")))
 
 
 def _checkpoint_from(d: Mapping[str, Any]) -> CheckpointIdentity:

@@ -1,6 +1,6 @@
 """calibration/: feed collection and storage, the FP16 emulation and analysis, the policy it writes and the
 engine builder consuming it (TensorRT's network API behind the fakes of test_engines), the end-to-end
-effect, INT8 calibrator / cache / gate, and the CLI — on the tiny demo export and on hand-made graphs."""
+effect, INT8 forms (Q/DQ) and their gate on the CPU, and the CLI — on the tiny demo export and on hand-made graphs."""
 
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ from calibration.feeds import FeedStore, TensorStats
 from calibration.fp16_analysis import AnalysisLimits, analyze_graph, escape_pattern
 from calibration.fp16_emulation import (FP16_MAX, emulated_model, fp16_nodes, fp16_weight, node_views,
                                         policy_fp32, session)
-from calibration.gate import (Int8Limits, decide, evaluate, refuse_plans, refused_graphs, write_gate_record)
-from calibration.int8 import (CacheKey, CalibrationBatches, CalibrationCache, calibrator_factory, entropy_calibrator,
-                              fit_feed, parse_trt_cache)
+from calibration.gate import decide, evaluate
 from calibration.policy_writer import calibrated_policy, write_policy
 from engines.precision import PrecisionPolicy, default_policy, load_policy
 from runtime.errors import InputError
@@ -318,202 +316,131 @@ def test_forced_steps_follow_the_reference_and_record_greedy_choices():
 
 
 # ---------------------------------------------------------------------------------------------------
-# INT8: data loader, cache file, calibrator, factory, gate
+# INT8: Q/DQ forms, their checks, the gate, the command (CPU only: no TensorRT, real or fake)
 
 
-def test_fit_feed_crops_and_tiles_dynamic_axes():
-    feed = {"x": np.arange(10, dtype=np.float32).reshape(1, 2, 5), "ids": np.int64([[3, 4, 5]])}
-    out = fit_feed(feed, {"x": (1, 2, 8), "ids": (1, 2)}, {"ids": "int32"})
-    assert out["x"].tolist() == [[[0, 1, 2, 3, 4, 0, 1, 2], [5, 6, 7, 8, 9, 5, 6, 7]]]
-    assert out["ids"].tolist() == [[3, 4]] and out["ids"].dtype == np.int32 and out["x"].flags.c_contiguous
-    with pytest.raises(InputError, match="rank"):
-        fit_feed(feed, {"x": (2, 5), "ids": (1, 2)})
-    with pytest.raises(InputError, match="no input 'mask'"):
-        fit_feed(feed, {"mask": (1,)})
+INT8_GRAPHS = ("gpt_decode", "dit_step", "bigvgan")     # MatMul + Gemm + Conv, islands; ConvTranspose
 
 
-def test_calibration_batches_are_at_the_profile_opt_shapes(tiny_calib, tiny_export):
-    from runtime.trt.engine_plan import engine_profiles
+@pytest.fixture(scope="module")
+def int8_forms(tiny_calib, tiny_export, tmp_path_factory):
+    """The INT8 forms of three tiny graphs under the shipped policy, saved: {graph: (Int8Form, path)}."""
+    from calibration.int8_qdq import make_int8_form
+    from export.precision_forms import save
 
-    manifest = read_manifest(tiny_export[0])
-    store = FeedStore.open(tiny_calib[0])
-    for graph in ("dit_step", "gpt_decode", "bigvgan"):
-        entry = manifest.graph(graph)
-        profile = engine_profiles(entry)[0]
-        opt = {i.name: i.opt for i in profile.inputs}
-        batches = CalibrationBatches(store, graph, opt, {t.name: t.dtype for t in entry.inputs})
-        got = list(batches)
-        assert len(got) == len(store.records(graph)) > 0
-        for feed in got:
-            assert {k: v.shape for k, v in feed.items()} == {k: tuple(v) for k, v in opt.items()}
-            assert all(feed[t.name].dtype == np.dtype(t.dtype) for t in entry.inputs)
-        assert batches.digest() == CalibrationBatches(store, graph, opt).digest()
-        assert batches.digest() != CalibrationBatches(store, graph, opt, limit=1).digest()
+    export, calib = tiny_export[0], tiny_calib[0]
+    manifest, store, out = read_manifest(export), FeedStore.open(calib), tmp_path_factory.mktemp("int8_forms")
+    forms = {}
+    for g in INT8_GRAPHS:
+        form = make_int8_form(manifest.graph(g).path(export), g, store, default_policy())
+        save(form.mixed.model, out / f"{g}.onnx")
+        forms[g] = (form, out / f"{g}.onnx")
+    return forms
 
 
-def test_calibration_cache_file_round_trip_and_refusals(tmp_path, caplog):
-    key = CacheKey("gpt_decode", "ab" * 32, "feeds1", "cache_len=256", "10")
-    cache = CalibrationCache(tmp_path / "int8" / "gpt_decode.cache", key)
-    assert cache.read() is None                                     # no file yet: calibrate
-    blob = b"TRT-100700-EntropyCalibration2\ninput: 3c010a14\nnode_mul_1: 3d4ccccd\n"
-    cache.write(blob)
-    assert cache.read() == blob
-    head = json.loads(cache.path.read_bytes().split(b"\n", 1)[0])
-    assert head["format"] == "indextts2-int8-calibration" and head["graph"] == "gpt_decode"
-    assert head["blob_size"] == len(blob)
-    for other in (CacheKey("gpt_decode", "cd" * 32, "feeds1", "cache_len=256", "10"),   # another ONNX file
-                  CacheKey("gpt_decode", "ab" * 32, "feeds2", "cache_len=256", "10"),   # other feeds
-                  CacheKey("gpt_decode", "ab" * 32, "feeds1", "cache_len=256", "11")):  # another TensorRT
-        assert CalibrationCache(cache.path, other).read() is None
-    data = cache.path.read_bytes()
-    cache.path.write_bytes(data[:-3] + b"fff")                      # damaged blob
-    assert cache.read() is None and "damaged" in caplog.text
-    cache.path.write_bytes(b"TRT-100700-EntropyCalibration2\n")     # TensorRT's raw file, not ours
-    assert cache.read() is None
-    first, scales = parse_trt_cache(blob)
-    assert first.startswith("TRT-") and scales["node_mul_1"] == pytest.approx(0.05)
-    assert parse_trt_cache(b"\x00\xff") == ("", {})
+def _by_output(model):
+    return {o: n for n in model.graph.node for o in n.output}
 
 
-class _FakeCuda:
-    """runtime.trt.cuda's surface the calibrator uses, over host memory."""
+def test_int8_forms_have_what_tensorrt_needs(int8_forms, tiny_export, tiny_calib):
+    """Symmetric INT8 Q/DQ (zero points 0), per-channel weight scales on each weight's output-channel axis
+    (Conv 0, ConvTranspose 1, MatMul 1 of [K, N], Gemm by transB), per-tensor activations, fp16 scales and
+    DQ outputs at opset 19, the policy's islands untouched, graph I/O unchanged, checker and ONNX Runtime OK."""
+    from calibration.int8_qdq import output_channel_axis, quantizable_nodes
 
-    def __init__(self) -> None:
-        self.memory: dict[int, np.ndarray] = {}
-        owner = self
-
-        class DeviceBuffer:
-            def __init__(self, nbytes, what=""):
-                self.nbytes, self.data = nbytes, np.zeros(nbytes, np.uint8)
-                self.ptr = self.data.ctypes.data
-                owner.memory[self.ptr] = self.data
-
-            def close(self):
-                owner.memory.pop(self.ptr, None)
-
-        class Stream:
-            synced = 0
-
-            def sync(self):
-                Stream.synced += 1
-
-            def close(self):
-                pass
-
-        self.DeviceBuffer, self.Stream = DeviceBuffer, Stream
-
-    def memcpy_htod_async(self, dst, src, nbytes, stream):
-        import ctypes
-        ctypes.memmove(dst, src, nbytes)
-
-
-class _FakeTrtInt8:
-    __version__ = "10.7.0.23"
-
-    class IInt8EntropyCalibrator2:
-        def __init__(self) -> None:
-            self.base_initialised = True
-
-
-def test_entropy_calibrator_serves_device_copies_and_uses_the_cache(tiny_calib, tiny_export, tmp_path):
-    from runtime.trt.engine_plan import engine_profiles
-
-    manifest = read_manifest(tiny_export[0])
-    store = FeedStore.open(tiny_calib[0])
-    entry = manifest.graph("bigvgan")
-    opt = {i.name: i.opt for i in engine_profiles(entry)[0].inputs}
-    batches = CalibrationBatches(store, "bigvgan", opt)
-    cuda = _FakeCuda()
-    cache = CalibrationCache(tmp_path / "bigvgan.cache", CacheKey("bigvgan", entry.sha256, batches.digest(),
-                                                                   "default", "10"))
-    cal = entropy_calibrator(_FakeTrtInt8, batches, cache, cuda)
-    assert cal.base_initialised and cal.get_batch_size() == 1
-    expected = list(batches)
-    for want in expected:
-        (ptr,) = cal.get_batch(["mel"])
-        got = cuda.memory[ptr][:want["mel"].nbytes].view(np.float32).reshape(want["mel"].shape)
-        np.testing.assert_array_equal(got, want["mel"])
-    assert cal.get_batch(["mel"]) == []                             # done
-    assert cal.read_calibration_cache() is None
-    cal.write_calibration_cache(memoryview(b"TRT-scales"))
-    assert cal.read_calibration_cache() == b"TRT-scales"
-    cal.close()
-    assert not cuda.memory
+    export = tiny_export[0]
+    manifest, store = read_manifest(export), FeedStore.open(tiny_calib[0])
+    seen_ops = set()
+    for g, (form, path) in int8_forms.items():
+        model = form.mixed.model
+        original = onnx.load(str(manifest.graph(g).path(export)))
+        onnx.checker.check_model(str(path), full_check=True)
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [19]
+        assert [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input] == \
+               [(i.name, i.type.tensor_type.elem_type) for i in original.graph.input]
+        assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
+        chosen, islands = quantizable_nodes(original, g, default_policy())
+        assert islands and sorted(form.quantized) == sorted(chosen) and len(chosen) > 0, g
+        inits = {i.name: i for i in model.graph.initializer}
+        types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        producer = _by_output(model)
+        for node in model.graph.node:
+            if node.name in islands:                                   # an island reads no quantized value
+                assert all(producer.get(t) is None or producer[t].op_type != "DequantizeLinear" for t in node.input)
+            if node.name not in form.quantized:
+                continue
+            seen_ops.add(node.op_type)
+            x_dq, w_dq = producer[node.input[0]], producer[node.input[1]]
+            assert x_dq.op_type == w_dq.op_type == "DequantizeLinear" and types[x_dq.output[0]] == TensorProto.FLOAT16
+            x_q, w_q = producer[x_dq.input[0]], producer[w_dq.input[0]]
+            for q, dq in ((x_q, x_dq), (w_q, w_dq)):
+                assert q.input[1] == dq.input[1] and inits[q.input[1]].data_type == TensorProto.FLOAT16
+                zero = inits[q.input[2]]
+                assert zero.data_type == TensorProto.INT8 and not numpy_helper.to_array(zero).any()
+                assert (numpy_helper.to_array(inits[q.input[1]]) > 0).all()
+            assert numpy_helper.to_array(inits[x_q.input[1]]).size == 1           # activations: per tensor
+            w = inits[w_q.input[0]]                                                   # weights stay float (fp16)
+            axis = next(a.i for a in w_q.attribute if a.name == "axis") % len(w.dims)
+            want = output_channel_axis(node, list(w.dims))
+            assert axis == want and numpy_helper.to_array(inits[w_q.input[1]]).size == w.dims[want], node.name
+            assert w.data_type == TensorProto.FLOAT16
+        assert form.counts["quantized_nodes"] == len(form.quantized)
+        assert form.counts["quantize_linear"] == form.counts["dequantize_linear"] >= len(form.quantized)
+        sess = session(path)
+        feed = next(store.feeds(g))
+        outs = sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+        assert all(np.isfinite(o).all() for o in outs if o.dtype.kind == "f")
+    assert seen_ops == {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 
 
-def test_calibrator_factory_follows_the_gate_and_reaches_the_builder(tiny_calib, tiny_export, tmp_path):
-    from engines.builder import BuildSettings, ensure_plan
-    from tests.test_engines import RTX, BuilderFlag, fake_trt_for
+def test_form_checks_name_what_tensorrt_would_refuse(int8_forms):
+    from calibration.int8_qdq import form_problems
 
-    export, _ = tiny_export
-    manifest = read_manifest(export)
-    calib = tiny_calib[0]
-    gate = {"dit_step": decide_from(0.2, 40.0, 30.0), "bigvgan": decide_from(1.0, 40.0, 30.0)}
-    write_gate_record(calib, Int8Limits(), gate)
-    try:
-        assert refused_graphs(calib) == {"dit_step": "greedy-token agreement 0.200 < 0.98"}
-        factory = calibrator_factory(calib, trt=_FakeTrtInt8,
-                                     cuda=_FakeCuda())
-        root = tmp_path / "out"
-        (root / "onnx").mkdir(parents=True)
-        import shutil
-        shutil.copy2(export / "manifest.json", root / "manifest.json")
-        for g in ("dit_step", "bigvgan"):
-            shutil.copy2(export / "onnx" / f"{g}.onnx", root / "onnx" / f"{g}.onnx")
-        trt = fake_trt_for(manifest)
-        settings = BuildSettings("int8", default_policy(), calibrator=factory)
-        dit = ensure_plan(manifest.graph("dit_step"), root, settings, trt=trt, gpu=RTX)
-        voc = ensure_plan(manifest.graph("bigvgan"), root, settings, trt=trt, gpu=RTX)
-        (_, cfg_dit), (_, cfg_voc) = trt.builds
-        assert cfg_dit.int8_calibrator is None and BuilderFlag.INT8 not in cfg_dit.flags   # refused: fp16
-        assert BuilderFlag.INT8 in cfg_voc.flags and cfg_voc.int8_calibrator.base_initialised
-        assert dit.record.notes["int8"] is False and voc.record.notes["int8"] is True
-    finally:
-        (calib / "int8_gate.json").unlink()
+    form, _ = int8_forms["gpt_decode"]
+    model = onnx.ModelProto()
+    model.CopyFrom(form.mixed.model)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    assert form_problems(original, model, form.quantized, form.islands) == []
+    inits = {i.name: i for i in model.graph.initializer}
+    w_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits)
+    x_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits)
+    next(a for a in w_q.attribute if a.name == "axis").i = 0                  # per-channel on the wrong axis
+    zero = inits[x_q.input[2]]
+    zero.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zero.name))   # asymmetric
+    island = next(n for n in model.graph.node if n.name in form.islands and n.input)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    island.input[0] = dq.output[0]                                             # an island reading INT8 values
+    problems = "\n".join(form_problems(original, model, form.quantized, form.islands))
+    assert "weight scales must be one per output channel" in problems
+    assert "zero point must be an INT8 zero" in problems
+    assert f"{island.name}: an fp32 island of the precision policy reads a DequantizeLinear output" in problems
 
 
-def test_int8_command_builds_gates_and_rebuilds_refused_graphs_as_fp16(tiny_calib, tiny_export, tmp_path):
-    """`python -m calibration int8`'s flow on the fake TensorRT: INT8 plans with calibrators, the gate over
-    the INT8 plans only, the refused plan moved aside and rebuilt as fp16, the record merged on a rerun."""
-    import shutil
+def test_only_the_quantized_nodes_read_quantized_values():
+    """ONNX Runtime's quantizer points every reader of a quantized tensor (and a graph output) at the
+    DequantizeLinear; restore_float_readers gives the others, and the graph output, the float tensor back."""
+    from calibration.int8_qdq import restore_float_readers
 
-    from calibration.gate import GATE_NAME
-    from calibration.int8_build import Int8Settings, build_int8
-    from runtime.trt.engine_plan import plan_paths, read_record
-    from tests.test_engines import RTX, BuilderFlag, fake_trt_for
-
-    out = Path(shutil.copytree(tiny_export[0], tmp_path / "out"))
-    calib = Path(shutil.copytree(tiny_calib[0], tmp_path / "calib"))
-    manifest = read_manifest(out)
-    trt = fake_trt_for(manifest)
-    trt.IInt8EntropyCalibrator2 = _FakeTrtInt8.IInt8EntropyCalibrator2
-    graphs = ("length_regulator", "dit_step", "bigvgan")
-    judged = []
-
-    def judge(engines_dir, calib_dir, candidates, n_items, progress, limits):
-        judged.append(list(candidates))
-        assert (engines_dir, calib_dir, n_items) == (out, calib, 2)
-        return {g: decide_from(0.2 if g == "dit_step" else 1.0, 40.0, 30.0) for g in candidates}
-
-    settings = Int8Settings(items=2, graphs=graphs)
-    result = build_int8(out, calib, settings, judge=judge, trt=trt, gpu=RTX, cuda=_FakeCuda())
-    assert [(o.graph, o.status) for o in result.engines.outcomes] == [(g, "built") for g in graphs]
-    assert judged == [list(graphs)] and result.gate.refused == ["dit_step"]
-    assert [p.name for p in result.gate.moved] == ["dit_step.int8.plan.refused", "dit_step.int8.json.refused"]
-    assert [(o.graph, o.status) for o in result.fallback.outcomes] == [("dit_step", "built")] and result.ok
-    flags = [(config.int8_calibrator is not None, BuilderFlag.INT8 in config.flags) for _, config in trt.builds]
-    assert flags == [(True, True)] * 3 + [(False, False)]                 # the rebuild has no calibrator
-    notes = {g: read_record(plan_paths(out, g, "int8")[1]).notes["int8"] for g in graphs}
-    assert notes == {"length_regulator": True, "dit_step": False, "bigvgan": True}
-    assert "refused graphs rebuilt as fp16" in "\n".join(result.lines())
-
-    again = build_int8(out, calib, settings, judge=judge, trt=trt, gpu=RTX, cuda=_FakeCuda())
-    assert {o.status for o in again.engines.outcomes} == {"reused"} and again.fallback is None
-    assert judged[-1] == ["length_regulator", "bigvgan"]                  # the fp16 fallback is not judged
-    record = json.loads((calib / GATE_NAME).read_text())["graphs"]
-    assert {g: d["accepted"] for g, d in record.items()} == {"length_regulator": True, "dit_step": False,
-                                                             "bigvgan": True}   # dit_step's refusal kept
-    assert len(trt.builds) == 4
+    s = numpy_helper.from_array(np.float32(0.1), "s")
+    z = numpy_helper.from_array(np.int8(0), "z")
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("Relu", ["x"], ["h_QuantizeLinear_Input"], name="relu"),       # h: a graph output
+             helper.make_node("QuantizeLinear", ["h_QuantizeLinear_Input", "s", "z"], ["hq"], name="h_Q"),
+             helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["h"], name="h_DQ"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+             helper.make_node("ReduceMean", ["h"], ["m"], name="mean", axes=[-1], keepdims=1)]
+    model = _graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                   [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "y", "m")], [s, z, w])
+    assert restore_float_readers(model, {"mm"}) == 0         # the island's input moved with the renaming
+    by_name = {n.name: n for n in model.graph.node}
+    assert by_name["relu"].output[0] == "h" and by_name["h_Q"].input[0] == "h"
+    assert by_name["h_DQ"].output[0] == "h/dequantized" and by_name["mm"].input[0] == "h/dequantized"
+    assert by_name["mean"].input[0] == "h"
+    x = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    h, _, m = session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(h, np.maximum(x, 0))
+    np.testing.assert_allclose(m, np.maximum(x, 0).mean(-1, keepdims=True), rtol=1e-6)
 
 
 def decide_from(agreement: float, mel: float, wav: float):
@@ -529,10 +456,11 @@ def test_gate_decisions_against_the_limits():
     assert not d.accepted and d.reasons == ["greedy-token agreement 0.260 < 0.98"]
     d = decide_from(1.0, 12.0, 5.0)
     assert d.reasons == ["mel SNR 12.0 dB < 25.0 dB", "waveform SNR 5.0 dB < 15.0 dB"]
+    assert d.metrics["items"] == 1 and d.metrics["tokens"] == 100
 
 
-def test_gate_judges_each_graph_alone_and_moves_refused_plans_aside(tiny_calib, tiny_export, tmp_path):
-    """A graph whose 'INT8' executor is far off is refused; an exact one is accepted."""
+def test_gate_judges_each_graph_alone(tiny_calib, tiny_export):
+    """A graph whose INT8 executor is far off is refused; an exact one is accepted."""
     from runtime.executors import GraphSet, OrtOptions
     from runtime.synthesizer import Synthesizer
 
@@ -558,13 +486,89 @@ def test_gate_judges_each_graph_alone_and_moves_refused_plans_aside(tiny_calib, 
     decisions = evaluate(ref, open_test, ["bigvgan", "length_regulator"], store.items[:1], 8)
     assert not decisions["bigvgan"].accepted and "waveform SNR" in decisions["bigvgan"].reasons[0]
     assert decisions["length_regulator"].accepted and decisions["length_regulator"].metrics["token_agreement"] == 1.0
-    engines_dir = tmp_path / "engines"
-    engines_dir.mkdir()
-    for g in ("bigvgan", "length_regulator"):
-        (engines_dir / f"{g}.int8.plan").write_bytes(b"plan")
-    moved = refuse_plans(tmp_path, decisions)
-    assert [p.name for p in moved] == ["bigvgan.int8.plan.refused"]
-    assert (engines_dir / "length_regulator.int8.plan").exists()
+
+
+def _copies(tiny_export, tiny_calib, tmp_path):
+    import shutil
+
+    return (Path(shutil.copytree(tiny_export[0], tmp_path / "out")),
+            Path(shutil.copytree(tiny_calib[0], tmp_path / "calib")))
+
+
+def test_int8_command_records_accepted_forms_and_falls_back_to_fp16(tiny_calib, tiny_export, tmp_path):
+    """`python -m calibration int8`'s flow with the gate's judgement injected: accepted graphs get
+    onnx/int8/<graph>.onnx in the manifest, a refused graph its fp16 form (with the reasons in the form's
+    note and in int8_gate.json), the plans are built from the new manifest; a rerun that refuses a graph
+    removes its INT8 file; int8-gate judges the recorded INT8 forms again."""
+    from calibration.gate import GATE_NAME
+    from calibration.int8_build import Int8Settings, build_int8, regate_int8
+    from engines.outcome import EngineOutcome, EngineResults
+    from runtime.manifest import sha256_file
+
+    out, calib = _copies(tiny_export, tiny_calib, tmp_path)
+    graphs = ("length_regulator", "dit_step", "bigvgan")
+    judged, built = [], []
+
+    def judge(engines_dir, calib_dir, emulations, n_items, progress, limits):
+        judged.append(sorted(emulations))
+        assert (engines_dir, calib_dir, n_items) == (out, calib, 2) and all(p.is_file() for p in emulations.values())
+        return {g: decide_from(1.0, 12.0 if g == refuse else 40.0, 30.0) for g in emulations}
+
+    def build(manifest, engines_dir, names):
+        built.append({g: manifest.graph(g).form("int8").file for g in names})
+        return EngineResults("int8", tuple(EngineOutcome(g, "built", plan=engines_dir / f"{g}.int8.plan") for g in names))
+
+    refuse = "dit_step"
+    result = build_int8(out, calib, Int8Settings(items=2, graphs=graphs), judge=judge, build=build)
+    assert judged == [sorted(graphs)] and result.accepted == ["length_regulator", "bigvgan"]
+    assert result.fallbacks == ["dit_step"] and result.ok
+    manifest = read_manifest(out, check_hashes=True)
+    for g in ("length_regulator", "bigvgan"):
+        form = manifest.graph(g).forms["int8"]
+        assert form.file == f"onnx/int8/{g}.onnx" and form.sha256 == sha256_file(out / form.file)
+        assert form.counts["quantize_linear"] > 0 and form.made_from == manifest.graph(g).sha256 and form.recipe
+    dit = manifest.graph("dit_step")
+    assert dit.forms["int8"].file == dit.forms["fp16"].file and dit.forms["int8"].counts["quantized_nodes"] == 0
+    assert dit.forms["int8"].graph_form == "fp16-mixed" and dit.form("int8").graph_form == "fp16-mixed"
+    assert manifest.graph("bigvgan").forms["int8"].graph_form == ""
+    assert "refused by the INT8 gate: mel SNR 12.0 dB < 25.0 dB" in dit.forms["int8"].note
+    assert not (out / "onnx" / "int8" / "dit_step.onnx").exists()
+    assert built == [{"length_regulator": "onnx/int8/length_regulator.onnx", "dit_step": "onnx/fp16/dit_step.onnx",
+                      "bigvgan": "onnx/int8/bigvgan.onnx"}]
+    record = json.loads((calib / GATE_NAME).read_text())
+    assert "CPU, ONNX Runtime" in record["judged_on"]
+    assert {g: d["accepted"] for g, d in record["graphs"].items()} == {"length_regulator": True, "dit_step": False,
+                                                                      "bigvgan": True}
+    assert record["graphs"]["dit_step"]["counts"]["quantize_linear"] > 0           # what was refused
+    assert record["graphs"]["dit_step"]["form"] == "onnx/fp16/dit_step.onnx"
+
+    refuse = "bigvgan"                                   # the next run refuses another graph
+    again = build_int8(out, calib, Int8Settings(items=2, graphs=("bigvgan",)), judge=judge, build=build)
+    assert again.fallbacks == ["bigvgan"] and not (out / "onnx" / "int8" / "bigvgan.onnx").exists()
+    record = json.loads((calib / GATE_NAME).read_text())["graphs"]
+    assert {g: d["accepted"] for g, d in record.items()} == {"length_regulator": True, "dit_step": False,
+                                                             "bigvgan": False}       # merged per graph
+
+    refuse = "length_regulator"                          # int8-gate: only recorded INT8 forms are judged
+    regated = regate_int8(out, calib, Int8Settings(items=2), judge=judge)
+    assert judged[-1] == ["length_regulator"] and regated.fallbacks == ["length_regulator"]
+    assert read_manifest(out).graph("length_regulator").forms["int8"].file == "onnx/fp16/length_regulator.onnx"
+
+
+def test_int8_command_without_tensorrt_skips_the_plans_and_checks_its_inputs(tiny_calib, tiny_export, tmp_path):
+    from calibration.int8_build import Int8Settings, build_int8
+
+    out, calib = _copies(tiny_export, tiny_calib, tmp_path)
+    accept = lambda e, c, emulations, *a: {g: decide_from(1.0, 40.0, 30.0) for g in emulations}  # noqa: E731
+    result = build_int8(out, calib, Int8Settings(items=1, graphs=("length_regulator",)), judge=accept)
+    assert result.accepted == ["length_regulator"]
+    assert [o.status for o in result.engines.outcomes] == ["skipped"] and result.ok
+    assert result.engines.summary().startswith("engines skipped: ")
+    with pytest.raises(InputError, match="graphs \\['nope'\\] are not in"):
+        build_int8(out, calib, Int8Settings(graphs=("nope",)), judge=accept)
+    other = write_policy(PrecisionPolicy({}), tmp_path / "p")                         # not the fp16 forms' policy
+    with pytest.raises(InputError, match="made with another precision policy"):
+        build_int8(out, calib, Int8Settings(graphs=("length_regulator",), policy_path=other), judge=accept)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -614,15 +618,44 @@ def test_cli_errors_are_clear(tmp_path, tiny_export):
     r = _cli("effect", "--engines", str(tiny_export[0]), "--calib", str(tmp_path))
     assert r.returncode == 2 and "not a calibration directory" in r.stderr and "Traceback" not in r.stderr
     r = _cli("int8-gate", "--engines", str(tiny_export[0]), "--calib", str(tmp_path))
-    assert r.returncode == 2 and "INT8" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no INT8 forms to judge" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("int8", "--engines", str(tiny_export[0]), "--calib", str(tmp_path), "--graphs", "nope")
+    assert r.returncode == 2 and "not a calibration directory" in r.stderr
 
 
-def test_int8_cli_without_tensorrt_is_a_clear_error(tiny_calib, tiny_export):
-    r = _cli("int8", "--engines", str(tiny_export[0]), "--calib", str(tiny_calib[0]))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "INT8 engines are TensorRT plans: " in r.stderr and "TensorRT 10 and an NVIDIA GPU" in r.stderr
-    r = _cli("int8", "--engines", str(tiny_export[0]), "--calib", str(tiny_calib[0]), "--graphs", "nope")
-    assert r.returncode == 2 and "graphs ['nope'] are not in" in r.stderr
+def test_int8_cli_end_to_end_on_the_cpu(tiny_calib, tiny_export, tiny_ckpt, tmp_path):
+    """`python -m calibration int8` on the tiny demo without TensorRT: every graph gets an int8 form (its INT8
+    form when the CPU gate accepts it, else its fp16 form with the reasons), int8_gate.json and the report say
+    where and what was measured, the plans are skipped with the reason, and the runtime synthesizes with
+    --engine-precision int8 on the CPU."""
+    from calibration.gate import GATE_NAME
+
+    out, calib = _copies(tiny_export, tiny_calib, tmp_path)
+    r = _cli("int8", "--engines", str(out), "--calib", str(calib), "--items", "1", "--max-feeds", "2",
+             "--threads", "2")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "INT8 forms: " in r.stdout and "engines skipped: " in r.stdout and "Traceback" not in r.stderr
+    assert "pre-process" not in r.stderr                                 # quantize_static's advice is not shown
+    manifest = read_manifest(out, check_hashes=True)
+    record = json.loads((calib / GATE_NAME).read_text())
+    assert set(record["graphs"]) == set(manifest.graphs) and "CPU, ONNX Runtime" in record["judged_on"]
+    for g, entry in manifest.graphs.items():
+        form, d = entry.forms["int8"], record["graphs"][g]
+        if d["accepted"]:
+            assert form.file == f"onnx/int8/{g}.onnx" and form.counts["quantize_linear"] > 0
+            assert d["metrics"]["items"] == 1 and d["counts"]["quantized_nodes"] > 0
+        else:
+            assert form.file == entry.forms["fp16"].file and d["reasons"][0] in form.note
+    assert any(d["accepted"] for d in record["graphs"].values())
+    report = (calib / "REPORT.md").read_text()
+    assert "judged on CPU, ONNX Runtime" in report and "| gpt_decode | " in report
+    wav = tmp_path / "int8.wav"
+    r = subprocess.run([sys.executable, "-m", "runtime", "synthesize", "--engines", str(out), "--speaker",
+                        str(tiny_ckpt / "examples" / "speaker.wav"), "--text", "Hello world.", "--out", str(wav),
+                        "--engine-precision", "int8", "--backend", "ort-cpu", "--max-mel-tokens", "16",
+                        "--steps", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert wav.is_file() and wav.stat().st_size > 44
 
 
 def test_export_build_checks_policy_and_calibration_arguments_first(tmp_path, tiny_ckpt):

@@ -209,6 +209,31 @@ def test_manifest_round_trip(tmp_path):
     assert data["kv_cache"]["input_template"] == "kv_cache.{layer}"
 
 
+def test_manifest_forms_and_their_notes_round_trip(tmp_path):
+    """An int8 form that is the fp16 graph (INT8 refused) says so in `graph_form` (for the engine builder)
+    and why in `note`; both are written only when set, so a manifest written before them reads the same."""
+    import dataclasses
+
+    from runtime.manifest import GraphForm
+
+    manifest = _manifest(tmp_path)
+    fp16 = GraphForm("fp16", "onnx/gpt_prefill.onnx", "ab", "ab", "pp", counts={"fp16_nodes": 3})
+    int8 = dataclasses.replace(fp16, kind="int8", note="fp16 form (no INT8): refused by the INT8 gate: mel SNR 9 dB",
+                               graph_form="fp16-mixed")
+    entry = dataclasses.replace(manifest.graph("gpt_prefill"), forms={"fp16": fp16, "int8": int8})
+    manifest = dataclasses.replace(manifest, graphs={"gpt_prefill": entry})
+    write_manifest(manifest, tmp_path)
+    assert read_manifest(tmp_path) == manifest
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    forms = data["graphs"]["gpt_prefill"]["forms"]
+    assert "note" not in forms["fp16"] and forms["int8"]["note"].startswith("fp16 form (no INT8)")
+    assert "graph_form" not in forms["fp16"] and forms["int8"]["graph_form"] == "fp16-mixed"
+    assert "graph_form" not in data["graphs"]["gpt_prefill"]                   # the view attribute is not written
+    view = read_manifest(tmp_path).graph("gpt_prefill").form("int8")
+    assert (view.file, view.form_kind, view.graph_form) == ("onnx/gpt_prefill.onnx", "int8", "fp16-mixed")
+    assert read_manifest(tmp_path).graph("gpt_prefill").form("fp16").graph_form == ""
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("format_version", FORMAT_VERSION + 1, "format version"),
     ("contract_version", CONTRACT_VERSION + 1, "contract version"),

@@ -1,8 +1,7 @@
-"""Calibration on a real GPU: INT8 plans built with the entropy calibrator fed by collected feeds, the
-calibration cache reused on the next build, the INT8 gate run over the plans, and FP16 plans built with a
-calibrated precision policy. Gated by the `gpu` marker (tests/conftest.py: require_gpu): skipped with the
-probe's reason where no NVIDIA GPU is visible, failed where one is visible but TensorRT/CUDA is not usable;
-written to run unchanged on a machine with TensorRT 10, cuda-python and a GPU."""
+"""Calibration on a real GPU: int8 plans built from the INT8 forms (explicit Q/DQ, gated on the CPU) by
+`python -m calibration int8`, and FP16 plans built with a calibrated precision policy. Gated by the `gpu`
+marker (tests/conftest.py: require_gpu): skipped with the probe's reason where no NVIDIA GPU is visible,
+failed where one is visible but TensorRT/CUDA is not usable."""
 
 from __future__ import annotations
 
@@ -30,57 +29,35 @@ def calibrated(tiny_export, tmp_path_factory):
     return out, calib
 
 
-def test_int8_plans_are_calibrated_cached_and_gated(calibrated):
-    import engines
-    from calibration.gate import GATE_NAME, run_int8_gate
-    from calibration.int8 import INT8_DIR, calibrator_factory
-    from runtime.manifest import read_manifest
-    from runtime.trt.engine_plan import plan_paths
-
-    out, calib = calibrated
-    manifest = read_manifest(out)
-    results = engines.build_all(manifest, out, "int8", calibrator=calibrator_factory(calib))
-    assert [o.status for o in results.outcomes] == ["built"] * len(manifest.graphs)
-    caches = sorted((calib / INT8_DIR).glob("*.cache"))
-    assert caches, "TensorRT wrote no calibration cache through write_calibration_cache"
-    for cache in caches:
-        header = json.loads(cache.read_bytes().split(b"\n", 1)[0])
-        assert header["format"] == "indextts2-int8-calibration" and header["blob_size"] > 0
-    # the gate runs every INT8 plan against the float32 graphs and moves refused plans aside
-    gate = run_int8_gate(out, calib, 1, print)
-    record = json.loads((calib / GATE_NAME).read_text())
-    assert set(record["graphs"]) == set(manifest.graphs)
-    for graph, decision in record["graphs"].items():
-        plan, _ = plan_paths(out, graph, "int8")
-        assert plan.exists() == decision["accepted"]
-        assert (plan.with_name(plan.name + ".refused")).exists() == (not decision["accepted"])
-    assert gate.refused == [g for g, d in record["graphs"].items() if not d["accepted"]]
-    # rebuilding: refused graphs come back as fp16 (no calibrator), the others reuse their plans
-    engines.build_all(manifest, out, "int8", calibrator=calibrator_factory(calib))
-    for graph, decision in record["graphs"].items():
-        sidecar = json.loads(plan_paths(out, graph, "int8")[1].read_text())
-        assert sidecar["notes"]["int8"] == decision["accepted"]
-
-
 def test_calibration_int8_leaves_a_runnable_int8_plan_per_graph(calibrated, tmp_path):
-    """`python -m calibration int8`'s flow: calibrated build, gate, refused graphs rebuilt as fp16."""
+    """`python -m calibration int8`'s flow on a GPU machine: INT8 forms gated on the CPU, recorded in the
+    manifest, then one strongly typed int8 plan per graph built from its int8 form (the INT8 form, or the fp16
+    form of a refused graph), and the pipeline runs on them."""
     from calibration.int8_build import Int8Settings, build_int8
     from runtime.executors import backend_status
     from runtime.manifest import read_manifest
+    from runtime.request import DecoderSettings, SynthesisRequest
+    from runtime.synthesizer import Synthesizer
+    from runtime.gpt.generate import GenerationConfig
     from runtime.trt.engine_plan import plan_paths
 
     out = shutil.copytree(calibrated[0], tmp_path / "out")
     calib = shutil.copytree(calibrated[1], tmp_path / "calib")
-    shutil.rmtree(out / "engines", ignore_errors=True)               # a fresh build, no earlier gate
-    (calib / "int8_gate.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "engines", ignore_errors=True)
     result = build_int8(out, calib, Int8Settings(items=1))
     assert result.ok and {o.status for o in result.engines.outcomes} == {"built"}
-    for graph, decision in result.gate.decisions.items():                # accepted: INT8; refused: fp16 now
-        record = json.loads(plan_paths(out, graph, "int8")[1].read_text())
-        assert record["notes"]["int8"] == decision.accepted, graph
-    for graph in read_manifest(out).graphs:
+    record = json.loads((calib / "int8_gate.json").read_text())
+    manifest = read_manifest(out, check_hashes=True)
+    for graph, entry in manifest.graphs.items():
         assert plan_paths(out, graph, "int8")[0].is_file(), graph
+        kind = "int8" if record["graphs"][graph]["accepted"] else "fp16"
+        assert entry.forms["int8"].file == f"onnx/{kind}/{graph}.onnx"
     assert backend_status("trt", out, "int8").ok
+    request = SynthesisRequest(text="Hello world.", speaker=calib / "references" / sorted(
+        p.name for p in (calib / "references").glob("*.wav"))[0])
+    with Synthesizer(out, "trt", engine_precision="int8") as synth:
+        audio = synth.synthesize(request, GenerationConfig(max_mel_tokens=16), DecoderSettings(steps=3), seed=0)
+    assert audio.pcm.size > 0
 
 
 def test_fp16_plans_follow_a_calibrated_policy(calibrated):

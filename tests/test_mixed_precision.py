@@ -213,3 +213,89 @@ def test_the_runtime_runs_the_fp16_forms_on_the_cpu(tiny_export, tiny_ckpt) -> N
         a = half.synthesize(request, *fast, seed=0)
         b = full.synthesize(request, *fast, seed=0)
     assert a.pcm.size > 0 and np.abs(a.pcm).max() > 0 and b.pcm.size > 0
+
+
+# ---- Q/DQ (an INT8 form's explicit quantization) -------------------------------------------------
+
+
+def _qdq(opset: int = 19) -> onnx.ModelProto:
+    """x -> Q/DQ -> MatMul(DQ(Q(w)), per-channel axis 1) -> Relu -> y; the activation's DQ is also read by a
+    Shape (size only); and x feeds an island Mul through its own Q/DQ pair (an fp32 reader)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    zero = nh.from_array(np.zeros((), np.int8), "zp")
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "sx", "zp"], ["xq"], name="x_Q"),
+        h.make_node("DequantizeLinear", ["xq", "sx", "zp"], ["xd"], name="x_DQ"),
+        h.make_node("QuantizeLinear", ["w", "sw", "zw"], ["wq"], name="w_Q", axis=1),
+        h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], name="w_DQ", axis=1),
+        h.make_node("MatMul", ["xd", "wd"], ["a"], name="net.fc/linear/MatMul"),
+        h.make_node("Relu", ["a"], ["y"], name="net/relu/Relu"),
+        h.make_node("Shape", ["xd"], ["s"], name="net/shape/Shape"),
+        h.make_node("QuantizeLinear", ["x", "sx2", "zp"], ["xq2"], name="x_Q_2"),
+        h.make_node("DequantizeLinear", ["xq2", "sx2", "zp"], ["xd2"], name="x_DQ_2"),
+        h.make_node("Mul", ["xd2", "xd2"], ["z"], name="net.island/mul/Mul"),
+    ]
+    inits = [nh.from_array(w, "w"), nh.from_array(np.float32(0.05), "sx"), nh.from_array(np.float32(0.05), "sx2"),
+             nh.from_array((np.abs(w).max(0) / 127).astype(np.float32), "sw"),
+             nh.from_array(np.zeros(4, np.int8), "zw"), zero]
+    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 8])],
+                  [h.make_tensor_value_info("y", TP.FLOAT, [2, 4]), h.make_tensor_value_info("z", TP.FLOAT, [2, 8]),
+                   h.make_tensor_value_info("s", TP.INT64, [2])], inits, opset=opset)
+
+
+def test_qdq_pairs_take_the_precision_of_the_node_they_feed() -> None:
+    model = _qdq()
+    # a rule matching the Q/DQ names is not applied to them: their precision follows their readers
+    policy = _policy([{"pattern": "net.island/*"}, {"pattern": "x_*"}])
+    mixed = to_mixed_precision(model, "g", policy)
+    onnx.checker.check_model(mixed.model, full_check=True)
+    assert float_io_preserved(model, mixed.model) == []
+    assert set(mixed.fp32_nodes) == {"net.island/mul/Mul"}
+    assert {"x_Q", "x_DQ", "w_Q", "w_DQ", "net.fc/linear/MatMul"} <= mixed.half        # Shape does not count
+    assert not {"x_Q_2", "x_DQ_2"} & mixed.half                                       # they feed the island
+    types = _types(mixed.model)
+    nodes = {n.name: n for n in mixed.model.graph.node}
+    mm = nodes["net.fc/linear/MatMul"]
+    assert list(mm.input) == ["xd", "wd"] and types["xd"] == types["wd"] == TP.FLOAT16   # no Cast after a DQ
+    assert nodes["x_Q"].input[1] == nodes["x_DQ"].input[1] == "sx/fp16"                 # one fp16 scale per pair
+    assert types["sx/fp16"] == types["sw/fp16"] == TP.FLOAT16 and types[nodes["x_Q"].input[0]] == TP.FLOAT16
+    assert nodes["w_Q"].input[0] == "w/fp16" and types["zw"] == types["zp"] == TP.INT8
+    assert [types[t] for t in nodes["x_Q_2"].input[:2]] == [TP.FLOAT, TP.FLOAT] and types["xd2"] == TP.FLOAT
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    y, z, s = _run(mixed.model, {"x": x})
+    y32, z32, _ = _run(model, {"x": x})
+    np.testing.assert_allclose(y, y32, rtol=2e-2, atol=2e-2)
+    assert s.tolist() == [2, 8] and np.array_equal(z, z32)                              # the island is float32
+
+
+def test_fp16_qdq_needs_opset_19() -> None:
+    model = _qdq(opset=18)
+    with pytest.raises(MixedPrecisionError, match="needs opset 19.*opset 18"):
+        to_mixed_precision(model, "g", _policy([]))
+    # all fp32: nothing to convert, any opset
+    views = node_views(model)
+    assert mixed_precision_model(model, views, set()).casts == 0
+
+
+def test_the_emulation_of_a_qdq_form_is_fake_quantization_in_fp16() -> None:
+    """calibration's emulation of an INT8 form: Q/DQ as ONNX defines them on fp16-rounded inputs with fp16
+    scales, every fp16 result rounded."""
+    from calibration.fp16_emulation import emulate_form, session
+
+    model = _qdq()
+    mixed = to_mixed_precision(model, "g", _policy([{"pattern": "net.island/*"}]))
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32) * 2
+    y, z, _ = session(emulate_form(mixed.model)).run(None, {"x": x})
+
+    def r(v: np.ndarray) -> np.ndarray:
+        return v.astype(np.float16).astype(np.float32)
+
+    inits = {i.name: nh.to_array(i) for i in model.graph.initializer}
+    sx, sw = r(inits["sx"]), r(inits["sw"])
+    xd = r(np.clip(np.round(r(x) / sx), -128, 127) * sx)
+    wd = r(np.clip(np.round(r(inits["w"]) / sw), -128, 127) * sw)
+    expected = r(np.maximum(r(xd @ wd), 0))
+    np.testing.assert_allclose(y, expected, rtol=1e-3, atol=1e-3)
+    xd2 = np.clip(np.round(x / inits["sx2"]), -128, 127) * inits["sx2"]            # the island's pair: fp32
+    np.testing.assert_allclose(z, xd2 * xd2, rtol=1e-6)
