@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -108,7 +109,10 @@ def build_all(manifest: "Manifest", out: str | Path, precision: str, policy_path
         tag = f"[{i}/{len(names)}] {name}"
         t0 = time.perf_counter()
         try:
-            outcome = ensure_plan(graph_file(manifest, name, settings), out, settings, trt=trt, gpu=gpu, tag=tag)
+            entry = graph_file(manifest, name, settings)
+            # a graph the INT8 gate refused has its fp16 form as int8 form: built (and keyed) as what it is
+            here = dataclasses.replace(settings, graph_form=entry.graph_form) if entry.graph_form else settings
+            outcome = ensure_plan(entry, out, here, trt=trt, gpu=gpu, tag=tag)
         except Exception as err:  # noqa: BLE001 — reported per graph; the others are still built
             log.error("%s: engine FAILED after %.1f s: %s", tag, time.perf_counter() - t0, err,
                       exc_info=not isinstance(err, ToolkitError))

@@ -108,7 +108,7 @@ BUILD_COMMAND = "python -m export.build --checkpoints <checkpoint dir> --out {ro
 def expected_key(entry: GraphEntry, precision: str, record: PlanRecord, trt_version: str, here: GpuInfo) -> EngineKey:
     """The key a plan of `entry` built on this machine would have (policy: the record's own)."""
     return EngineKey(entry.name, entry.sha256, precision, engine_profiles(entry), str(trt_version), here,
-                     record.key.policy_sha256)
+                     record.key.policy_sha256, entry.graph_form)       # "" = the precision's usual form
 
 
 @dataclass
