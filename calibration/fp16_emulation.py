@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engines.mixed_precision import (FLOAT, FLOAT16, FP16_MAX, ONNX_TO_TRT_LAYER, MixedGraph, MixedPrecisionError,
+from engines.mixed_precision import (FLOAT, FLOAT16, FP16_MAX, MixedGraph,
                                      NodeView, fp16_nodes, fp16_weight, mixed_precision_model, node_views,
                                      policy_fp32, tensor_types)
 
@@ -52,9 +52,7 @@ STATS_INT = "stats::int::"         # ... of an integer tensor computed from floa
 PROBE_FIELDS = ("ref_amax", "ref_nonfinite", "raw_amax", "raw_nonfinite", "emu_nonfinite", "err_max",
                 "flushed", "size")
 
-EmulationError = MixedPrecisionError       # the name callers used before the pass moved to engines/
-
-__all__ = ["EMU", "STATS", "STATS_INT", "PROBE_FIELDS", "FP16_MAX", "ONNX_TO_TRT_LAYER", "EmulationError",
+__all__ = ["EMU", "STATS", "STATS_INT", "PROBE_FIELDS", "FP16_MAX",
            "NodeView", "Emulation", "upcast", "emulate_form", "emulated_model", "probe_model", "node_views", "fp16_nodes",
            "fp16_weight", "policy_fp32", "tensor_types", "integer_from_float", "save_model", "session", "run_probe"]
 
@@ -276,23 +274,13 @@ def _model_like(model: Any, graph: Any) -> Any:
 # Saving and running
 
 
-TWO_GIB = 2 ** 31 - 1024
 
 
 def save_model(model: Any, path: Path) -> Path:
-    """Write `model` (external data beside it when it is too large for one protobuf)."""
-    import onnx
+    """Write `model` (external data beside it when one protobuf cannot hold it): the export's own writer."""
+    from export.precision_forms import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(init.ByteSize() for init in model.graph.initializer) > TWO_GIB // 2
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if big:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    save(model, path)
     return path
 
 

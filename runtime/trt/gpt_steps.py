@@ -142,8 +142,8 @@ def open_trt_gpt_steps(manifest: Manifest, root: str | Path, precision: str | No
     stream = Stream()
     prefill = decode = None
     try:
-        prefill = TrtExecutor(manifest.graph("gpt_prefill").form(precision), root, precision, stream=stream)
-        decode = TrtExecutor(manifest.graph("gpt_decode").form(precision), root, precision, stream=stream,
+        prefill = TrtExecutor(manifest.graph("gpt_prefill"), root, precision, stream=stream)
+        decode = TrtExecutor(manifest.graph("gpt_decode"), root, precision, stream=stream,
                              cuda_graphs=cuda_graphs)
     except BaseException:
         if prefill is not None:
