@@ -47,11 +47,18 @@ def test_peak_tracker_sees_an_allocation() -> None:
     """The peak is at least every resident size seen while the block lived. (Comparing the peak with the
     size at the start instead is flaky in a long test process: the kernel may reclaim other cold pages of
     the process meanwhile — this machine runs DAMON reclaim — so the start size overstates the baseline.)"""
+    import mmap
+
+    size = 64 << 20
     with measure_mod.PeakTracker() as t:
         before = measure_mod.rss_mib()
-        block = np.ones(64 << 20, np.uint8)          # 64 MiB touched
+        # fresh anonymous pages, whatever the process's allocator keeps around from earlier tests (in a full
+        # run a 64 MiB numpy array was seen to reuse resident memory: +1.6 MiB)
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):  # touch every page
+            block[offset] = 1
         during = measure_mod.rss_mib()
-        del block
+        block.close()
     r = t.result
     assert r.peak_mib is not None and r.start_mib is not None
     assert during - before >= 60                     # the resident size counts the touched block
