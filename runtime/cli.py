@@ -181,7 +181,7 @@ def _run(tts, args: argparse.Namespace, request, generation, decoder,
             arrival = clock.add(chunk.ready_s, chunk.samples)
             if chunk.result is not None:
                 segments.append(chunk.result)
-            if not args.quiet:
+            if not args.quiet and arrival is not None:
                 print(_arrival_line(chunk, arrival), flush=True)
         samples = writer.samples
     if not args.quiet:
@@ -194,7 +194,7 @@ def _run(tts, args: argparse.Namespace, request, generation, decoder,
 def _arrival_line(chunk, arrival) -> str:
     what = "silence" if chunk.kind == "silence" else f"segment {chunk.segment + 1}/{chunk.segments}"
     head = f"chunk {chunk.index + 1:3d} ({what}): ready at {chunk.ready_s:7.2f} s, {arrival.duration_s:5.2f} s of audio"
-    if chunk.index == 0:
+    if arrival.index == 0:
         return head + "  <- first audio"
     if arrival.underrun:
         return head + f"  UNDERRUN: playback ran dry {-arrival.buffered_s:.2f} s before it arrived"

@@ -79,7 +79,7 @@ class AudioChunk:
     ready_s: float
     index: int
     kind: str = SPEECH
-    last_in_segment: bool = False
+    last_in_segment: bool = False        # the segment's last speech chunk (never set on a silence chunk)
     result: "SegmentResult | None" = None
     mel_ready_s: float | None = None     # on a segment's first speech chunk: when its Euler solve ended
 

@@ -121,10 +121,11 @@ def stream_segments(stages: SegmentStages, prep: Any, generation: Any, decoder: 
                 pcm = stages.vocode(staged.mel, window)
                 vocoder_s += time.perf_counter() - t0
                 parts.append(pcm)
+                ready = time.perf_counter() - started
                 last = w == len(windows) - 1
                 result = stages.finish_segment(prep, coded, staged, np.concatenate(parts), vocoder_s) if last else None
-                yield AudioChunk(pcm, index, count, offset, time.perf_counter() - started, delivered, SPEECH,
-                                 last, result, mel_ready if w == 0 else None)
+                yield AudioChunk(pcm, index, count, offset, ready, delivered, SPEECH, last, result,
+                                 mel_ready if w == 0 else None)
                 delivered += 1
                 offset += pcm.size
             if not windows:                          # a silent segment (no codes): still reported
@@ -134,14 +135,10 @@ def stream_segments(stages: SegmentStages, prep: Any, generation: Any, decoder: 
                 delivered += 1
             if index < count - 1:
                 gap = stages.silence(prep)
-                yield AudioChunk(gap, index, count, offset, time.perf_counter() - started, delivered, SILENCE, True)
+                yield AudioChunk(gap, index, count, offset, time.perf_counter() - started, delivered, SILENCE)
                 delivered += 1
                 offset += gap.size
-    except GeneratorExit:
-        raise
-    except BaseException as err:
-        if isinstance(err, KeyboardInterrupt):
-            raise
+    except Exception as err:                         # not GeneratorExit / KeyboardInterrupt / SystemExit
         raise StreamError(f"synthesis failed in segment {index + 1}/{count} after {delivered} chunk(s) "
                           f"({offset} samples) were delivered: {err}", chunks=delivered, segment=index,
                           retryable=bool(getattr(err, "retryable", False))) from err

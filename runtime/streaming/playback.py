@@ -32,7 +32,10 @@ class PlaybackClock:
     arrivals: list[ChunkArrival] = field(default_factory=list)
     _play_end: float | None = None
 
-    def add(self, ready_s: float, samples: int) -> ChunkArrival:
+    def add(self, ready_s: float, samples: int) -> ChunkArrival | None:
+        """Record a chunk; an empty one (a silent segment's) is not audio and is not recorded (None)."""
+        if samples <= 0:
+            return None
         duration = samples / self.sample_rate
         if self._play_end is None:                          # playback starts with the first chunk
             buffered, start = 0.0, ready_s
