@@ -368,6 +368,7 @@ def test_full_size_eager_chunks_equal_the_whole_segment():
 def test_full_size_onnx_chunks_equal_the_whole_segment(tmp_path):
     """The full-size BigVGAN exported alone (as export.build exports it: phase-separated activations),
     run by ONNX Runtime on the windows of the full-size layout."""
+    from export.graph_checks import stamp_metadata
     from export.models.alias_free import phase_separated
     from export.onnx_export import export_onnx
     from export.wrappers.audio import BigVGANGraph
@@ -380,8 +381,9 @@ def test_full_size_onnx_chunks_equal_the_whole_segment(tmp_path):
     path = export_onnx(BigVGANGraph(phase_separated(model)), contract,
                        (torch.from_numpy(random_mel(np.random.default_rng(0), 8)).repeat(2, 1, 1),),
                        tmp_path / "onnx" / "bigvgan.onnx")
+    stamp_metadata(path, {"indextts2.graph": "bigvgan", "indextts2.fingerprint": "full-size test"})  # executor checks
     entry = graph_entry(contract, dims, file="onnx/bigvgan.onnx", sha256=sha256_file(path), opset=18,
-                        exporter="dynamo", fingerprint="")
+                        exporter="dynamo", fingerprint="full-size test")
     executor = OrtExecutor(entry, tmp_path, "ort-cpu", OrtOptions())
     mel = random_mel(np.random.default_rng(11), 150)
     errors = {f"{c.first_frames}/{c.max_frames}": _max_chunk_error(executor, mel,
