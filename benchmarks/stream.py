@@ -309,8 +309,8 @@ def _settings_record(settings: Settings, manifest: Any, cases: list[TextCase]) -
             "backends": list(settings.backends), "repeats": settings.repeats, "gpt_tokens": settings.gpt_tokens,
             "threads": settings.threads, "seed": settings.seed, "euler_steps": manifest.synthesis.euler_steps,
             "sample_rate": manifest.synthesis.sample_rate,
-            "stream": {"first_chunk_frames": s.first_chunk_frames, "max_chunk_frames": s.max_chunk_frames,
-                       "pipeline": s.pipeline},
+            "stream": {"first_chunk_frames": s.vocoder.first_frames if s.vocoder else 0,
+                       "max_chunk_frames": s.vocoder.max_frames if s.vocoder else 0, "pipeline": s.pipeline},
             "max_text_tokens_per_segment": cases[0].offline.max_text_tokens_per_segment if cases else None,
             "quick_streaming_tokens": {OFFLINE: 0, STREAMED: cases[0].streamed.quick_streaming_tokens if cases
                                        else None},
@@ -346,7 +346,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     from runtime.errors import InputError
     from runtime.manifest import read_manifest
     from runtime.streaming.chunks import StreamSettings
-    from runtime.streaming.vocoder import check_chunking, vocoder_layout
+    from runtime.streaming.vocoder import VocoderPlanner
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BENCH_BACKENDS]
@@ -362,9 +362,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.chunk_frames <= 0:
         raise InputError(f"--chunk-frames must be > 0 mel frames, got {args.chunk_frames}")
-    stream = StreamSettings(args.chunk_frames, args.max_chunk_frames)    # refuses max < first
+    stream = StreamSettings.chunks(args.chunk_frames, args.max_chunk_frames)    # refuses max < first
     manifest = read_manifest(args.engines, check_files=False)
-    check_chunking(vocoder_layout(manifest), manifest.graph("bigvgan"), stream)
+    VocoderPlanner.from_manifest(manifest, stream.vocoder, where=str(args.engines))
     texts, intended = tuple(t for t, _ in DEFAULT_TEXTS), tuple(n for _, n in DEFAULT_TEXTS)
     if args.texts is not None:
         if not args.texts.is_file():

@@ -146,11 +146,11 @@ def stream_settings(args: argparse.Namespace) -> StreamSettings:
         return StreamSettings.whole_segments()
     if args.chunk_frames <= 0:
         raise InputError(f"--chunk-frames must be > 0 mel frames, got {args.chunk_frames}")
-    settings = StreamSettings(args.chunk_frames, args.max_chunk_frames)
-    from runtime.streaming.vocoder import check_chunking, vocoder_layout
+    settings = StreamSettings.chunks(args.chunk_frames, args.max_chunk_frames)
+    from runtime.streaming.vocoder import VocoderPlanner
 
     manifest = read_manifest(args.engines, check_files=False)
-    check_chunking(vocoder_layout(manifest), manifest.graph("bigvgan"), settings)
+    VocoderPlanner.from_manifest(manifest, settings.vocoder, where=str(args.engines))
     return settings
 
 

@@ -52,7 +52,7 @@ from runtime.request import DecoderSettings, SegmentResult, SynthesisRequest, Sy
 from runtime.speaker import SpeakerPrompt, prepare_emotion, prepare_speaker
 from runtime.streaming.chunks import AudioChunk, StreamSettings
 from runtime.streaming.pipeline import stream_segments
-from runtime.streaming.vocoder import VocoderWindow, check_chunking, plan_windows, run_window, vocoder_layout
+from runtime.streaming.vocoder import VocoderChunking, VocoderPlanner, Window, run_window
 from runtime.timing import log_segment
 from runtime.wav import to_pcm16
 
@@ -139,7 +139,7 @@ class Synthesizer:
         self._speakers: LRU[SpeakerPrompt] = LRU(cache_size)
         self._emotions: LRU[np.ndarray] = LRU(cache_size)
         self._locks = StageLocks()
-        self.vocoder_layout = vocoder_layout(self.manifest)
+        self._planners: dict[VocoderChunking | None, VocoderPlanner] = {}
         self._llm = None
         self._emo_text_max_new_tokens = emo_text_max_new_tokens
         log.info("synthesizer on %s: %s (%d graphs)", self.backend, self.root, len(self.manifest.graphs))
@@ -310,15 +310,15 @@ class Synthesizer:
         timings.update({"s2mel_wait": t1 - t0, "length_regulator": t2 - t1, "dit": t3 - t2})
         return MelSegment(mel, frames, timings)
 
-    def vocoder_windows(self, frames: int, settings: StreamSettings) -> list[VocoderWindow]:
+    def vocoder_windows(self, frames: int, settings: StreamSettings) -> list[Window]:
         """The vocoder calls for a segment of `frames` mel frames (none for a silent segment)."""
-        return plan_windows(self.vocoder_layout, frames, settings)
+        return self._planner(settings.vocoder).plan(frames)
 
-    def vocode(self, mel: np.ndarray, window: VocoderWindow) -> np.ndarray:
+    def vocode(self, mel: np.ndarray, window: Window) -> np.ndarray:
         """One vocoder window -> the int16 samples of its chunk."""
         with self._locks.vocoder:
-            wav = run_window(self.graphs["bigvgan"], mel, window)
-        return to_pcm16(wav)
+            wav = run_window(self.graphs["bigvgan"], mel, window)          # (1, hop * frames)
+        return to_pcm16(wav[0])
 
     def finish_segment(self, prep: PreparedRequest, coded: CodedSegment, staged: MelSegment,
                        pcm: np.ndarray, vocoder_s: float = 0.0) -> SegmentResult:
@@ -333,4 +333,13 @@ class Synthesizer:
         return silence(self.sample_rate, prep.request.interval_silence_ms)
 
     def _check_settings(self, settings: StreamSettings) -> None:
-        check_chunking(self.vocoder_layout, self.manifest.graph("bigvgan"), settings)
+        self._planner(settings.vocoder)
+
+    def _planner(self, chunking: VocoderChunking | None) -> VocoderPlanner:
+        """The window planner of a chunking (made once; its construction checks the chunk sizes against the
+        bigvgan profile: InputError before any work)."""
+        planner = self._planners.get(chunking)
+        if planner is None:
+            planner = VocoderPlanner.from_manifest(self.manifest, chunking, where=str(self.root))
+            self._planners[chunking] = planner
+        return planner

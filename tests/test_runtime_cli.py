@@ -80,7 +80,7 @@ def test_quick_streaming_tokens_moves_the_segment_boundaries(tiny_export, tiny_c
 
 @pytest.mark.parametrize("flags, message", [
     (("--stream", "--chunk-frames", "0"), "--chunk-frames must be > 0"),
-    (("--stream", "--chunk-frames", "64", "--max-chunk-frames", "32"), "smaller than the first"),
+    (("--stream", "--chunk-frames", "64", "--max-chunk-frames", "32"), "max_frames 32 < first_frames 64"),
     (("--stream", "--chunk-frames", "100000"), "mel_len"),
     (("--quick-streaming-tokens", "-1"), "quick_streaming_tokens must be >= 0"),
 ])

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.errors import InputError
+from runtime.streaming.vocoder import VocoderChunking
 
 if TYPE_CHECKING:
     from runtime.request import SegmentResult
@@ -31,33 +31,25 @@ DEFAULT_MAX_CHUNK_FRAMES = 256        # 2.97 s: later chunks grow to this (less 
 class StreamSettings:
     """How a request's audio is cut and scheduled.
 
-    `first_chunk_frames`: mel frames of a segment's first vocoder chunk (0: the whole segment in one
-    vocoder call, as `synthesize` does by default); each later chunk of the segment doubles up to
-    `max_chunk_frames` (small first for an early start, larger later so the context the vocoder recomputes
-    around each chunk costs less). `pipeline`: the next segment's GPT runs in a worker thread while this
+    `vocoder`: the chunk sizes (runtime/streaming/vocoder.py: a segment's first chunk `first_frames` mel
+    frames, each later one twice the previous up to `max_frames`: small first for an early start, larger
+    later so the context the vocoder recomputes around each chunk costs less); None: one vocoder call per
+    segment (the offline form). `pipeline`: the next segment's GPT runs in a worker thread while this
     segment is in the Euler loop and the vocoder (False: everything in the caller's thread, in order).
     """
 
-    first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES
-    max_chunk_frames: int = DEFAULT_MAX_CHUNK_FRAMES
+    vocoder: VocoderChunking | None = VocoderChunking(DEFAULT_FIRST_CHUNK_FRAMES, DEFAULT_MAX_CHUNK_FRAMES)
     pipeline: bool = True
 
-    def __post_init__(self) -> None:
-        if self.first_chunk_frames < 0:
-            raise InputError(f"vocoder chunk size must be > 0 mel frames (or 0 for whole segments), "
-                             f"got {self.first_chunk_frames}")
-        if self.first_chunk_frames and self.max_chunk_frames < self.first_chunk_frames:
-            raise InputError(f"the largest vocoder chunk ({self.max_chunk_frames} frames) is smaller than the "
-                             f"first ({self.first_chunk_frames} frames)")
+    @classmethod
+    def chunks(cls, first_frames: int, max_frames: int, pipeline: bool = True) -> "StreamSettings":
+        """Vocoder chunks of `first_frames` growing to `max_frames` (checked: InputError if invalid)."""
+        return cls(VocoderChunking(first_frames, max_frames), pipeline)
 
     @classmethod
     def whole_segments(cls, pipeline: bool = True) -> "StreamSettings":
         """One vocoder call per segment (the offline form)."""
-        return cls(first_chunk_frames=0, max_chunk_frames=0, pipeline=pipeline)
-
-    @property
-    def chunked(self) -> bool:
-        return self.first_chunk_frames > 0
+        return cls(None, pipeline)
 
 
 @dataclass(frozen=True)

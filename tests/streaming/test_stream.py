@@ -24,7 +24,7 @@ from tests.test_runtime_parity import CASES, SEED, _request
 
 DECODER = DecoderSettings(steps=4)
 PCM_LSB = 1
-CHUNKED = StreamSettings(first_chunk_frames=8, max_chunk_frames=32)
+CHUNKED = StreamSettings.chunks(8, 32)
 MULTI = {"text": "The train was late. 今天天气很好。Please read slowly, then pause. One more sentence to end.",
          "max_text_tokens_per_segment": 8}
 
@@ -91,7 +91,7 @@ def test_chunks_are_in_order_and_contiguous(synth, tiny_ckpt) -> None:
 
 def test_chunks_grow_from_the_first_size(synth, tiny_ckpt) -> None:
     request = _request(tiny_ckpt, {"text": "Hello world. This is a test!"})
-    chunks = _chunks(synth, request, GenerationConfig(max_mel_tokens=60), 1, StreamSettings(4, 16))
+    chunks = _chunks(synth, request, GenerationConfig(max_mel_tokens=60), 1, StreamSettings.chunks(4, 16))
     frames = [c.samples // 256 for c in chunks if c.kind == SPEECH]
     assert frames[:3] == [4, 8, 16] and max(frames) == 16, frames
     assert sum(frames) == chunks[-1].result.mel.shape[-1]
@@ -100,8 +100,8 @@ def test_chunks_grow_from_the_first_size(synth, tiny_ckpt) -> None:
 def test_pipelining_changes_nothing(synth, tiny_ckpt) -> None:
     request = _request(tiny_ckpt, MULTI)
     generation = GenerationConfig(do_sample=True, num_beams=1, max_mel_tokens=20)
-    ahead = _chunks(synth, request, generation, 9, StreamSettings(8, 32, pipeline=True))
-    inline = _chunks(synth, request, generation, 9, StreamSettings(8, 32, pipeline=False))
+    ahead = _chunks(synth, request, generation, 9, StreamSettings.chunks(8, 32, pipeline=True))
+    inline = _chunks(synth, request, generation, 9, StreamSettings.chunks(8, 32, pipeline=False))
     assert len(ahead) == len(inline)
     for a, b in zip(ahead, inline):
         np.testing.assert_array_equal(a.pcm, b.pcm)
@@ -127,16 +127,16 @@ def test_quick_streaming_tokens_is_honoured_by_stream_and_synthesize(synth, tiny
 
 
 def test_bad_settings_are_refused_before_any_work(synth, tiny_ckpt) -> None:
-    with pytest.raises(InputError, match="chunk size must be > 0"):
-        StreamSettings(first_chunk_frames=-1)
-    with pytest.raises(InputError, match="smaller than the first"):
-        StreamSettings(first_chunk_frames=64, max_chunk_frames=32)
+    with pytest.raises(InputError, match="first_frames must be a positive number of mel frames, got 0"):
+        StreamSettings.chunks(0, 32)
+    with pytest.raises(InputError, match="max_frames 32 < first_frames 64"):
+        StreamSettings.chunks(64, 32)
     with pytest.raises(InputError, match="quick_streaming_tokens must be >= 0"):
         SynthesisRequest(text="x", speaker=Path("x.wav"), quick_streaming_tokens=-1)
     missing = SynthesisRequest(text="Hello.", speaker=tiny_ckpt / "no-such-speaker.wav")
     limit = synth.manifest.graph("bigvgan").ranges["mel_len"].max
     with pytest.raises(InputError, match="mel_len"):      # the chunk check comes before the speaker is read
-        synth.stream(missing, settings=StreamSettings(limit, limit))
+        synth.stream(missing, settings=StreamSettings.chunks(limit, limit))
 
 
 class _FailingExecutor:
