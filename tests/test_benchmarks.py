@@ -351,7 +351,7 @@ def test_stream_cli_refuses_bad_arguments(tiny_ckpt, tiny_export, tmp_path, caps
         (["--backends", "ort-cpu", "--repeats", "0"], "--repeats must be >= 1"),
         (["--backends", "ort-cpu", "--gpt-tokens", "1"], "--gpt-tokens >= 2"),
         (["--backends", "ort-cpu", "--chunk-frames", "0"], "--chunk-frames must be > 0"),
-        (["--backends", "ort-cpu", "--chunk-frames", "64", "--max-chunk-frames", "32"], "smaller than the first"),
+        (["--backends", "ort-cpu", "--chunk-frames", "64", "--max-chunk-frames", "32"], "max_frames 32 < first_frames 64"),
         (["--backends", "ort-cpu", "--threads", "0"], "--threads must be >= 1"),
         (["--backends", "ort-cpu", "--texts", str(tmp_path / "none.txt")], "none.txt: file not found"),
         (["--backends", "ort-cpu", "--speaker", str(tmp_path / "absent.wav")], "absent.wav: file not found"),
