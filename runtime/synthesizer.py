@@ -186,14 +186,18 @@ class Synthesizer:
             return self._emotions.get(key, lambda: prepare_emotion(self.graphs, path))
 
     def _text_to_emotion(self, text: str) -> dict[str, float]:
-        if self._llm is None:
-            if not self.manifest.assets.emotion_llm:
-                raise InputError("emotion from text needs the checkpoint's emotion LLM (qwen0.6bemo4-merge), "
-                                 "and this export has none; use --emo-vector or --emo-audio")
-            from runtime.emotion.llm import QwenEmotion
+        """The emotion LLM's scores for `text` (loaded on first use; one request at a time, under the
+        references' lock: the model is one object)."""
+        with self._locks.refs:
+            if self._llm is None:
+                if not self.manifest.assets.emotion_llm:
+                    raise InputError("emotion from text needs the checkpoint's emotion LLM (qwen0.6bemo4-merge), "
+                                     "and this export has none; use --emo-vector or --emo-audio")
+                from runtime.emotion.llm import QwenEmotion
 
-            self._llm = QwenEmotion(self.manifest.assets.emotion_llm, max_new_tokens=self._emo_text_max_new_tokens)
-        return self._llm.inference(text)
+                self._llm = QwenEmotion(self.manifest.assets.emotion_llm,
+                                        max_new_tokens=self._emo_text_max_new_tokens)
+            return self._llm.inference(text)
 
     # -- a request --------------------------------------------------------------------------------
     def segments(self, request: SynthesisRequest) -> list[list[int]]:
