@@ -335,6 +335,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-frames", type=int, default=DEFAULT_FIRST_CHUNK_FRAMES,
                    help="mel frames of a segment's first vocoder chunk (later chunks double)")
     p.add_argument("--max-chunk-frames", type=int, default=DEFAULT_MAX_CHUNK_FRAMES, help="largest vocoder chunk")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="stream without the GPT-ahead worker (every stage in the caller's thread)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results-stream"), help="folder for results.json/.md")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -362,7 +364,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.chunk_frames <= 0:
         raise InputError(f"--chunk-frames must be > 0 mel frames, got {args.chunk_frames}")
-    stream = StreamSettings.chunks(args.chunk_frames, args.max_chunk_frames)    # refuses max < first
+    stream = StreamSettings.chunks(args.chunk_frames, args.max_chunk_frames,      # refuses max < first
+                                   pipeline=not args.no_pipeline)
     manifest = read_manifest(args.engines, check_files=False)
     VocoderPlanner.from_manifest(manifest, stream.vocoder, where=str(args.engines))
     texts, intended = tuple(t for t, _ in DEFAULT_TEXTS), tuple(n for _, n in DEFAULT_TEXTS)

@@ -129,8 +129,9 @@ def streaming_section(results: dict[str, Any]) -> str:
              f"segment; {s['euler_steps']} Euler steps; {s['threads']} CPU thread(s). Offline: one vocoder call per "
              f"segment, quick_streaming_tokens {s['quick_streaming_tokens'][OFFLINE]}, first segment = when its audio "
              f"is ready. Streamed: vocoder chunks of {st['first_chunk_frames']} mel frames doubling to "
-             f"{st['max_chunk_frames']}, quick_streaming_tokens {s['quick_streaming_tokens'][STREAMED]}, the next "
-             "segment's GPT ahead in a worker thread; TTFA = the first chunk ready. Gaps are between consecutive "
+             f"{st['max_chunk_frames']}, quick_streaming_tokens {s['quick_streaming_tokens'][STREAMED]}, "
+             + ("the next segment's GPT ahead in a worker thread" if st.get("pipeline", True)
+                else "no GPT-ahead worker (--no-pipeline)") + "; TTFA = the first chunk ready. Gaps are between consecutive "
              "speech chunks (the silence between segments is sent at once); underruns and stall as a player that "
              "starts with the first chunk hears them (p50 count, p50 seconds of silence).", "",
              "| backend | text (segments offline → streamed) | audio | offline first segment | TTFA p50 (p95) | "
