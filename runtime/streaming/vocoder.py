@@ -45,7 +45,10 @@ only through products of the anti-alias filters' small outer taps, so in float32
 usually gives the same numbers: the context is what exactness needs, not what float32 can see.
 
 Chunk plan (`VocoderChunking`): the first chunk is `first_frames` long (its audio comes early), each next
-one twice the previous up to `max_frames` (longer chunks re-compute less context). Settings are checked
+one twice the previous up to `max_frames` (longer chunks re-compute less context). Consecutive chunks whose
+windows are the same run (both clamped to the same stretch of a short segment) are delivered by one run:
+a 69-frame segment with 32-frame chunks and 38 frames of context each side is one whole-segment run, not
+three. Settings are checked
 before any work (`VocoderPlanner`): lengths >= 1, max >= first, and the largest window (max_frames plus
 both contexts) within the bigvgan graph's mel_len profile maximum. A manifest without a vocoder layout
 (exported before it was recorded) gets whole-segment windows and one warning saying how to record it.
@@ -336,11 +339,18 @@ class VocoderPlanner:
                 raise InputError(f"vocoder: a segment of {frames} mel frames is longer than the bigvgan graph's "
                                  f"mel_len maximum {self.max_window}; vocode it in chunks (VocoderChunking)")
             return [Window(0, frames, 0, frames, 0, self.hop * frames)]
-        windows, start = [], 0
+        windows: list[Window] = []
+        start = 0
         for size in self.chunking.sizes(frames):
             end = start + size
             lo, hi = backward_frames(self.layout, self.hop * start, self.hop * end, frames)
-            windows.append(Window(start, end, lo, hi, self.hop * (start - lo), self.hop * (end - lo)))
+            last = windows[-1] if windows else None
+            if last is not None and (last.win_start, last.win_end) == (lo, hi):
+                # the same vocoder run as the chunk before (a segment not much longer than the context):
+                # one run delivers both, at the time the first would have come alone
+                windows[-1] = Window(last.start, end, lo, hi, last.crop_start, self.hop * (end - lo))
+            else:
+                windows.append(Window(start, end, lo, hi, self.hop * (start - lo), self.hop * (end - lo)))
             start = end
         return windows
 

@@ -64,7 +64,7 @@ def test_the_stream_is_the_offline_audio(case, synth, tiny_ckpt) -> None:
     assert_stream_is_offline(chunks, whole, case)
     for seg in whole.segments:                        # every segment in the chunks its length asks for
         mine = [c for c in chunks if c.kind == SPEECH and c.segment == seg.index and c.samples]
-        assert len(mine) == len(CHUNKED.vocoder.sizes(seg.mel.shape[-1])), f"{case}, segment {seg.index}"
+        assert len(mine) == len(synth.vocoder_windows(seg.mel.shape[-1], CHUNKED)), f"{case}, segment {seg.index}"
 
 
 def test_chunks_are_in_order_and_contiguous(synth, tiny_ckpt) -> None:

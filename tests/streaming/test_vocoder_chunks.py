@@ -95,6 +95,10 @@ def test_chunks_start_small_and_double_up_to_the_maximum():
     planner = VocoderPlanner(vocoder_layout(FULL), VocoderChunking(), 3200)
     assert planner.plan(20) == [Window(0, 20, 0, 20, 0, 20 * 256)]
     assert planner.plan(0) == []
+    # chunks [0, 32) and [32, 64) of a 69-frame segment both need all of it (38 frames of context): one run
+    assert planner.plan(69) == [Window(0, 69, 0, 69, 0, 69 * 256)]
+    assert [(w.start, w.end, w.win_start, w.win_end) for w in planner.plan(100)] == [(0, 32, 0, 70), (32, 96, 0, 100),
+                                                                                 (96, 100, 58, 100)]
     whole = VocoderPlanner(vocoder_layout(FULL), None, 3200)
     assert not whole.chunked and whole.plan(700) == [Window(0, 700, 0, 700, 0, 700 * 256)]
 
@@ -324,8 +328,8 @@ def test_tiny_onnx_perturbed_frame_changes_only_its_forward_span(tiny_bigvgan):
 
 def test_run_window_returns_a_copy_and_checks_its_window(tiny_bigvgan):
     manifest, executor = tiny_bigvgan
-    mel = random_mel(np.random.default_rng(9), 50)
-    window = VocoderPlanner.from_manifest(manifest, VocoderChunking(16, 16)).plan(50)[1]
+    mel = random_mel(np.random.default_rng(9), 120)
+    window = VocoderPlanner.from_manifest(manifest, VocoderChunking(16, 16)).plan(120)[1]
     chunk = run_window(executor, mel, window)
     assert chunk.shape == (1, 16 * 256) and chunk.flags.owndata
     with pytest.raises(ContractError, match="does not fit a mel"):
