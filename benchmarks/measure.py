@@ -43,6 +43,28 @@ class Stats:
         return Stats(self.median_ms * factor, self.min_ms * factor, self.max_ms * factor, self.n)
 
 
+@dataclass(frozen=True)
+class Percentiles:
+    """p50 (median) and nearest-rank p95 of `n` values, in the values' unit."""
+
+    p50: float
+    p95: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Percentiles":
+        if not values:
+            raise ValueError("no values to summarize")
+        ordered = sorted(values)
+        rank = (95 * len(ordered) + 99) // 100          # ceil(0.95 n) in integers: the nearest rank
+        return cls(statistics.median(ordered), ordered[rank - 1], len(ordered))
+
+    @property
+    def p95_is_max(self) -> bool:
+        """With fewer than 20 values the nearest-rank p95 is the largest one."""
+        return self.n < 20
+
+
 def measure(fn: Callable[[], object], repeats: int, warmup: int = 1, *, min_seconds: float = 0.0,
             warmup_seconds: float = 0.0, max_runs: int = 50) -> Stats:
     """Run `fn` unmeasured at least `warmup` times and for at least `warmup_seconds`, then measured at least

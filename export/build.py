@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -41,12 +42,12 @@ from typing import Callable, Mapping, Sequence
 from runtime.contracts import OPSET, GraphContract, ModelDims
 from runtime.errors import CheckpointError, ContractError, InputError, ToolkitError
 from runtime.manifest import (MANIFEST_NAME, ONNX_DIR, CheckpointFile, CheckpointIdentity, GptTokens, GraphEntry, Manifest,
-                              graph_entry, read_manifest, sha256_file, write_manifest)
+                              VocoderLayout, graph_entry, read_manifest, sha256_file, write_manifest)
 
 from engines.outcome import EngineResults
 
 from .assets import write_assets
-from .config import IndexTTS2Config
+from .config import BigVGANConfig, IndexTTS2Config, load_bigvgan_config
 from .dims import checkpoint_contracts, model_dims
 from .layout import CheckpointLayout
 from .wrappers.base import WrapperSpec
@@ -170,6 +171,7 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
         checkpoint=identity, dims=dims, precision=options.precision,
         graphs={n: entries[n] for n in contracts if n in entries},
         tools=tool_versions(), gpt=gpt_tokens(layout.config), assets=write_assets(layout, out),
+        vocoder=vocoder_layout(load_bigvgan_config(layout.require("bigvgan") / "config.json")),
     )
     engine_results = run_engines(manifest, out, options.precision, options.precision_policy)
     path = write_manifest(manifest, out)
@@ -489,6 +491,29 @@ def gpt_tokens(cfg: IndexTTS2Config) -> GptTokens:
                      start_text_token=g.start_text_token, stop_text_token=g.stop_text_token,
                      number_text_tokens=g.number_text_tokens, max_text_tokens=g.max_text_tokens,
                      max_mel_tokens=g.max_mel_tokens)
+
+
+#: BigVGAN's geometry that config.json does not carry: conv_pre / conv_post kernels and the anti-aliased
+#: activation's 2x resamplers with their 12-tap filter (export/models/bigvgan.py, alias_free.py FILTER_TAPS).
+#: Literals here, not imports: export/models is part of every graph's fingerprint, and a constant moved
+#: there would re-export every graph of every existing export. tests/streaming holds them to the modules.
+BIGVGAN_CONV_PRE_KERNEL = 7
+BIGVGAN_CONV_POST_KERNEL = 7
+BIGVGAN_RESAMPLE_RATIO = 2
+BIGVGAN_RESAMPLE_TAPS = 12
+
+
+def vocoder_layout(cfg: BigVGANConfig) -> VocoderLayout:
+    """The vocoder's layer geometry for the manifest (the runtime's chunked vocoding computes its
+    receptive field from it: runtime/streaming/vocoder.py)."""
+    return VocoderLayout(
+        hop_length=math.prod(cfg.upsample_rates), conv_pre_kernel=BIGVGAN_CONV_PRE_KERNEL,
+        upsample_rates=tuple(cfg.upsample_rates), upsample_kernel_sizes=tuple(cfg.upsample_kernel_sizes),
+        resblock_kernel_sizes=tuple(cfg.resblock_kernel_sizes),
+        resblock_dilation_sizes=tuple(tuple(d) for d in cfg.resblock_dilation_sizes),
+        conv_post_kernel=BIGVGAN_CONV_POST_KERNEL, resample_ratio=BIGVGAN_RESAMPLE_RATIO,
+        resample_taps=BIGVGAN_RESAMPLE_TAPS,
+    )
 
 
 def _check_engine_inputs(options: BuildOptions) -> None:

@@ -6,8 +6,8 @@
 `synthesize` runs every mode of upstream's `infer` (voice cloning, emotion audio + alpha, emotion
 vector, emotion from text) on the graphs of an export directory with the chosen backend, shows progress
 per segment, and writes a 22.05 kHz 16-bit WAV: atomically, or with `--stream` progressively (each
-segment appended as soon as it is ready; the time to first audio is reported). Any failure leaves no
-output file. Sampling and Euler flags that are not given take the export's recorded defaults
+vocoder chunk appended as soon as it is ready, each chunk's arrival printed against the audio already
+delivered, underruns flagged; runtime/streaming/). Any failure leaves no output file. Sampling and Euler flags that are not given take the export's recorded defaults
 (manifest.json `sampling` / `synthesis`), so a checkpoint's own defaults reach the user; the effective
 settings are printed before synthesis. `inspect` prints the manifest, the graphs and which backends can run
 them here.
@@ -37,6 +37,8 @@ from runtime.executors import AUTO_ORDER, BACKENDS, OrtOptions, backend_status
 from runtime.gpt.generate import GenerationConfig
 from runtime.manifest import file_problems, read_manifest
 from runtime.request import DecoderSettings
+from runtime.streaming.chunks import DEFAULT_FIRST_CHUNK_FRAMES, DEFAULT_MAX_CHUNK_FRAMES, StreamSettings
+from runtime.streaming.playback import PlaybackClock
 from runtime.wav import StreamingWavWriter, check_output_path, write_wav_atomic
 
 log = logging.getLogger("runtime")
@@ -59,8 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "the export's precision on trt and ort-cuda, fp32 on ort-cpu)")
     b.add_argument("--normalizer", default="auto", choices=("auto", "wetext", "fallback"),
                    help="text normalizer backend")
-    syn.add_argument("--stream", action="store_true", help="write each segment as soon as it is ready")
+    st = syn.add_argument_group("streaming")
+    st.add_argument("--stream", action="store_true",
+                    help="write the audio as it is produced (vocoder chunks), print when each chunk arrived and "
+                         "whether playback would have run dry")
+    st.add_argument("--chunk-frames", type=int, default=DEFAULT_FIRST_CHUNK_FRAMES,
+                    help="mel frames of a segment's first vocoder chunk with --stream (256 samples each; later "
+                         "chunks double up to --max-chunk-frames)")
+    st.add_argument("--max-chunk-frames", type=int, default=DEFAULT_MAX_CHUNK_FRAMES,
+                    help="largest vocoder chunk with --stream, in mel frames")
     syn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    syn.add_argument("-v", "--verbose", action="store_true", help="also show the segments the text was cut into")
     ins = sub.add_parser("inspect", help="show an export directory: manifest, graphs, usable backends")
     ins.add_argument("engines", type=Path, help="export directory")
     ins.add_argument("--hashes", action="store_true", help="also check every file's sha256 (reads them all)")
@@ -90,6 +101,7 @@ def synthesize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     request = synthesis_request(args)            # every argument checked before anything is loaded
     generation, decoder = effective_settings(args)
+    streaming = stream_settings(args)
     if not args.quiet:
         given = given_generation_flags(args)
         print(f"settings: {describe_settings(generation, decoder)} (the export's defaults"
@@ -101,7 +113,9 @@ def synthesize(args: argparse.Namespace) -> int:
                       normalizer=args.normalizer, emo_text_max_new_tokens=args.emo_text_max_tokens,
                       engine_precision=args.engine_precision)
     try:
-        t_loaded, segments, samples, emotion = _run(tts, args, request, generation, decoder)
+        if args.verbose:
+            show_segments(tts, request)
+        t_loaded, segments, samples, emotion = _run(tts, args, request, generation, decoder, streaming)
     finally:
         tts.close()
     wall = time.perf_counter() - t_loaded
@@ -125,33 +139,66 @@ def effective_settings(args: argparse.Namespace) -> tuple[GenerationConfig, Deco
     return generation_config(args, generation), decoder_settings(args, decoder)
 
 
-def _run(tts, args: argparse.Namespace, request, generation, decoder) -> tuple[float, list, int, str]:
+def stream_settings(args: argparse.Namespace) -> StreamSettings:
+    """The vocoder chunking of a --stream run (checked against the export's vocoder before loading anything);
+    without --stream, whole segments."""
+    if not args.stream:
+        return StreamSettings.whole_segments()
+    if args.chunk_frames <= 0:
+        raise InputError(f"--chunk-frames must be > 0 mel frames, got {args.chunk_frames}")
+    settings = StreamSettings.chunks(args.chunk_frames, args.max_chunk_frames)
+    from runtime.streaming.vocoder import VocoderPlanner
+
+    manifest = read_manifest(args.engines, check_files=False)
+    VocoderPlanner.from_manifest(manifest, settings.vocoder, where=str(args.engines))
+    return settings
+
+
+def show_segments(tts, request) -> None:
+    """--verbose: the segments the text was cut into (where quick_streaming_tokens moved the boundaries)."""
+    segments = tts.segments(request)
+    print(f"{len(segments)} segment(s) (at most {request.max_text_tokens_per_segment} tokens each; "
+          f"quick_streaming_tokens {request.quick_streaming_tokens}):", flush=True)
+    for i, ids in enumerate(segments):
+        pieces = tts.tokenizer.convert_ids_to_tokens(ids)
+        text = "".join(pieces).replace("\u2581", " ").strip()
+        print(f"  {i + 1}: {len(ids):3d} tokens  {text[:90]}{'...' if len(text) > 90 else ''}", flush=True)
+
+
+def _run(tts, args: argparse.Namespace, request, generation, decoder,
+         streaming: StreamSettings) -> tuple[float, list, int, str]:
     """Synthesize and write the WAV (streamed or atomic) -> (start time, segments, samples, emotion source)."""
     t_loaded = time.perf_counter()
-    segments = []
-    first_audio = None
-    if args.stream:
-        with StreamingWavWriter(args.out, tts.sample_rate) as writer:
-            gap = None
-            for seg in tts.synthesize_segments(request, generation, decoder, seed=args.seed):
-                if segments:
-                    from runtime.request import silence
-
-                    gap = gap if gap is not None else silence(tts.sample_rate, request.interval_silence_ms)
-                    writer.write(gap)
-                writer.write(seg.pcm)
-                segments.append(seg)
-                if first_audio is None:
-                    first_audio = time.perf_counter() - t_loaded
-                    print(f"first audio after {first_audio:.2f} s (segment 1/{seg.count}, "
-                          f"{seg.pcm.size / tts.sample_rate:.2f} s of audio)", flush=True)
-            samples = writer.samples
-        emotion = "streamed"
-    else:
-        result = tts.synthesize(request, generation, decoder, seed=args.seed)
+    if not args.stream:
+        result = tts.synthesize(request, generation, decoder, seed=args.seed, settings=streaming)
         write_wav_atomic(args.out, result.pcm, result.sample_rate)
-        segments, samples, emotion = result.segments, result.pcm.size, result.emotion.source
-    return t_loaded, segments, samples, emotion
+        return t_loaded, result.segments, result.pcm.size, result.emotion.source
+    segments = []
+    clock = PlaybackClock(tts.sample_rate)
+    with StreamingWavWriter(args.out, tts.sample_rate) as writer:
+        for chunk in tts.stream(request, generation, decoder, seed=args.seed, settings=streaming):
+            writer.write(chunk.pcm)
+            arrival = clock.add(chunk.ready_s, chunk.samples)
+            if chunk.result is not None:
+                segments.append(chunk.result)
+            if not args.quiet and arrival is not None:
+                print(_arrival_line(chunk, arrival), flush=True)
+        samples = writer.samples
+    if not args.quiet:
+        stalls = clock.underruns
+        print(f"stream: {len(clock.arrivals)} chunks, first audio after {clock.first_audio_s or 0:.2f} s, "
+              f"{len(stalls)} underrun(s)" + (f" ({clock.stall_s:.2f} s of gaps)" if stalls else ""), flush=True)
+    return t_loaded, segments, samples, "streamed"
+
+
+def _arrival_line(chunk, arrival) -> str:
+    what = "silence" if chunk.kind == "silence" else f"segment {chunk.segment + 1}/{chunk.segments}"
+    head = f"chunk {chunk.index + 1:3d} ({what}): ready at {chunk.ready_s:7.2f} s, {arrival.duration_s:5.2f} s of audio"
+    if arrival.index == 0:
+        return head + "  <- first audio"
+    if arrival.underrun:
+        return head + f"  UNDERRUN: playback ran dry {-arrival.buffered_s:.2f} s before it arrived"
+    return head + f"  ({arrival.buffered_s:.2f} s of audio still buffered)"
 
 
 def inspect(args: argparse.Namespace) -> int:

@@ -22,6 +22,10 @@ from runtime.request import DecoderSettings, SynthesisRequest
 #: flag destination -> GenerationConfig field (`--greedy` / `--sample` set `do_sample`)
 _GENERATION_FLAGS = ("num_beams", "top_k", "top_p", "temperature", "repetition_penalty", "length_penalty",
                      "max_mel_tokens")
+#: `--quick-streaming-tokens` when streaming and not given. Upstream's merge rule caps a segment at
+#: max/2 tokens while the running token count is <= this value, and a value <= max/2 changes nothing; at
+#: upstream's max of 120, 120 means the first 120 tokens come in segments of at most 60 tokens.
+STREAM_QUICK_STREAMING_TOKENS = 120
 #: flag destination -> DecoderSettings field
 _DECODER_FLAGS = {"steps": "steps", "cfg_rate": "cfg_rate"}
 
@@ -44,6 +48,10 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("segments")
     s.add_argument("--max-text-tokens-per-segment", type=int, default=120)
     s.add_argument("--interval-silence", type=int, default=200, help="silence between segments (ms)")
+    s.add_argument("--quick-streaming-tokens", type=int, default=None,
+                   help="upstream's quick_streaming_tokens: the first N text tokens are cut into segments of at most "
+                        "half --max-text-tokens-per-segment, so the first audio comes sooner (default 0; with "
+                        f"--stream {STREAM_QUICK_STREAMING_TOKENS})")
 
 
 def add_generation_args(parser: argparse.ArgumentParser,
@@ -127,9 +135,17 @@ def read_text(args: argparse.Namespace) -> str:
     return args.text
 
 
+def quick_streaming_tokens(args: argparse.Namespace) -> int:
+    """The flag if given, else STREAM_QUICK_STREAMING_TOKENS for a streamed run and upstream's 0 otherwise."""
+    if getattr(args, "quick_streaming_tokens", None) is not None:
+        return args.quick_streaming_tokens
+    return STREAM_QUICK_STREAMING_TOKENS if getattr(args, "stream", False) else 0
+
+
 def synthesis_request(args: argparse.Namespace) -> SynthesisRequest:
     return SynthesisRequest(
         text=read_text(args), speaker=args.speaker, emo_audio=args.emo_audio, emo_alpha=args.emo_alpha,
         emo_vector=parse_emo_vector(args.emo_vector), use_emo_text=args.use_emo_text or args.emo_text is not None,
         emo_text=args.emo_text, use_random=args.use_random, interval_silence_ms=args.interval_silence,
-        max_text_tokens_per_segment=args.max_text_tokens_per_segment)
+        max_text_tokens_per_segment=args.max_text_tokens_per_segment,
+        quick_streaming_tokens=quick_streaming_tokens(args))

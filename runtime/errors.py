@@ -49,3 +49,15 @@ class EmotionAnswerError(ToolkitError):
     def __init__(self, message: str, answer: str = "") -> None:
         super().__init__(message)
         self.answer = answer
+
+
+class StreamError(ToolkitError):
+    """A stream failed after it started: the message and `chunks` say how much audio the caller already
+    has, `segment` where it failed (0-based), and the cause is chained (`__cause__`). `retryable` follows
+    the cause's (an emotion answer may succeed again; a broken engine will not)."""
+
+    def __init__(self, message: str, chunks: int = 0, segment: int = 0, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.chunks = chunks
+        self.segment = segment
+        self.retryable = retryable

@@ -200,6 +200,60 @@ class SynthesisDefaults:
 
 
 @dataclass(frozen=True)
+class VocoderLayout:
+    """The BigVGAN generator's layer geometry: everything its receptive field is computed from
+    (runtime/streaming/vocoder.py, chunked vocoding), and nothing else (no channel counts, no weights).
+
+    The forward pass it describes (export/models/bigvgan.py, UPSTREAM §3.5): `conv_pre` (kernel
+    `conv_pre_kernel`, 'same' padding); per stage i a ConvTranspose1d (stride `upsample_rates[i]` = u, kernel
+    `upsample_kernel_sizes[i]` = k, padding (k - u) / 2: output exactly u times longer), then one AMPBlock1
+    per `resblock_kernel_sizes[j]` (run in parallel on the same input, averaged), each a chain of residual
+    steps over `resblock_dilation_sizes[j]`: x += conv2(A(conv1_d(A(x)))) with conv1 (kernel k, dilation d)
+    and conv2 (kernel k, dilation 1), both 'same'; then A and `conv_post` (kernel `conv_post_kernel`,
+    'same'). A = anti-aliased SnakeBeta: up-sample by `resample_ratio` r with a `resample_taps`-tap filter K
+    (upstream UpSample1d: a transposed conv, stride r, kernel K, padding (K - r) / 2, replicate-padded
+    input), pointwise snake, down-sample by r (upstream DownSample1d: a conv, stride r, kernel K, left
+    padding K / 2 - 1 for even K, replicate). `hop_length` = prod(upsample_rates) output samples per frame.
+
+    Recorded by export.build from the checkpoint's BigVGAN config.json (and the model's fixed kernels); a
+    manifest written before it has none (`Manifest.vocoder` is None)."""
+
+    hop_length: int
+    conv_pre_kernel: int
+    upsample_rates: tuple[int, ...]
+    upsample_kernel_sizes: tuple[int, ...]
+    resblock_kernel_sizes: tuple[int, ...]
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...]
+    conv_post_kernel: int
+    resample_ratio: int
+    resample_taps: int
+
+    def __post_init__(self) -> None:
+        problems = []
+        hop = 1
+        for u in self.upsample_rates:
+            hop *= u
+        if hop != self.hop_length:
+            problems.append(f"hop_length {self.hop_length} != prod(upsample_rates) {hop}")
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
+            problems.append("upsample_rates and upsample_kernel_sizes differ in length")
+        elif any(u < 1 or k < u or (k - u) % 2 for u, k in zip(self.upsample_rates, self.upsample_kernel_sizes)):
+            problems.append("an upsample stage with kernel k < rate u or (k - u) odd")
+        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
+            problems.append("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
+        kernels = (self.conv_pre_kernel, self.conv_post_kernel, *self.resblock_kernel_sizes)
+        if any(k < 1 or k % 2 == 0 for k in kernels):
+            problems.append(f"conv kernels must be odd and positive ('same' padding), got {kernels}")
+        if any(d < 1 for ds in self.resblock_dilation_sizes for d in ds):
+            problems.append("a dilation < 1")
+        if self.resample_ratio < 1 or self.resample_taps < self.resample_ratio or self.resample_taps % 2:
+            problems.append(f"resampler: {self.resample_taps} taps at ratio {self.resample_ratio} (taps must be even "
+                            "and >= ratio)")
+        if problems:
+            raise ValueError("vocoder layout: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class AssetFile:
     """A non-graph file the runtime reads; `file` is relative to the manifest's directory."""
 
@@ -243,6 +297,7 @@ class Manifest:
     sampling: GenerationConfig = GenerationConfig()   # upstream infer_v2 defaults (beam sampling, 3 beams)
     synthesis: SynthesisDefaults = SynthesisDefaults()
     assets: RuntimeAssets = RuntimeAssets()
+    vocoder: VocoderLayout | None = None           # None: exported before the layout was recorded
     contract_version: int = CONTRACT_VERSION
     format_version: int = FORMAT_VERSION
 
@@ -256,6 +311,8 @@ class Manifest:
         data = plain_json(dataclasses.asdict(self))
         data["graphs"] = {n: _graph_json(g) for n, g in self.graphs.items()}
         data["derived_axes"] = {k: list(v) for k, v in DERIVED_AXES.items()}
+        if self.vocoder is None:
+            data.pop("vocoder")                    # as a manifest written before the layout existed
         head = {"format": FORMAT, "format_version": data.pop("format_version"),
                 "contract_version": data.pop("contract_version")}
         return {**head, **data}
@@ -275,6 +332,7 @@ class Manifest:
                 sampling=_flat(GenerationConfig, data["sampling"]),
                 synthesis=_flat(SynthesisDefaults, data["synthesis"]),
                 assets=_assets_from(data.get("assets", {})),
+                vocoder=_vocoder_from(data.get("vocoder")),
                 contract_version=int(data["contract_version"]),
                 format_version=int(data["format_version"]),
             )
@@ -453,6 +511,21 @@ def _assets_from(d: Mapping[str, Any]) -> RuntimeAssets:
                          emotion_matrices=asset(d.get("emotion_matrices")),
                          emo_num=tuple(int(n) for n in d.get("emo_num", DEFAULT_EMO_NUM)),
                          emotion_llm=str(d.get("emotion_llm", "")))
+
+
+def _vocoder_from(d: Mapping[str, Any] | None) -> VocoderLayout | None:
+    """The vocoder layout, or None for a manifest written before it was recorded (no key, or null)."""
+    if d is None:
+        return None
+    return VocoderLayout(
+        hop_length=int(d["hop_length"]), conv_pre_kernel=int(d["conv_pre_kernel"]),
+        upsample_rates=tuple(int(v) for v in d["upsample_rates"]),
+        upsample_kernel_sizes=tuple(int(v) for v in d["upsample_kernel_sizes"]),
+        resblock_kernel_sizes=tuple(int(v) for v in d["resblock_kernel_sizes"]),
+        resblock_dilation_sizes=tuple(tuple(int(v) for v in ds) for ds in d["resblock_dilation_sizes"]),
+        conv_post_kernel=int(d["conv_post_kernel"]), resample_ratio=int(d["resample_ratio"]),
+        resample_taps=int(d["resample_taps"]),
+    )
 
 
 def _flat(cls: type, d: Mapping[str, Any]) -> Any:

@@ -38,6 +38,8 @@ class SynthesisRequest:
             raise InputError(f"interval_silence_ms must be >= 0, got {self.interval_silence_ms}")
         if self.max_text_tokens_per_segment < 1:
             raise InputError(f"max_text_tokens_per_segment must be >= 1, got {self.max_text_tokens_per_segment}")
+        if self.quick_streaming_tokens < 0:
+            raise InputError(f"quick_streaming_tokens must be >= 0, got {self.quick_streaming_tokens}")
 
 
 @dataclass(frozen=True)

@@ -5,18 +5,21 @@ order, 2.3-2.4 references, 2.6 text, 2.7 the per-segment loop, 2.8 output); DESI
 
 Per request: text -> segments (normalize, SentencePiece, segmentation); the emotion plan; the speaker
 prompt (cached by audio content); the conditioning (spk_latent, emovec: merge with the emotion
-reference, or the emotion-vector mix). Per segment: GPT prefill + decode loop (runtime/gpt/generate.py over
-the preallocated KV cache), `gpt_latent`, `length_regulator`, the Euler loop over `dit_step`
-(runtime/cfm.py), `bigvgan`, int16. Segments are yielded as they finish (`synthesize_segments`), or
-joined with silence (`synthesize`).
+reference, or the emotion-vector mix). Per segment, three stages: GPT (prefill + decode loop,
+runtime/gpt/generate.py over the preallocated KV cache, then `gpt_latent`), s2mel (`length_regulator`, the
+Euler loop over `dit_step`, runtime/cfm.py), vocoder (`bigvgan` over the mel, whole or in chunks with the
+context its receptive field needs, runtime/streaming/vocoder.py), int16. `stream()` yields the audio in
+chunks as they are ready (runtime/streaming/pipeline.py runs the stages, the next segment's GPT ahead in a
+worker thread); `synthesize()` is the concatenation of that stream.
 
 Randomness comes from one seed through runtime/randomness.py, exactly as in the eager reference
 (export/pipeline.py), so the same seed gives the same GPT draws and the same CFM noise on every backend.
 
-Threads: a Synthesizer may be shared between threads. Its executors hold bound buffers, so graph work
-is serialized by one lock, taken for each request's preparation and for each segment; requests from
-several threads interleave segment by segment and each gets exactly the audio it would get alone. For
-parallel throughput, create one Synthesizer per worker.
+Threads: a Synthesizer may be shared between threads. Its executors hold bound buffers and the GPT its KV
+cache, so each stage has a lock (references, GPT, s2mel, vocoder) held for the stage's graph calls of one
+segment (one vocoder window): requests from several threads, and one request's GPT worker, overlap in
+different stages and never share one; each request gets exactly the audio it would get alone. Batching
+concurrent requests into shared graph calls is the scheduler's job, not this class's.
 """
 
 from __future__ import annotations
@@ -39,21 +42,18 @@ from runtime.errors import InputError
 from runtime.executors import OrtOptions
 from runtime.executors.base import Executor
 from runtime.frontend.text.tokenizer import text_segments
-from runtime.gpt.codes import segment_codes
+from runtime.gpt.codes import SegmentCodes, segment_codes
 from runtime.gpt.generate import GenerationConfig
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 from runtime.manifest import Manifest, read_manifest
 from runtime.randomness import RandomStreams
-from runtime.request import (
-    DecoderSettings,
-    SegmentResult,
-    SynthesisRequest,
-    SynthesisResult,
-    join_segments,
-)
+from runtime.request import DecoderSettings, SegmentResult, SynthesisRequest, SynthesisResult, silence
 from runtime.speaker import SpeakerPrompt, prepare_emotion, prepare_speaker
-from runtime.timing import Laps, log_segment
+from runtime.streaming.chunks import AudioChunk, StreamSettings
+from runtime.streaming.pipeline import stream_segments
+from runtime.streaming.vocoder import VocoderChunking, VocoderPlanner, Window, run_window
+from runtime.timing import log_segment
 from runtime.wav import to_pcm16
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,38 @@ class PreparedRequest:
     prompt: SpeakerPrompt
     spk_latent: np.ndarray      # (1, 32, D)
     emovec: np.ndarray          # (1, D)
+
+
+@dataclass
+class CodedSegment:
+    """A segment after the GPT stage."""
+
+    index: int
+    codes: SegmentCodes
+    s_infer: np.ndarray | None  # (1, N, sem_dim); None for a silent segment (no codes)
+    timings: dict[str, float]
+
+
+@dataclass
+class MelSegment:
+    """A segment after the s2mel stage."""
+
+    mel: np.ndarray             # (1, 80, T_gen) float32, the generated part
+    frames: int                 # T_gen
+    timings: dict[str, float]
+
+
+class StageLocks:
+    """One lock per stage: the executors of a stage (and the GPT's KV cache) are used by one thread at a time."""
+
+    def __init__(self) -> None:
+        self.refs = threading.RLock()       # reference preparation and its caches
+        self.gpt = threading.Lock()         # gpt_prefill, gpt_decode + the KV cache, gpt_latent
+        self.s2mel = threading.Lock()       # length_regulator, dit_step
+        self.vocoder = threading.Lock()     # bigvgan
+
+    def all(self) -> tuple[threading.Lock | threading.RLock, ...]:
+        return (self.refs, self.gpt, self.s2mel, self.vocoder)
 
 
 class Synthesizer:
@@ -106,7 +138,8 @@ class Synthesizer:
         self.decoder_defaults = DecoderSettings(self.manifest.synthesis.euler_steps, self.manifest.synthesis.cfg_rate)
         self._speakers: LRU[SpeakerPrompt] = LRU(cache_size)
         self._emotions: LRU[np.ndarray] = LRU(cache_size)
-        self._lock = threading.RLock()
+        self._locks = StageLocks()
+        self._planners: dict[VocoderChunking | None, VocoderPlanner] = {}
         self._llm = None
         self._emo_text_max_new_tokens = emo_text_max_new_tokens
         log.info("synthesizer on %s: %s (%d graphs)", self.backend, self.root, len(self.manifest.graphs))
@@ -125,8 +158,13 @@ class Synthesizer:
 
     def close(self) -> None:
         """Free the backend's resources (TensorRT device memory, CUDA graphs); the object is unusable after."""
-        with self._lock:
+        for lock in self._locks.all():          # wait for every stage in use, then free
+            lock.acquire()
+        try:
             self._backend.close()
+        finally:
+            for lock in reversed(self._locks.all()):
+                lock.release()
 
     def __enter__(self) -> "Synthesizer":
         return self
@@ -138,24 +176,28 @@ class Synthesizer:
     def speaker(self, path: str | Path) -> SpeakerPrompt:
         """The prepared speaker reference (cached by file content)."""
         key = audio_key(path, "speaker")
-        with self._lock:
+        with self._locks.refs:
             return self._speakers.get(key, lambda: prepare_speaker(self.graphs, path))
 
     def emotion(self, path: str | Path) -> np.ndarray:
         """The emotion reference's emovec (1, D) (cached by file content)."""
         key = audio_key(path, "emotion")
-        with self._lock:
+        with self._locks.refs:
             return self._emotions.get(key, lambda: prepare_emotion(self.graphs, path))
 
     def _text_to_emotion(self, text: str) -> dict[str, float]:
-        if self._llm is None:
-            if not self.manifest.assets.emotion_llm:
-                raise InputError("emotion from text needs the checkpoint's emotion LLM (qwen0.6bemo4-merge), "
-                                 "and this export has none; use --emo-vector or --emo-audio")
-            from runtime.emotion.llm import QwenEmotion
+        """The emotion LLM's scores for `text` (loaded on first use; one request at a time, under the
+        references' lock: the model is one object)."""
+        with self._locks.refs:
+            if self._llm is None:
+                if not self.manifest.assets.emotion_llm:
+                    raise InputError("emotion from text needs the checkpoint's emotion LLM (qwen0.6bemo4-merge), "
+                                     "and this export has none; use --emo-vector or --emo-audio")
+                from runtime.emotion.llm import QwenEmotion
 
-            self._llm = QwenEmotion(self.manifest.assets.emotion_llm, max_new_tokens=self._emo_text_max_new_tokens)
-        return self._llm.inference(text)
+                self._llm = QwenEmotion(self.manifest.assets.emotion_llm,
+                                        max_new_tokens=self._emo_text_max_new_tokens)
+            return self._llm.inference(text)
 
     # -- a request --------------------------------------------------------------------------------
     def segments(self, request: SynthesisRequest) -> list[list[int]]:
@@ -176,62 +218,132 @@ class Synthesizer:
                  t1 - t0, time.perf_counter() - t1)
         return PreparedRequest(request, segments, plan, streams, prompt, prompt.spk_latent, emovec)
 
-    def synthesize_segments(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
-                            decoder: DecoderSettings | None = None, seed: int | None = None,
-                            gpt_draws: DrawSource | None = None) -> Iterator[SegmentResult]:
-        """Yield each segment's audio as soon as it is finished (the streaming form of `synthesize`)."""
+    def stream(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
+               decoder: DecoderSettings | None = None, seed: int | None = None, gpt_draws: DrawSource | None = None,
+               *, settings: StreamSettings | None = None) -> Iterator[AudioChunk]:
+        """The request's audio as chunks, each yielded as soon as it is ready (runtime/streaming/).
+
+        `settings` (default StreamSettings(): 32-frame first vocoder chunks growing to 256, the GPT of the
+        next segment running ahead): how the audio is cut. Settings and request are checked and the request
+        prepared (references, emotion) before this returns, so bad input raises here, before any chunk; a
+        failure after that ends the iteration with a StreamError naming the chunks already delivered.
+        Concatenated, the chunks are `synthesize()`'s audio for the same request and seed.
+        """
+        started = time.perf_counter()
+        settings = settings if settings is not None else StreamSettings()
+        self._check_settings(settings)
         prep = self.prepare(request, seed, gpt_draws)
-        for index in range(len(prep.segments)):
-            yield self.segment(prep, index, generation, decoder)
+        return stream_segments(self, prep, generation or self.generation_defaults, decoder or self.decoder_defaults,
+                               settings, started)
 
     def synthesize(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
                    decoder: DecoderSettings | None = None, seed: int | None = None,
-                   gpt_draws: DrawSource | None = None) -> SynthesisResult:
-        """All segments joined with `interval_silence_ms` of silence between them (not after the last)."""
+                   gpt_draws: DrawSource | None = None, *, settings: StreamSettings | None = None) -> SynthesisResult:
+        """All segments joined with `interval_silence_ms` of silence between them (not after the last): the
+        concatenation of `stream()` (default: one vocoder call per segment, the GPT running ahead)."""
+        started = time.perf_counter()
+        settings = settings if settings is not None else StreamSettings.whole_segments()
+        self._check_settings(settings)
         prep = self.prepare(request, seed, gpt_draws)
-        segments = [self.segment(prep, i, generation, decoder) for i in range(len(prep.segments))]
-        return SynthesisResult(join_segments(segments, self.sample_rate, request.interval_silence_ms),
-                               self.sample_rate, segments, prep.plan)
+        chunks = list(stream_segments(self, prep, generation or self.generation_defaults,
+                                      decoder or self.decoder_defaults, settings, started))
+        segments = [c.result for c in chunks if c.result is not None]
+        pcm = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.int16)
+        return SynthesisResult(pcm, self.sample_rate, segments, prep.plan)
 
-    # -- one segment ------------------------------------------------------------------------------
+    def synthesize_segments(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
+                            decoder: DecoderSettings | None = None, seed: int | None = None,
+                            gpt_draws: DrawSource | None = None, *,
+                            settings: StreamSettings | None = None) -> Iterator[SegmentResult]:
+        """Each segment's result as soon as its last chunk is ready (the stream, seen segment by segment)."""
+        settings = settings if settings is not None else StreamSettings.whole_segments()
+        for chunk in self.stream(request, generation, decoder, seed, gpt_draws, settings=settings):
+            if chunk.result is not None:
+                yield chunk.result
+
+    # -- one segment, stage by stage (runtime/streaming/pipeline.py drives these) --------------------
     def segment(self, prep: PreparedRequest, index: int, generation: GenerationConfig | None = None,
                 decoder: DecoderSettings | None = None) -> SegmentResult:
-        """Segment `index` of a prepared request: codes, mel, int16 samples, per-stage wall times."""
-        generation = generation or self.generation_defaults
-        decoder = decoder or self.decoder_defaults
-        with self._lock:
-            return self._segment(prep, index, generation, decoder)
+        """Segment `index` of a prepared request, all stages in this thread, one vocoder call: codes, mel,
+        int16 samples, per-stage wall times. Segments of one request must be made in order (the noise
+        stream is read in segment order)."""
+        coded = self.codes_stage(prep, index, generation or self.generation_defaults)
+        staged = self.mel_stage(prep, coded, decoder or self.decoder_defaults)
+        windows = self.vocoder_windows(staged.frames, StreamSettings.whole_segments())
+        t0 = time.perf_counter()
+        pcm = np.concatenate([self.vocode(staged.mel, w) for w in windows]) if windows else np.zeros(0, np.int16)
+        return self.finish_segment(prep, coded, staged, pcm, time.perf_counter() - t0)
 
-    def _segment(self, prep: PreparedRequest, index: int, generation: GenerationConfig,
-                 decoder: DecoderSettings) -> SegmentResult:
-        laps = Laps()
-        prompt, streams = prep.prompt, prep.streams
-        seg = segment_codes(self.gpt_steps, prep.spk_latent, prep.emovec, prep.segments[index], generation,
-                            streams.gpt, index)
-        codes = seg.codes                                                           # (N,)
-        laps.lap("gpt")
+    def codes_stage(self, prep: PreparedRequest, index: int, generation: GenerationConfig) -> CodedSegment:
+        """The GPT stage of one segment: the decode loop's codes and the GPT latent `s_infer` over them."""
+        t0 = time.perf_counter()
+        with self._locks.gpt:
+            t1 = time.perf_counter()
+            seg = segment_codes(self.gpt_steps, prep.spk_latent, prep.emovec, prep.segments[index], generation,
+                                prep.streams.gpt, index)
+            t2 = time.perf_counter()
+            s_infer = None
+            if seg.codes.size:
+                s_infer = self.graphs["gpt_latent"].run({
+                    "spk_latent": prep.spk_latent, "emovec": prep.emovec,
+                    "text_ids": np.ascontiguousarray(seg.text_ids[None]),
+                    "codes": np.ascontiguousarray(seg.codes[None])})["s_infer"].copy()   # (1, N, sem_dim)
+            t3 = time.perf_counter()
+        return CodedSegment(index, seg, s_infer, {"gpt_wait": t1 - t0, "gpt": t2 - t1, "latent": t3 - t2})
+
+    def mel_stage(self, prep: PreparedRequest, coded: CodedSegment, decoder: DecoderSettings) -> MelSegment:
+        """The s2mel stage: target length, CFM noise (drawn even for a silent segment, as the eager
+        reference does), length regulator, the Euler loop; the generated part of the mel."""
+        prompt = prep.prompt
         t_ref = prompt.ref_mel.shape[-1]
-        frames = mel_length(codes.size)
-        noise = streams.cfm_noise(t_ref + frames, decoder.temperature)               # drawn even if unused
-        if codes.size == 0:
-            mel = np.zeros((1, prompt.ref_mel.shape[1], 0), np.float32)
-            pcm = np.zeros(0, np.int16)
-        else:
-            s_infer = self.graphs["gpt_latent"].run({
-                "spk_latent": prep.spk_latent, "emovec": prep.emovec,
-                "text_ids": np.ascontiguousarray(seg.text_ids[None]), "codes": np.ascontiguousarray(codes[None])
-            })["s_infer"]                                                           # (1, N, sem_dim)
-            laps.lap("latent")
-            cond = regulate(self.graphs["length_regulator"], s_infer, frames)       # (1, T_gen, C)
-            condition = np.concatenate([prompt.prompt_condition, cond], axis=1)    # (1, T_ref + T_gen, C)
-            laps.lap("length_regulator")
+        frames = mel_length(coded.codes.codes.size)
+        noise = prep.streams.cfm_noise(t_ref + frames, decoder.temperature)
+        timings: dict[str, float] = {}
+        if coded.s_infer is None:
+            return MelSegment(np.zeros((1, prompt.ref_mel.shape[1], 0), np.float32), 0, timings)
+        t0 = time.perf_counter()
+        with self._locks.s2mel:
+            t1 = time.perf_counter()
+            cond = regulate(self.graphs["length_regulator"], coded.s_infer, frames)    # (1, T_gen, C)
+            condition = np.concatenate([prompt.prompt_condition, cond], axis=1)       # (1, T_ref + T_gen, C)
+            t2 = time.perf_counter()
             mel_full = euler_solve(self.graphs["dit_step"], condition, prompt.ref_mel, prompt.style, noise,
-                                   decoder.steps, decoder.cfg_rate)                 # (1, 80, T_ref + T_gen)
-            mel = np.ascontiguousarray(mel_full[:, :, t_ref:])                      # (1, 80, T_gen)
-            laps.lap("dit")
-            wav = self.graphs["bigvgan"].run({"mel": mel})["wav"]                   # (1, 256 T_gen)
-            pcm = to_pcm16(wav[0])
-            laps.lap("bigvgan")
-        log_segment(index, len(prep.segments), seg, pcm.size, self.sample_rate, laps)
-        return SegmentResult(index, seg.text_ids, codes, seg.result.stopped, mel, pcm, laps.timings,
+                                   decoder.steps, decoder.cfg_rate)                    # (1, 80, T_ref + T_gen)
+            mel = np.ascontiguousarray(mel_full[:, :, t_ref:])                         # (1, 80, T_gen)
+            t3 = time.perf_counter()
+        timings.update({"s2mel_wait": t1 - t0, "length_regulator": t2 - t1, "dit": t3 - t2})
+        return MelSegment(mel, frames, timings)
+
+    def vocoder_windows(self, frames: int, settings: StreamSettings) -> list[Window]:
+        """The vocoder calls for a segment of `frames` mel frames (none for a silent segment)."""
+        return self._planner(settings.vocoder).plan(frames)
+
+    def vocode(self, mel: np.ndarray, window: Window) -> np.ndarray:
+        """One vocoder window -> the int16 samples of its chunk."""
+        with self._locks.vocoder:
+            wav = run_window(self.graphs["bigvgan"], mel, window)          # (1, hop * frames)
+        return to_pcm16(wav[0])
+
+    def finish_segment(self, prep: PreparedRequest, coded: CodedSegment, staged: MelSegment,
+                       pcm: np.ndarray, vocoder_s: float = 0.0) -> SegmentResult:
+        """The segment's result (its whole pcm, as the stream delivered it) and its progress line."""
+        timings = {**coded.timings, **staged.timings, "bigvgan": vocoder_s}
+        seg = coded.codes
+        log_segment(coded.index, len(prep.segments), seg, pcm.size, self.sample_rate, timings)
+        return SegmentResult(coded.index, seg.text_ids, seg.codes, seg.result.stopped, staged.mel, pcm, timings,
                              len(prep.segments))
+
+    def silence(self, prep: PreparedRequest) -> np.ndarray:
+        return silence(self.sample_rate, prep.request.interval_silence_ms)
+
+    def _check_settings(self, settings: StreamSettings) -> None:
+        self._planner(settings.vocoder)
+
+    def _planner(self, chunking: VocoderChunking | None) -> VocoderPlanner:
+        """The window planner of a chunking (made once; its construction checks the chunk sizes against the
+        bigvgan profile: InputError before any work)."""
+        planner = self._planners.get(chunking)
+        if planner is None:
+            planner = VocoderPlanner.from_manifest(self.manifest, chunking, where=str(self.root))
+            self._planners[chunking] = planner
+        return planner

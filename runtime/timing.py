@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
     from runtime.gpt.codes import SegmentCodes
@@ -28,7 +28,13 @@ class Laps:
         return time.perf_counter() - self.start
 
 
-def log_segment(index: int, count: int, seg: "SegmentCodes", samples: int, sample_rate: int, laps: Laps) -> None:
+def log_segment(index: int, count: int, seg: "SegmentCodes", samples: int, sample_rate: int,
+                timings: "Laps | Mapping[str, float]") -> None:
+    """The progress line of a finished segment: tokens, codes, audio, and the wall time of each stage
+    (`*_wait` entries: time spent waiting for another request's use of a stage)."""
+    if isinstance(timings, Laps):
+        timings = timings.timings
+    work = sum(v for k, v in timings.items() if not k.endswith("_wait"))
     log.info("segment %d/%d: %d text tokens -> %d codes%s -> %.2f s of audio in %.2f s (%s)", index + 1, count,
              seg.text_ids.size, seg.codes.size, "" if seg.result.stopped else " (max)", samples / sample_rate,
-             laps.total(), ", ".join(f"{k} {v:.2f} s" for k, v in laps.timings.items()))
+             work, ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if v >= 0.005 or not k.endswith("_wait")))

@@ -26,8 +26,14 @@ def fixtures_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    """The tiny demo checkpoint (seed 0), written once per session; tests must not modify it."""
+    """The tiny demo checkpoint (seed 0), written once per session; tests must not modify it.
+    INDEXTTS_TINY_DIR=D (local iteration only, never in CI): reuse D/ckpt and D/out made by
+    `python -m export.demo --out D/ckpt --size tiny` and `python -m export.build --checkpoints D/ckpt --out D/out
+    --precision fp16` from this checkout."""
     from export.demo import write_demo
+
+    if os.environ.get("INDEXTTS_TINY_DIR"):
+        return Path(os.environ["INDEXTTS_TINY_DIR"]) / "ckpt"
 
     return write_demo(tmp_path_factory.mktemp("tiny_ckpt") / "ckpt", size="tiny", seed=0)
 
@@ -38,6 +44,9 @@ def tiny_export(tiny_ckpt, tmp_path_factory):
     -> (export directory, BuildReport). Tests must not modify it (copy it first)."""
     from export.build import BuildOptions, build
 
+    if os.environ.get("INDEXTTS_TINY_DIR"):
+        out = Path(os.environ["INDEXTTS_TINY_DIR"]) / "out"
+        return out, build(BuildOptions(tiny_ckpt, out, "fp16"))          # every graph reused when unchanged
     out = tmp_path_factory.mktemp("export") / "out"
     report = build(BuildOptions(tiny_ckpt, out, "fp16"))
     assert not report.failed, report.failed

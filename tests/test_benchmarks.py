@@ -242,3 +242,126 @@ def test_stages_cli_refuses_bad_arguments(tiny_ckpt, tiny_export, tmp_path, caps
     assert stages.main(["--engines", str(tmp_path), "--backends", "ort-cpu", "--checkpoints", str(tiny_ckpt)]) == 1
     assert "no manifest.json" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    from benchmarks.measure import Percentiles
+
+    p = Percentiles.of([3.0, 1.0, 2.0])
+    assert (p.p50, p.p95, p.n, p.p95_is_max) == (2.0, 3.0, 3, True)          # p95 of n=3 = max
+    twenty = Percentiles.of([float(i) for i in range(1, 21)])
+    assert (twenty.p50, twenty.p95, twenty.p95_is_max) == (10.5, 19.0, False)  # rank ceil(0.95 * 20) = 19
+    assert Percentiles.of([float(i) for i in range(1, 101)]).p95 == 95.0
+    with pytest.raises(ValueError):
+        Percentiles.of([])
+
+
+def _stream_records(ttfa: list[float], first: list[float], euler: list[float]) -> list[dict]:
+    """Synthetic runs of one backend on one one-segment text (two chunks, one gap each)."""
+    records = []
+    for i, (t, f, e) in enumerate(zip(ttfa, first, euler)):
+        base = {"backend": "b", "text": 0, "repeat": i}
+        records.append({**base, "mode": "offline", "first_segment_s": f, "wall_s": f, "segments": 1,
+                        "audio_s": 1.0})
+        records.append({**base, "mode": "streamed", "ttfa_s": t, "wall_s": t + 0.5, "segments": 1, "chunks": 2,
+                        "audio_s": 1.0, "euler_end_s": e, "first_chunk_after_euler_s": [t - e],
+                        "segment_vocoder_s": [0.1], "speech_gaps_s": [0.1 * (i + 1)], "underruns": i % 2,
+                        "stall_s": 0.05 * (i % 2), "ttfa_over_offline_first": t / f})
+    return records
+
+
+def test_stream_summary_pairs_rounds_and_states_the_criterion() -> None:
+    from benchmarks.stream_report import markdown, summarize
+
+    records = _stream_records(ttfa=[0.5, 0.7, 0.6], first=[1.0, 1.0, 2.0], euler=[0.4, 0.5, 0.5])
+    texts = [{"index": 0, "chars": 10, "text": "Hello you.", "segments": {"offline": 1, "streamed": 1},
+              "intended_segments": 1}]
+    chunk = {"b": {"segment_frames": 13, "window": "w", "chunk_samples": 3328, "chunk_audio_s": 0.15,
+                   "stats_ms": {"median_ms": 125.0, "min_ms": 100.0, "max_ms": 150.0, "n": 10}}}
+    summary = summarize(records, texts, ["b"], chunk, 1.2)
+    s = summary["b"]["texts"][0]
+    assert (s["ttfa_s"]["p50"], s["ttfa_s"]["p95"], s["ttfa_s"]["n"]) == (0.6, 0.7, 3)
+    assert s["ttfa_over_offline_first"]["p50"] == pytest.approx(0.5)        # per round: 0.5, 0.7, 0.3
+    assert s["speech_gap_max_s"] == pytest.approx(0.3) and s["underruns"]["p50"] == 0
+    crit = summary["b"]["criterion"]                                         # differences 0.1, 0.2, 0.1
+    assert crit["difference_s"] == pytest.approx(0.1) and crit["chunks"] == pytest.approx(0.8) and crit["met"]
+    results = {"settings": {"repeats": 3, "gpt_tokens": 8, "euler_steps": 25, "threads": 2, "criterion_chunks": 1.2,
+                            "quick_streaming_tokens": {"offline": 0, "streamed": 120},
+                            "stream": {"first_chunk_frames": 4, "max_chunk_frames": 8, "pipeline": True}},
+               "texts": texts, "vocoder_chunk": chunk, "summary": summary,
+               "machine": {"cpu": "c", "logical_cpus": 2, "memory_gib": 1, "os": "o", "python": "3", "versions": {},
+                           "gpu": "none"}}
+    md = markdown(results)
+    assert "p50 (p95 of n=3 = max)" in md
+    assert "| b | #1, 10 chars (1 → 1) | 1.00 s | 1.00 s (2.00 s) | 600 ms (700 ms) | 0.50 (0.70) |" in md
+    assert "0.80 chunks (met: ≤ 1.2)" in md
+
+
+def test_stream_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, capsys) -> None:
+    from benchmarks import stream
+
+    texts = tmp_path / "texts.txt"
+    # one segment in both modes; one segment offline, two with quick_streaming_tokens 120 (62 tokens of the
+    # tiny demo's tokenizer: > 60, the cap quick streaming puts on the first 120 tokens' segments)
+    two = ("The train was late, and the rain kept falling. Please read slowly, then pause for a moment. One more "
+           "sentence ends the text, and then we stop.")
+    texts.write_text(f"Hello world.\n{two}\n", encoding="utf-8")
+    out = tmp_path / "results"
+    code = stream.main(["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--backends", "ort-cpu",
+                        "--texts", str(texts), "--repeats", "1", "--gpt-tokens", "8", "--threads", "2",
+                        "--chunk-frames", "8", "--max-chunk-frames", "32", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    assert {"machine", "settings", "texts", "vocoder_chunk", "summary", "runs"} <= set(results)
+    assert results["settings"]["stream"] == {"first_chunk_frames": 8, "max_chunk_frames": 32, "pipeline": True}
+    assert [t["segments"] for t in results["texts"]] == [{"offline": 1, "streamed": 1}, {"offline": 1, "streamed": 2}]
+    assert len(results["runs"]) == 4                                 # 2 texts x 2 modes x 1 repeat
+    segment = 3328 / 22050                                           # 8 codes -> 13 mel frames -> 3328 samples
+    for r in results["runs"]:
+        want = segment * r["segments"] + 0.2 * (r["segments"] - 1)   # 200 ms of silence between segments
+        assert r["audio_s"] == pytest.approx(want, abs=1e-4), r
+        if r["mode"] == "streamed":
+            ready = [a["ready_s"] for a in r["arrivals"]]
+            assert r["ttfa_s"] == ready[0] > 0 and ready == sorted(ready) and r["wall_s"] >= ready[-1]
+            assert r["ttfa_s"] >= r["euler_end_s"] > 0 and r["ttfa_over_offline_first"] > 0
+            assert all(d > 0 for d in r["first_chunk_after_euler_s"]) and len(r["first_chunk_after_euler_s"]) == \
+                r["segments"]
+            assert r["chunks"] >= 2 * r["segments"] - 1 and r["underruns"] == sum(a["buffered_s"] < 0
+                                                                                  for a in r["arrivals"])
+        else:
+            assert 0 < r["first_segment_s"] <= r["wall_s"]
+    chunk = results["vocoder_chunk"]["ort-cpu"]
+    assert chunk["segment_frames"] == 13 and 0 < chunk["chunk_samples"] <= 3328 and chunk["stats_ms"]["median_ms"] > 0
+    crit = results["summary"]["ort-cpu"]["criterion"]
+    assert crit["text"] == 0 and crit["first_audio_s"] >= crit["euler_end_s"] and crit["chunks"] > 0
+    md = (out / "results.md").read_text()
+    assert "| backend | text (segments offline → streamed) | audio | offline first segment | TTFA p50 (p95) |" in md
+    assert "| ort-cpu | #1, 12 chars (1 → 1) |" in md and f"| ort-cpu | #2, {len(two)} chars (1 → 2) |" in md
+    assert "- ort-cpu (text #1, p50 of n=1): Euler end" in md
+    assert f"| ort-cpu | #2, {len(two)} chars (1 → 2) |" in printed and "wrote " in printed
+
+
+def test_stream_cli_refuses_bad_arguments(tiny_ckpt, tiny_export, tmp_path, capsys) -> None:
+    from benchmarks import stream
+
+    base = ["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--out", str(tmp_path / "r")]
+    cases = [
+        (["--backends", "ort-cpu,cuda-magic"], "choose from torch, ort-cpu"),
+        (["--backends", "ort-cpu", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--backends", "ort-cpu", "--gpt-tokens", "1"], "--gpt-tokens >= 2"),
+        (["--backends", "ort-cpu", "--chunk-frames", "0"], "--chunk-frames must be > 0"),
+        (["--backends", "ort-cpu", "--chunk-frames", "64", "--max-chunk-frames", "32"], "max_frames 32 < first_frames 64"),
+        (["--backends", "ort-cpu", "--threads", "0"], "--threads must be >= 1"),
+        (["--backends", "ort-cpu", "--texts", str(tmp_path / "none.txt")], "none.txt: file not found"),
+        (["--backends", "ort-cpu", "--speaker", str(tmp_path / "absent.wav")], "absent.wav: file not found"),
+    ]
+    for extra, message in cases:
+        assert stream.main(base + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and "Traceback" not in err, err
+    assert stream.main(["--engines", str(tmp_path), "--backends", "torch"]) == 1
+    assert "the torch backend needs --checkpoints" in capsys.readouterr().err
+    assert stream.main(["--engines", str(tmp_path / "absent"), "--backends", "ort-cpu"]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -46,19 +46,58 @@ def test_synthesize_writes_a_wav(tiny_export, tiny_ckpt, tmp_path, capsys) -> No
 
 
 def test_stream_writes_the_same_file_and_reports_first_audio(tiny_export, tiny_ckpt, tmp_path, capsys) -> None:
+    """--stream (vocoder chunks, quick_streaming_tokens 120 by default) writes the audio the offline run
+    with the same quick_streaming_tokens writes, within 1 LSB (the chunked vocoder's float rounding)."""
     text = "The train was late. 今天天气很好。Please read slowly, then pause."
-    extra = ("--max-text-tokens-per-segment", "8")
+    extra = ("--max-text-tokens-per-segment", "16", "--max-mel-tokens", "60", "--seed", "5")
     whole, streamed = tmp_path / "whole.wav", tmp_path / "streamed.wav"
-    assert cli.main(_args(tiny_export[0], tiny_ckpt, whole, *extra, text=text)) == 0
-    assert cli.main(_args(tiny_export[0], tiny_ckpt, streamed, "--stream", *extra, text=text)) == 0
-    assert "first audio after" in capsys.readouterr().out
+    assert cli.main(_args(tiny_export[0], tiny_ckpt, whole, *extra, "--quick-streaming-tokens", "120",
+                          text=text)) == 0
+    capsys.readouterr()
+    assert cli.main(_args(tiny_export[0], tiny_ckpt, streamed, "--stream", "--chunk-frames", "16", "-v", *extra,
+                          text=text)) == 0
+    out = capsys.readouterr().out
+    assert "quick_streaming_tokens 120" in out and "  1: " in out      # --verbose shows the segments
+    assert "<- first audio" in out and "stream: " in out and "underrun(s)" in out
+    assert out.count("ready at") >= 4                                 # several chunks, each reported
     a, _ = sf.read(whole, dtype="int16")
     b, _ = sf.read(streamed, dtype="int16")
-    np.testing.assert_array_equal(a, b)
+    assert a.shape == b.shape
+    assert np.abs(a.astype(np.int32) - b).max() <= 1
+
+
+def test_quick_streaming_tokens_moves_the_segment_boundaries(tiny_export, tiny_ckpt, tmp_path, capsys) -> None:
+    text = "The train was late. Please read slowly, then pause. The quick brown fox jumps over the lazy dog."
+    counts = {}
+    for quick in ("0", "80"):
+        out = tmp_path / f"q{quick}.wav"
+        assert cli.main(_args(tiny_export[0], tiny_ckpt, out, "-v", "--max-mel-tokens", "8",
+                              "--max-text-tokens-per-segment", "40", "--quick-streaming-tokens", quick,
+                              text=text)) == 0
+        counts[quick] = int(capsys.readouterr().out.split(" segment(s) (at most")[0].split()[-1])
+    assert counts["80"] > counts["0"], counts
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--stream", "--chunk-frames", "0"), "--chunk-frames must be > 0"),
+    (("--stream", "--chunk-frames", "64", "--max-chunk-frames", "32"), "max_frames 32 < first_frames 64"),
+    (("--stream", "--chunk-frames", "64", "--max-chunk-frames", "5000"), "mel_len maximum"),
+    (("--quick-streaming-tokens", "-1"), "quick_streaming_tokens must be >= 0"),
+])
+def test_bad_streaming_settings_fail_before_any_work(flags, message, tiny_export, tiny_ckpt, tmp_path,
+                                                     monkeypatch, capsys) -> None:
+    def never(*a, **k):
+        raise AssertionError("the synthesizer was loaded")
+
+    monkeypatch.setattr(Synthesizer, "__init__", never)
+    out = tmp_path / "x.wav"
+    assert cli.main(_args(tiny_export[0], tiny_ckpt, out, *flags)) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_a_failure_while_streaming_leaves_no_file(tiny_export, tiny_ckpt, tmp_path, monkeypatch, capsys) -> None:
-    real = Synthesizer.segment
+    real = Synthesizer.codes_stage
     calls = []
 
     def failing(self, prep, index, *a, **k):
@@ -69,12 +108,13 @@ def test_a_failure_while_streaming_leaves_no_file(tiny_export, tiny_ckpt, tmp_pa
             raise InputError("injected failure in segment 2")
         return real(self, prep, index, *a, **k)
 
-    monkeypatch.setattr(Synthesizer, "segment", failing)
+    monkeypatch.setattr(Synthesizer, "codes_stage", failing)
     out = tmp_path / "partial.wav"
     args = _args(tiny_export[0], tiny_ckpt, out, "--stream", "--max-text-tokens-per-segment", "8",
-                 text="The train was late. 今天天气很好。Please read slowly, then pause.")
+                 "--max-mel-tokens", "20", text="The train was late. 今天天气很好。Please read slowly, then pause.")
     assert cli.main(args) == 1
-    assert "injected failure" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "injected failure" in err and "segment 2/" in err and "chunk(s)" in err
     assert calls == [0, 1] and not out.exists()
 
 

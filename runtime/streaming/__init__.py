@@ -1,0 +1,1 @@
+"""Streaming synthesis: audio chunks as they are ready, the chunked vocoder, the per-request pipeline."""
