@@ -394,17 +394,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     from runtime.errors import ToolkitError
 
+    from .console import progress_printer, setup_logging
     from .report import write_reports
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not args.verbose:    # "no stop token within max_mel_tokens" is the point of a fixed length here
-        for name in ("runtime.gpt.generate", "runtime.gpt.codes"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    t0 = time.perf_counter()
-
-    def progress(what: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f} s] {what}", flush=True)
+    setup_logging(args.verbose)
+    progress = progress_printer()
 
     try:
         settings = settings_from(args)
