@@ -50,6 +50,7 @@ from .assets import write_assets
 from .config import BigVGANConfig, IndexTTS2Config, load_bigvgan_config
 from .dims import checkpoint_contracts, model_dims
 from .layout import CheckpointLayout
+from .models.alias_free import FILTER_TAPS
 from .wrappers.base import WrapperSpec
 
 log = logging.getLogger("export.build")
@@ -494,13 +495,14 @@ def gpt_tokens(cfg: IndexTTS2Config) -> GptTokens:
 
 
 #: BigVGAN's geometry that config.json does not carry: conv_pre / conv_post kernels and the anti-aliased
-#: activation's 2x resamplers with their 12-tap filter (export/models/bigvgan.py, alias_free.py FILTER_TAPS).
-#: Literals here, not imports: export/models is part of every graph's fingerprint, and a constant moved
-#: there would re-export every graph of every existing export. tests/streaming holds them to the modules.
+#: activation's 2x resamplers with their filter (export/models/bigvgan.py, alias_free.py). The filter's taps
+#: are the model's own constant; the kernels and the ratio are literals in the model code, repeated here rather
+#: than named there (export/models is part of every graph's fingerprint: a new constant there would re-export
+#: every graph of every existing export). tests/streaming holds them to the modules.
 BIGVGAN_CONV_PRE_KERNEL = 7
 BIGVGAN_CONV_POST_KERNEL = 7
 BIGVGAN_RESAMPLE_RATIO = 2
-BIGVGAN_RESAMPLE_TAPS = 12
+BIGVGAN_RESAMPLE_TAPS = FILTER_TAPS
 
 
 def vocoder_layout(cfg: BigVGANConfig) -> VocoderLayout:

@@ -29,7 +29,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     """The tiny demo checkpoint (seed 0), written once per session; tests must not modify it.
     INDEXTTS_TINY_DIR=D (local iteration only, never in CI): reuse D/ckpt and D/out made by
     `python -m export.demo --out D/ckpt --size tiny` and `python -m export.build --checkpoints D/ckpt --out D/out
-    --precision fp16` from this checkout."""
+    --precision fp16` from this checkout (tests that check a fresh export's report, such as
+    test_build_writes_every_registered_graph, then see every graph reused and fail)."""
     from export.demo import write_demo
 
     if os.environ.get("INDEXTTS_TINY_DIR"):

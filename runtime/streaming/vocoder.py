@@ -59,7 +59,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -372,12 +372,3 @@ def run_window(executor: Executor, mel: np.ndarray, window: Window) -> np.ndarra
         raise ContractError(f"vocoder: {wav.shape[-1]} samples for a {window.window_frames}-frame window, expected "
                             f"{expected} ({window.hop} per frame)")
     return wav[:, window.crop_start:window.crop_end].astype(np.float32, copy=True)               # (B, hop F)
-
-
-def vocode_chunks(executor: Executor, mel: np.ndarray, windows: Sequence[Window]) -> Iterator[np.ndarray]:
-    """The chunks of `windows` (a plan for this mel's length) one after another, each (B, hop·frames)."""
-    if windows and (windows[0].start != 0 or windows[-1].end != mel.shape[2]):
-        raise ContractError(f"vocoder: the plan covers frames [{windows[0].start}, {windows[-1].end}), the mel has "
-                            f"{mel.shape[2]}")
-    for window in windows:
-        yield run_window(executor, mel, window)
