@@ -229,27 +229,30 @@ class Synthesizer:
         failure after that ends the iteration with a StreamError naming the chunks already delivered.
         Concatenated, the chunks are `synthesize()`'s audio for the same request and seed.
         """
-        started = time.perf_counter()
-        settings = settings if settings is not None else StreamSettings()
-        self._check_settings(settings)
-        prep = self.prepare(request, seed, gpt_draws)
-        return stream_segments(self, prep, generation or self.generation_defaults, decoder or self.decoder_defaults,
-                               settings, started)
+        return self._start(request, generation, decoder, seed, gpt_draws,
+                           settings if settings is not None else StreamSettings())[1]
 
     def synthesize(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
                    decoder: DecoderSettings | None = None, seed: int | None = None,
                    gpt_draws: DrawSource | None = None, *, settings: StreamSettings | None = None) -> SynthesisResult:
         """All segments joined with `interval_silence_ms` of silence between them (not after the last): the
         concatenation of `stream()` (default: one vocoder call per segment, the GPT running ahead)."""
-        started = time.perf_counter()
-        settings = settings if settings is not None else StreamSettings.whole_segments()
-        self._check_settings(settings)
-        prep = self.prepare(request, seed, gpt_draws)
-        chunks = list(stream_segments(self, prep, generation or self.generation_defaults,
-                                      decoder or self.decoder_defaults, settings, started))
+        prep, stream = self._start(request, generation, decoder, seed, gpt_draws,
+                                   settings if settings is not None else StreamSettings.whole_segments())
+        chunks = list(stream)
         segments = [c.result for c in chunks if c.result is not None]
         pcm = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.int16)
         return SynthesisResult(pcm, self.sample_rate, segments, prep.plan)
+
+    def _start(self, request: SynthesisRequest, generation: GenerationConfig | None, decoder: DecoderSettings | None,
+               seed: int | None, gpt_draws: DrawSource | None,
+               settings: StreamSettings) -> tuple[PreparedRequest, Iterator[AudioChunk]]:
+        """Check the settings, prepare the request (both before any chunk), and the stream of its chunks."""
+        started = time.perf_counter()
+        self._check_settings(settings)
+        prep = self.prepare(request, seed, gpt_draws)
+        return prep, stream_segments(self, prep, generation or self.generation_defaults,
+                                     decoder or self.decoder_defaults, settings, started)
 
     def synthesize_segments(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
                             decoder: DecoderSettings | None = None, seed: int | None = None,
