@@ -130,3 +130,47 @@ def test_truncated_and_wrong_container(demo_path: Path, tmp_path: Path) -> None:
     torch.save({"cfm": {}}, flat)
     with pytest.raises(CheckpointError, match="'net'"):
         load_s2mel(flat, TINY, gpt_dim=GPT_DIM)
+
+
+def test_padded_rows_of_a_step_equal_each_row_alone(demo_path: Path) -> None:
+    """Batching requests into one dit_step call pads rows to the longest: each row must come out as its
+    batch-1 call (upstream's only form) gives it. Before the WaveNet reflected at each row's own end,
+    the padding leaked into a shorter row's last frames (0.6 % of the output's range), as it does upstream."""
+    m = load_s2mel(demo_path, TINY, gpt_dim=GPT_DIM, parts=("cfm",))
+    gen = torch.Generator().manual_seed(3)
+    lens, prompts = [23, 9, 16], [5, 0, 3]
+    rows = []
+    for n, p in zip(lens, prompts):
+        px = torch.randn(1, 80, n, generator=gen)
+        px[:, :, p:] = 0
+        rows.append((torch.randn(1, 80, n, generator=gen), px, torch.randn(1, n, 32, generator=gen),
+                     torch.randn(1, 192, generator=gen), torch.rand(1, generator=gen)))
+    T = max(lens)
+    padded = [torch.zeros(len(lens), 80, T), torch.zeros(len(lens), 80, T), torch.zeros(len(lens), T, 32)]
+    for i, (x, px, cond, _, _) in enumerate(rows):
+        padded[0][i, :, :lens[i]], padded[1][i, :, :lens[i]], padded[2][i, :lens[i]] = x[0], px[0], cond[0]
+    style = torch.cat([r[3] for r in rows])
+    t = torch.cat([r[4] for r in rows])
+    dt = torch.full((len(lens),), 0.04)
+    with torch.no_grad():
+        batched = m.cfm(padded[0], padded[1], torch.tensor(lens), torch.tensor(prompts), t, dt, style, padded[2],
+                        torch.tensor([0.7]), rows_alone=True)
+        upstream = m.cfm(padded[0], padded[1], torch.tensor(lens), torch.tensor(prompts), t, dt, style, padded[2],
+                         torch.tensor([0.7]))
+        for i, (x, px, cond, sty, ti) in enumerate(rows):
+            alone = m.cfm(x, px, torch.tensor([lens[i]]), torch.tensor([prompts[i]]), ti, dt[:1], sty, cond,
+                          torch.tensor([0.7]))
+            torch.testing.assert_close(batched[i:i + 1, :, :lens[i]], alone, atol=2e-6, rtol=1e-5)
+            if lens[i] < T:     # upstream's padded batch is not the row alone: the case rows_alone exists for
+                assert (upstream[i:i + 1, :, :lens[i]] - alone).abs().max() > 1e-3
+
+
+def test_row_reflection_is_reflect_padding_at_full_length() -> None:
+    from export.models.wavenet import reflect_pad_rows
+
+    x = torch.randn(2, 3, 11)
+    for left, right in ((2, 2), (4, 4), (1, 0), (0, 3)):
+        got = reflect_pad_rows(x, torch.tensor([11]), left, right)
+        assert torch.equal(got, F.pad(x, (left, right), mode="reflect"))
+        row = reflect_pad_rows(x, torch.tensor([11, 6]), left, right)[1:, :, :left + 6 + right]
+        assert torch.equal(row, F.pad(x[1:, :, :6], (left, right), mode="reflect"))

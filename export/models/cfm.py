@@ -29,7 +29,9 @@ class CFM(nn.Module):
 
     def forward(self, x: torch.Tensor, prompt_x: torch.Tensor, x_lens: torch.Tensor, prompt_lens: torch.Tensor,
                 t: torch.Tensor, dt: torch.Tensor, style: torch.Tensor, cond: torch.Tensor,
-                cfg_rate: torch.Tensor) -> torch.Tensor:
+                cfg_rate: torch.Tensor, *, rows_alone: bool = False) -> torch.Tensor:
+        """`rows_alone`: every row computed as its own batch-1 call would compute it (the exported dit_step:
+        DiT.forward's note); False: upstream's padded-batch numerics (what the s2mel_cfm fixture pins)."""
         B, T = x.shape[0], x.shape[2]
         v = self.estimator(
             torch.cat([x, x], dim=0),                                       # (2B, 80, T)
@@ -38,6 +40,7 @@ class CFM(nn.Module):
             torch.cat([t, t], dim=0),                                       # (2B,)
             torch.cat([style, torch.zeros_like(style)], dim=0),             # uncond: no style
             torch.cat([cond, torch.zeros_like(cond)], dim=0),               # uncond: no content
+            rows_alone=rows_alone,
         )                                                                   # (2B, 80, T)
         v_cond, v_uncond = v[:B], v[B:]
         v = (1.0 + cfg_rate) * v_cond - cfg_rate * v_uncond                 # (B, 80, T)

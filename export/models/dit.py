@@ -224,7 +224,12 @@ class DiT(nn.Module):
         self.conv2 = nn.Conv1d(wh, n_in, 1)
 
     def forward(self, x: torch.Tensor, prompt_x: torch.Tensor, x_lens: torch.Tensor, t: torch.Tensor,
-                style: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+                style: torch.Tensor, cond: torch.Tensor, *, rows_alone: bool = False) -> torch.Tensor:
+        """`rows_alone`: the WaveNet reflects at each row's own last frame (x_lens), so a row padded into a
+        longer batch comes out as its batch-1 call, upstream's only call in inference (the scheduler batches
+        requests this way: runtime/scheduler/). Upstream's padded batch reflects at the tensor's end, which
+        lets the padding reach a shorter row's last frames; the default keeps that (fixture s2mel_cfm pins
+        it). With every row full length (batch 1) the two are the same computation."""
         T = x.shape[2]
         t1 = self.t_embedder(t)                                              # (B, H)
         xt = x.transpose(1, 2)                                               # (B, T, 80)
@@ -237,7 +242,7 @@ class DiT(nn.Module):
         x_res = self.skip_linear(torch.cat([h, xt], dim=-1))                 # (B, T, H)
         y = self.conv1(x_res).transpose(1, 2)                                # (B, W, T)
         x_mask = valid[:, None, :].to(x.dtype)                               # (B|1, 1, T)
-        y = self.wavenet(y, x_mask, self.t_embedder2(t)[:, :, None])         # (B, W, T)
+        y = self.wavenet(y, x_mask, self.t_embedder2(t)[:, :, None], x_lens if rows_alone else None)
         y = y.transpose(1, 2) + self.res_projection(x_res)                   # (B, T, W)
         y = self.final_layer(y, t1).transpose(1, 2)                          # (B, W, T)
         return self.conv2(y)                                                 # (B, 80, T)

@@ -104,7 +104,8 @@ class LengthRegulatorGraph(nn.Module):
 
 
 class DiTStepGraph(nn.Module):
-    """One Euler/CFG step; the eager `CFM` module's forward already is the dit_step contract."""
+    """One Euler/CFG step; the eager `CFM` module's forward already is the dit_step contract, with each row
+    computed as alone (`rows_alone`: a row padded into a batch of requests equals its own batch-1 step)."""
 
     def __init__(self, cfm: nn.Module) -> None:
         super().__init__()
@@ -113,7 +114,7 @@ class DiTStepGraph(nn.Module):
     def forward(self, x: torch.Tensor, prompt_x: torch.Tensor, x_lens: torch.Tensor, prompt_lens: torch.Tensor,
                 t: torch.Tensor, dt: torch.Tensor, style: torch.Tensor, cond: torch.Tensor,
                 cfg_rate: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.cfm(x, prompt_x, x_lens, prompt_lens, t, dt, style, cond, cfg_rate),)
+        return (self.cfm(x, prompt_x, x_lens, prompt_lens, t, dt, style, cond, cfg_rate, rows_alone=True),)
 
 
 class BigVGANGraph(nn.Module):
