@@ -118,30 +118,43 @@ def generate(steps: GptSteps, spk_latent: np.ndarray, emovec: np.ndarray, text_i
              config: GenerationConfig = GenerationConfig(), draws: DrawSource | None = None,
              seed: int | None = None, *, record: bool = False,
              cache_buckets: Sequence[int] = KV_BUCKETS) -> GenerationResult:
-    """Generate one segment's mel codes.
+    """Generate one segment's mel codes: THE decode loop of one request (the scheduler's batched loop,
+    runtime/scheduler/gpt_batch.py, drives the same TokenSelector over rows of a shared cache).
 
     spk_latent (1, 32, D) f32, emovec (1, D) f32, text_ids (L,) or (1, L) (ids 0 / 1 are dropped here).
     `draws` supplies the sampling randomness (default: `RngDraws(seed)`); greedy and beam search use none.
     """
     geom = steps.geometry
-    max_new = min(config.max_mel_tokens, geom.max_mel_tokens)
-    if max_new < config.max_mel_tokens:
-        log.info("max_mel_tokens %d capped at the model's %d", config.max_mel_tokens, geom.max_mel_tokens)
+    max_new = max_new_tokens(config, geom)
     if config.do_sample and draws is None:
         draws = RngDraws(seed)
-    out = steps.prefill({"spk_latent": np.ascontiguousarray(spk_latent, np.float32),
-                         "emovec": np.ascontiguousarray(emovec, np.float32),
-                         "text_ids": prefill_text_ids(text_ids)})
+    out = steps.prefill(prefill_feed(spk_latent, emovec, text_ids))
     kv = out["kv"]
     prompt_rows = kv.shape[4]
     beams = config.num_beams
     cache = steps.new_cache(kv, beams, prompt_rows + max_new - 1, cache_buckets)   # host or device: the steps'
-    logits = np.repeat(np.asarray(out["logits"], np.float32).reshape(1, -1), beams, axis=0)   # (B, V)
-    loop = _Loop(steps, geom, config, cache, draws, StepTrace() if record else None)
-    result = loop.sample(logits, max_new, prompt_rows) if beams == 1 else loop.beam(logits, max_new, prompt_rows)
-    if not result.stopped:      # upstream warns the same way (infer_v2: codes[:, -1] != stop_mel_token)
-        log.warning("GPT generation reached max_mel_tokens=%d without the stop token", max_new)
-    return result
+    selector = TokenSelector(geom, config, draws, max_new, prompt_rows, StepTrace() if record else None)
+    decoder = _Decoder(steps, cache, beams)
+    step = selector.first(out["logits"])
+    while step is not None:
+        if step.parents is not None:
+            cache.reorder(step.parents)
+        step = selector.next(decoder.decode(step.tokens, step.position))
+    return selector.result()
+
+
+def max_new_tokens(config: GenerationConfig, geom: GptGeometry) -> int:
+    """The request's cap on generated tokens: its max_mel_tokens, capped by the model's."""
+    max_new = min(config.max_mel_tokens, geom.max_mel_tokens)
+    if max_new < config.max_mel_tokens:
+        log.info("max_mel_tokens %d capped at the model's %d", config.max_mel_tokens, geom.max_mel_tokens)
+    return max_new
+
+
+def prefill_feed(spk_latent: np.ndarray, emovec: np.ndarray, text_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The `gpt_prefill` inputs of one request (batch 1)."""
+    return {"spk_latent": np.ascontiguousarray(spk_latent, np.float32),
+            "emovec": np.ascontiguousarray(emovec, np.float32), "text_ids": prefill_text_ids(text_ids)}
 
 
 class _Seen:
@@ -161,20 +174,21 @@ class _Seen:
         self.mask[self._rows, tokens] = True
 
 
-class _Loop:
-    """One generation: owns the decode feed, the work buffers and the per-step bookkeeping."""
+@dataclass
+class NextStep:
+    """What the GPT must run next for one generation: each beam's token at a mel position, after the
+    cache's beams were reordered by `parents` (None: no reorder)."""
 
-    def __init__(self, steps: GptSteps, geom: GptGeometry, config: GenerationConfig, cache: KVCacheLike,
-                 draws: DrawSource | None, trace: StepTrace | None) -> None:
-        self.steps, self.geom, self.config, self.cache, self.draws, self.trace = steps, geom, config, cache, draws, trace
-        beams, vocab = config.num_beams, geom.vocab_size
-        self.settings = config.processors
-        self.seen = _Seen(beams, vocab, geom.start_mel_token)
-        self.ws = Workspace.create(beams, vocab)            # (B, V) processor scratch
-        self.flat_ws = Workspace.create(1, beams * vocab)   # (1, B*V) joint beam softmax / draws scratch
-        self.scores = np.empty((beams, vocab), np.float32)
-        self.probs = np.empty((1, beams * vocab), np.float32)
-        self.q = np.empty((1, beams * vocab), np.float32)
+    tokens: np.ndarray                      # (B,) int64
+    position: int                           # mel position of the fed tokens (the k-th code at k + 1)
+    parents: np.ndarray | None = None       # (B,) source beam of each beam
+
+
+class _Decoder:
+    """One request's decode feed over its own cache (the single-request path)."""
+
+    def __init__(self, steps: GptSteps, cache: KVCacheLike, beams: int) -> None:
+        self.steps, self.cache = steps, cache
         self.mel_ids = np.zeros((beams, 1), np.int64)
         self.mel_pos = np.zeros((beams, 1), np.int64)
         self._feed: dict[str, np.ndarray] = {}
@@ -191,61 +205,116 @@ class _Loop:
         self.cache.append(out["kv_new"])
         return np.asarray(out["logits"], np.float32)
 
+
+class TokenSelector:
+    """One generation's token choices, one step at a time, whatever runs the GPT: `first(prefill logits)`,
+    then `next(logits of the last NextStep)` until it returns None; then `result()`.
+
+    Owns the per-step bookkeeping (repetition-penalty id sets, processor scratch, beam scorer, draws) and
+    nothing of the GPT: the single-request loop above and the scheduler's shared batch feed it logits.
+    """
+
+    def __init__(self, geom: GptGeometry, config: GenerationConfig, draws: DrawSource | None, max_new: int,
+                 prompt_rows: int, trace: StepTrace | None = None) -> None:
+        if config.do_sample and draws is None:
+            raise ValueError("TokenSelector: sampling needs a draw source")
+        self.geom, self.config, self.draws, self.trace = geom, config, draws, trace
+        self.max_new, self.prompt_rows = max_new, prompt_rows
+        beams, vocab = config.num_beams, geom.vocab_size
+        self.beams = beams
+        self.settings = config.processors
+        self.seen = _Seen(beams, vocab, geom.start_mel_token)
+        self.ws = Workspace.create(beams, vocab)            # (B, V) processor scratch
+        self.flat_ws = Workspace.create(1, beams * vocab)   # (1, B*V) joint beam softmax / draws scratch
+        self.scores = np.empty((beams, vocab), np.float32)
+        self.probs = np.empty((1, beams * vocab), np.float32)
+        self.q = np.empty((1, beams * vocab), np.float32)
+        self.k = 0                                          # generated tokens so far
+        self._result: GenerationResult | None = None
+        if beams == 1:
+            self.codes = np.empty(max_new, np.int64)
+        else:
+            self.scorer = BeamScorer(beams, geom.stop_mel_token, max_new, config.length_penalty)
+            self.beam_scores = np.full((beams, 1), INITIAL_BEAM_SCORE, np.float32)
+            self.beam_scores[0] = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def first(self, prefill_logits: np.ndarray) -> NextStep | None:
+        """The prefill's (1, V) logits, every beam's start."""
+        logits = np.repeat(np.asarray(prefill_logits, np.float32).reshape(1, -1), self.beams, axis=0)  # (B, V)
+        return self.next(logits)
+
+    def next(self, logits: np.ndarray) -> NextStep | None:
+        """Choose from (B, V) logits; the next step to run, or None when the generation has ended."""
+        if self.done:
+            raise RuntimeError("TokenSelector: the generation has already ended")
+        return self._sample(logits) if self.beams == 1 else self._beam(logits)
+
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise RuntimeError("TokenSelector: the generation has not ended")
+        return self._result
+
     def _record(self, logits: np.ndarray) -> None:
         if self.trace is not None:
             self.trace.logits.append(logits.copy())
             self.trace.scores.append(self.scores.copy())
 
-    def sample(self, logits: np.ndarray, max_new: int, prompt_rows: int) -> GenerationResult:
-        """`_sample`: processors on the raw logits, then argmax (greedy) or one draw from the softmax."""
-        codes = np.empty(max_new, np.int64)
-        eos = self.geom.stop_mel_token
-        for k in range(max_new):
-            np.copyto(self.scores, logits)
-            process_scores_(self.scores, self.seen.mask, self.settings, self.ws)
-            self._record(logits)
-            if self.config.do_sample:
-                probs = softmax(self.scores, out=self.probs.reshape(self.scores.shape), ws=self.ws)
-                q = self.draws.exponential(self.q.reshape(self.scores.shape))
-                token = int(multinomial_without_replacement(probs[0], 1, q[0])[0])
-            else:
-                token = int(np.argmax(self.scores[0]))
-            codes[k] = token
-            self.seen.mask[0, token] = True
-            if token == eos or k + 1 == max_new:
-                break
-            logits = self.decode(codes[k:k + 1], k + 2)
-        codes = codes[:k + 1].copy()
-        return GenerationResult(codes, bool(codes[-1] == eos), prompt_rows, max_new, trace=self.trace)
+    def _finish(self, result: GenerationResult) -> None:
+        if not result.stopped:      # upstream warns the same way (infer_v2: codes[:, -1] != stop_mel_token)
+            log.warning("GPT generation reached max_mel_tokens=%d without the stop token", self.max_new)
+        self._result = result
 
-    def beam(self, logits: np.ndarray, max_new: int, prompt_rows: int) -> GenerationResult:
+    def _sample(self, logits: np.ndarray) -> NextStep | None:
+        """`_sample`: processors on the raw logits, then argmax (greedy) or one draw from the softmax."""
+        k, eos = self.k, self.geom.stop_mel_token
+        np.copyto(self.scores, logits)
+        process_scores_(self.scores, self.seen.mask, self.settings, self.ws)
+        self._record(logits)
+        if self.config.do_sample:
+            probs = softmax(self.scores, out=self.probs.reshape(self.scores.shape), ws=self.ws)
+            q = self.draws.exponential(self.q.reshape(self.scores.shape))
+            token = int(multinomial_without_replacement(probs[0], 1, q[0])[0])
+        else:
+            token = int(np.argmax(self.scores[0]))
+        self.codes[k] = token
+        self.seen.mask[0, token] = True
+        self.k = k + 1
+        if token == eos or k + 1 == self.max_new:
+            codes = self.codes[:k + 1].copy()
+            self._finish(GenerationResult(codes, bool(codes[-1] == eos), self.prompt_rows, self.max_new,
+                                          trace=self.trace))
+            return None
+        return NextStep(self.codes[k:k + 1].copy(), k + 2)
+
+    def _beam(self, logits: np.ndarray) -> NextStep | None:
         """`_beam_search`: log_softmax, processors, + beam scores, 2B candidates, the scorer; finalize."""
-        beams, vocab = self.config.num_beams, self.geom.vocab_size
-        scorer = BeamScorer(beams, self.geom.stop_mel_token, max_new, self.config.length_penalty)
-        beam_scores = np.full((beams, 1), INITIAL_BEAM_SCORE, np.float32)
-        beam_scores[0] = 0.0
-        for k in range(max_new):
-            log_softmax(logits, out=self.scores, ws=self.ws)
-            process_scores_(self.scores, self.seen.mask, self.settings, self.ws)
-            self._record(logits)
-            np.add(self.scores, beam_scores, out=self.scores)
-            idx = beam_candidates(self.scores, 2 * beams, self.draws if self.config.do_sample else None,
-                                  self.flat_ws, self.probs, self.q)
-            cand = (self.scores.reshape(-1)[idx], idx % vocab, idx // vocab)
-            scores, tokens, parents = scorer.process(*cand)
-            self._record_beam(cand, (scores, tokens, parents))
-            beam_scores[:, 0] = scores
-            if scorer.done or k + 1 == max_new:
-                break
-            self.seen.reorder(parents)
-            self.seen.add(tokens)
-            self.cache.reorder(parents)
-            logits = self.decode(tokens, k + 2)
-        best = scorer.finalize()
-        eos = self.geom.stop_mel_token
-        codes = best.tokens if len(best.tokens) == max_new else np.append(best.tokens, eos)
-        return GenerationResult(codes.astype(np.int64), best.eos, prompt_rows, max_new, score=best.score,
-                                beam_path=best.path, hypotheses=scorer.finished.ranked(), trace=self.trace)
+        k, vocab = self.k, self.geom.vocab_size
+        log_softmax(logits, out=self.scores, ws=self.ws)
+        process_scores_(self.scores, self.seen.mask, self.settings, self.ws)
+        self._record(logits)
+        np.add(self.scores, self.beam_scores, out=self.scores)
+        idx = beam_candidates(self.scores, 2 * self.beams, self.draws if self.config.do_sample else None,
+                              self.flat_ws, self.probs, self.q)
+        cand = (self.scores.reshape(-1)[idx], idx % vocab, idx // vocab)
+        scores, tokens, parents = self.scorer.process(*cand)
+        self._record_beam(cand, (scores, tokens, parents))
+        self.beam_scores[:, 0] = scores
+        self.k = k + 1
+        if self.scorer.done or k + 1 == self.max_new:
+            best = self.scorer.finalize()
+            eos = self.geom.stop_mel_token
+            codes = best.tokens if len(best.tokens) == self.max_new else np.append(best.tokens, eos)
+            self._finish(GenerationResult(codes.astype(np.int64), best.eos, self.prompt_rows, self.max_new,
+                                          score=best.score, beam_path=best.path,
+                                          hypotheses=self.scorer.finished.ranked(), trace=self.trace))
+            return None
+        self.seen.reorder(parents)
+        self.seen.add(tokens)
+        return NextStep(np.array(tokens, np.int64), k + 2, np.array(parents, np.int64))
 
     def _record_beam(self, cand: tuple, chosen: tuple) -> None:
         if self.trace is None:
