@@ -56,6 +56,9 @@ class FixedLengthSteps:
     def new_cache(self, kv: Any, beams: int, max_rows: int, buckets: Sequence[int]) -> KVCacheLike:
         return self._inner.new_cache(kv, beams, max_rows, buckets)
 
+    def new_batch_cache(self, max_rows: int, buckets: Sequence[int]) -> Any:
+        return self._inner.new_batch_cache(max_rows, buckets)     # the stop mask is per row: batches keep it
+
     def close(self) -> None:
         self._inner.close()
 

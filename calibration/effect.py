@@ -79,6 +79,10 @@ class ForcedSteps:
     def new_cache(self, kv: Any, beams: int, max_rows: int, buckets: Sequence[int]) -> Any:
         return self._inner.new_cache(kv, beams, max_rows, buckets)
 
+    def new_batch_cache(self, max_rows: int, buckets: Sequence[int]) -> None:
+        """None: forcing follows one generation's steps, so forced generations are never batched."""
+        return None
+
     def close(self) -> None:
         self._inner.close()
 

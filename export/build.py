@@ -173,6 +173,7 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
         graphs={n: entries[n] for n in contracts if n in entries},
         tools=tool_versions(), gpt=gpt_tokens(layout.config), assets=write_assets(layout, out),
         vocoder=vocoder_layout(load_bigvgan_config(layout.require("bigvgan") / "config.json")),
+        dit_rows_alone=True,                       # export/wrappers/audio.py:DiTStepGraph (rows_alone)
     )
     engine_results = run_engines(manifest, out, options.precision, options.precision_policy)
     path = write_manifest(manifest, out)

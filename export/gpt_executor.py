@@ -20,6 +20,7 @@ import torch
 
 from runtime.contracts import kv_cache_name
 from runtime.errors import ContractError
+from runtime.gpt.batch_cache import BatchKVCache
 from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.steps import Feed, GptGeometry
 
@@ -76,6 +77,11 @@ class EagerGptSteps:
     def new_cache(self, kv: np.ndarray, beams: int, max_rows: int, buckets: Sequence[int]) -> KVCache:
         """The runtime's host cache: decode reads its slices in place through `torch.from_numpy`."""
         return KVCache.from_prefill(kv, beams, max_rows, buckets)
+
+    def new_batch_cache(self, max_rows: int, buckets: Sequence[int]) -> BatchKVCache:
+        """The runtime's host cache of the scheduler's shared decode batch."""
+        g = self.geometry
+        return BatchKVCache(g.layers, g.heads, g.head_dim, max_rows, buckets=buckets, idle_token=g.start_mel_token)
 
     def close(self) -> None:
         """Nothing to free: the model is the EagerModels' (a no-op, so the protocol holds)."""

@@ -61,3 +61,15 @@ class StreamError(ToolkitError):
         self.chunks = chunks
         self.segment = segment
         self.retryable = retryable
+
+
+class QueueFull(ToolkitError):
+    """The synthesizer is at its bound of requests in flight and waiting (runtime/scheduler/admission.py):
+    nothing of the request was started. Retryable: the same request succeeds once others finish."""
+
+    retryable = True
+
+
+class Cancelled(ToolkitError):
+    """The request was cancelled (its stream closed, e.g. a client that went away) before this stage ran;
+    its rows in the shared batches were freed."""

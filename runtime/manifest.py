@@ -298,6 +298,9 @@ class Manifest:
     synthesis: SynthesisDefaults = SynthesisDefaults()
     assets: RuntimeAssets = RuntimeAssets()
     vocoder: VocoderLayout | None = None           # None: exported before the layout was recorded
+    # dit_step computes each row as its batch-1 call (export/models/dit.py, rows_alone): rows of different
+    # lengths may share a call (runtime/scheduler/euler_batch.py). False: exported before that
+    dit_rows_alone: bool = False
     contract_version: int = CONTRACT_VERSION
     format_version: int = FORMAT_VERSION
 
@@ -333,6 +336,7 @@ class Manifest:
                 synthesis=_flat(SynthesisDefaults, data["synthesis"]),
                 assets=_assets_from(data.get("assets", {})),
                 vocoder=_vocoder_from(data.get("vocoder")),
+                dit_rows_alone=bool(data.get("dit_rows_alone", False)),
                 contract_version=int(data["contract_version"]),
                 format_version=int(data["format_version"]),
             )

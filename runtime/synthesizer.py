@@ -15,11 +15,16 @@ worker thread); `synthesize()` is the concatenation of that stream.
 Randomness comes from one seed through runtime/randomness.py, exactly as in the eager reference
 (export/pipeline.py), so the same seed gives the same GPT draws and the same CFM noise on every backend.
 
-Threads: a Synthesizer may be shared between threads. Its executors hold bound buffers and the GPT its KV
-cache, so each stage has a lock (references, GPT, s2mel, vocoder) held for the stage's graph calls of one
-segment (one vocoder window): requests from several threads, and one request's GPT worker, overlap in
-different stages and never share one; each request gets exactly the audio it would get alone. Batching
-concurrent requests into shared graph calls is the scheduler's job, not this class's.
+Threads: a Synthesizer may be shared between threads, and requests from many threads are batched. Its
+graph work runs on the scheduler's stage workers (runtime/scheduler/): one thread per stage owns that
+stage's executors and steps every request's work in shared calls (the GPT decode of all active
+generations in one `gpt_decode` call, the Euler steps of several segments in one `dit_step` call, vocoder
+windows of equal length in one `bigvgan` call). The request's own thread (and its GPT-ahead worker)
+submits each stage's job and waits for it, so each request keeps its order and its random streams and gets
+exactly the audio it would get alone; one request alone is a batch of one. Reference preparation runs in
+the request's thread under one lock (its caches and the emotion LLM are shared objects). At most
+`SchedulerConfig.max_active_requests` requests run at once and `max_queued_requests` wait; beyond that a
+request gets QueueFull before any work.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -36,25 +41,26 @@ import numpy as np
 from runtime.assets import load_emotion_matrices, load_tokenizer
 from runtime.backend import Backend, open_backend, require_graphs
 from runtime.caches import LRU, audio_key
-from runtime.cfm import euler_solve, mel_length, regulate
+from runtime.cfm import mel_length
 from runtime.emotion import EmotionPlan, emotion_plan, final_emovec
 from runtime.errors import InputError
 from runtime.executors import OrtOptions
 from runtime.executors.base import Executor
 from runtime.frontend.text.tokenizer import text_segments
-from runtime.gpt.codes import SegmentCodes, segment_codes
+from runtime.gpt.codes import SegmentCodes
 from runtime.gpt.generate import GenerationConfig
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 from runtime.manifest import Manifest, read_manifest
 from runtime.randomness import RandomStreams
+from runtime.scheduler.scheduler import Scheduler, SchedulerConfig
+from runtime.scheduler.workers import GptJob, MelJob, VocoderJob
 from runtime.request import DecoderSettings, SegmentResult, SynthesisRequest, SynthesisResult, silence
 from runtime.speaker import SpeakerPrompt, prepare_emotion, prepare_speaker
 from runtime.streaming.chunks import AudioChunk, StreamSettings
 from runtime.streaming.pipeline import stream_segments
-from runtime.streaming.vocoder import VocoderChunking, VocoderPlanner, Window, run_window
+from runtime.streaming.vocoder import VocoderChunking, VocoderPlanner, Window
 from runtime.timing import log_segment
-from runtime.wav import to_pcm16
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,7 @@ class PreparedRequest:
     prompt: SpeakerPrompt
     spk_latent: np.ndarray      # (1, 32, D)
     emovec: np.ndarray          # (1, D)
+    cancel: threading.Event = field(default_factory=threading.Event)   # set when its stream ends or is closed
 
 
 @dataclass
@@ -91,19 +98,6 @@ class MelSegment:
     timings: dict[str, float]
 
 
-class StageLocks:
-    """One lock per stage: the executors of a stage (and the GPT's KV cache) are used by one thread at a time."""
-
-    def __init__(self) -> None:
-        self.refs = threading.RLock()       # reference preparation and its caches
-        self.gpt = threading.Lock()         # gpt_prefill, gpt_decode + the KV cache, gpt_latent
-        self.s2mel = threading.Lock()       # length_regulator, dit_step
-        self.vocoder = threading.Lock()     # bigvgan
-
-    def all(self) -> tuple[threading.Lock | threading.RLock, ...]:
-        return (self.refs, self.gpt, self.s2mel, self.vocoder)
-
-
 class Synthesizer:
     """IndexTTS2 from an export directory (`python -m export.build` output).
 
@@ -111,13 +105,14 @@ class Synthesizer:
     synthesizer closes it). `executors`: run the graphs with these instead (e.g. the eager torch executors
     of export/torch_executor.py, for parity; they stay the caller's to close); the export directory still
     supplies the manifest and the runtime assets. `cache_size`: speaker / emotion references kept (LRU, by
-    content).
+    content). `scheduler`: how much work concurrent requests share and how many are taken
+    (runtime/scheduler/scheduler.py).
     """
 
     def __init__(self, engines: str | Path, backend: str | Backend = "auto", *,
                  executors: Mapping[str, Executor] | None = None, ort_options: OrtOptions = OrtOptions(),
                  cache_size: int = 8, normalizer: str = "auto", emo_text_max_new_tokens: int = 32768,
-                 engine_precision: str | None = None) -> None:
+                 engine_precision: str | None = None, scheduler: SchedulerConfig = SchedulerConfig()) -> None:
         """`engine_precision`: which graph form to run ("fp32", "fp16", "int8": the TensorRT plans, and the ONNX
         graphs ONNX Runtime loads; default: the export's precision on trt / ort-cuda, fp32 on ort-cpu;
         runtime.executors.graph_form)."""
@@ -138,7 +133,10 @@ class Synthesizer:
         self.decoder_defaults = DecoderSettings(self.manifest.synthesis.euler_steps, self.manifest.synthesis.cfg_rate)
         self._speakers: LRU[SpeakerPrompt] = LRU(cache_size)
         self._emotions: LRU[np.ndarray] = LRU(cache_size)
-        self._locks = StageLocks()
+        self._refs_lock = threading.RLock()         # reference preparation, its caches, the emotion LLM
+        self._scheduler_config = scheduler
+        self._scheduler_made: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
         self._planners: dict[VocoderChunking | None, VocoderPlanner] = {}
         self._llm = None
         self._emo_text_max_new_tokens = emo_text_max_new_tokens
@@ -156,15 +154,29 @@ class Synthesizer:
             return Backend.from_executors(self.manifest, executors)
         return open_backend(self.manifest, self.root, backend, ort_options=ort_options, precision=precision)
 
+    @property
+    def scheduler(self) -> Scheduler:
+        """The stage workers and their batches (their counters and timelines are what benchmarks read)."""
+        return self._scheduler
+
+    @property
+    def _scheduler(self) -> Scheduler:
+        """The stage workers, made on first use over the GPT steps of that moment (a benchmark may wrap
+        `gpt_steps` after construction; a job whose steps differ later runs alone)."""
+        with self._scheduler_lock:
+            if self._scheduler_made is None:
+                self._scheduler_made = Scheduler(self.manifest, self.graphs, self.gpt_steps, self._scheduler_config,
+                                                 fixed_profiles=self.backend == "trt")
+            return self._scheduler_made
+
     def close(self) -> None:
-        """Free the backend's resources (TensorRT device memory, CUDA graphs); the object is unusable after."""
-        for lock in self._locks.all():          # wait for every stage in use, then free
-            lock.acquire()
-        try:
+        """Free the backend's resources (TensorRT device memory, CUDA graphs); the object is unusable after.
+        The stage workers stop after their current step; requests still running fail with Cancelled."""
+        with self._scheduler_lock:
+            if self._scheduler_made is not None:
+                self._scheduler_made.close()
+        with self._refs_lock:
             self._backend.close()
-        finally:
-            for lock in reversed(self._locks.all()):
-                lock.release()
 
     def __enter__(self) -> "Synthesizer":
         return self
@@ -176,19 +188,19 @@ class Synthesizer:
     def speaker(self, path: str | Path) -> SpeakerPrompt:
         """The prepared speaker reference (cached by file content)."""
         key = audio_key(path, "speaker")
-        with self._locks.refs:
+        with self._refs_lock:
             return self._speakers.get(key, lambda: prepare_speaker(self.graphs, path))
 
     def emotion(self, path: str | Path) -> np.ndarray:
         """The emotion reference's emovec (1, D) (cached by file content)."""
         key = audio_key(path, "emotion")
-        with self._locks.refs:
+        with self._refs_lock:
             return self._emotions.get(key, lambda: prepare_emotion(self.graphs, path))
 
     def _text_to_emotion(self, text: str) -> dict[str, float]:
         """The emotion LLM's scores for `text` (loaded on first use; one request at a time, under the
         references' lock: the model is one object)."""
-        with self._locks.refs:
+        with self._refs_lock:
             if self._llm is None:
                 if not self.manifest.assets.emotion_llm:
                     raise InputError("emotion from text needs the checkpoint's emotion LLM (qwen0.6bemo4-merge), "
@@ -250,9 +262,16 @@ class Synthesizer:
         """Check the settings, prepare the request (both before any chunk), and the stream of its chunks."""
         started = time.perf_counter()
         self._check_settings(settings)
-        prep = self.prepare(request, seed, gpt_draws)
-        return prep, stream_segments(self, prep, generation or self.generation_defaults,
-                                     decoder or self.decoder_defaults, settings, started)
+        admission = self._scheduler.admission
+        admission.acquire()                                  # QueueFull here: nothing was started
+        try:
+            prep = self.prepare(request, seed, gpt_draws)
+        except BaseException:
+            admission.release()
+            raise
+        return prep, _Admitted(stream_segments(self, prep, generation or self.generation_defaults,
+                                               decoder or self.decoder_defaults, settings, started),
+                               admission.release)
 
     def synthesize_segments(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
                             decoder: DecoderSettings | None = None, seed: int | None = None,
@@ -278,54 +297,39 @@ class Synthesizer:
         return self.finish_segment(prep, coded, staged, pcm, time.perf_counter() - t0)
 
     def codes_stage(self, prep: PreparedRequest, index: int, generation: GenerationConfig) -> CodedSegment:
-        """The GPT stage of one segment: the decode loop's codes and the GPT latent `s_infer` over them."""
-        t0 = time.perf_counter()
-        with self._locks.gpt:
-            t1 = time.perf_counter()
-            seg = segment_codes(self.gpt_steps, prep.spk_latent, prep.emovec, prep.segments[index], generation,
-                                prep.streams.gpt, index)
-            t2 = time.perf_counter()
-            s_infer = None
-            if seg.codes.size:
-                s_infer = self.graphs["gpt_latent"].run({
-                    "spk_latent": prep.spk_latent, "emovec": prep.emovec,
-                    "text_ids": np.ascontiguousarray(seg.text_ids[None]),
-                    "codes": np.ascontiguousarray(seg.codes[None])})["s_infer"].copy()   # (1, N, sem_dim)
-            t3 = time.perf_counter()
-        return CodedSegment(index, seg, s_infer, {"gpt_wait": t1 - t0, "gpt": t2 - t1, "latent": t3 - t2})
+        """The GPT stage of one segment (on the scheduler's GPT worker, decoded with the other requests'
+        generations): the codes and the GPT latent `s_infer` over them."""
+        job = GptJob(prep.spk_latent, prep.emovec, np.asarray(prep.segments[index], np.int64), generation,
+                     prep.streams.gpt, index, self.gpt_steps, cancel=prep.cancel)
+        out = self._scheduler.gpt.run(job)
+        return CodedSegment(index, out.codes, out.s_infer, out.timings)
 
     def mel_stage(self, prep: PreparedRequest, coded: CodedSegment, decoder: DecoderSettings) -> MelSegment:
-        """The s2mel stage: target length, CFM noise (drawn even for a silent segment, as the eager
-        reference does), length regulator, the Euler loop; the generated part of the mel."""
+        """The s2mel stage: target length, CFM noise (drawn here, in segment order, even for a silent
+        segment, as the eager reference does), then the length regulator and the Euler loop on the
+        scheduler's s2mel worker (sharing dit_step calls with other requests); the generated part of the mel."""
         prompt = prep.prompt
         t_ref = prompt.ref_mel.shape[-1]
         frames = mel_length(coded.codes.codes.size)
         noise = prep.streams.cfm_noise(t_ref + frames, decoder.temperature)
-        timings: dict[str, float] = {}
         if coded.s_infer is None:
-            return MelSegment(np.zeros((1, prompt.ref_mel.shape[1], 0), np.float32), 0, timings)
-        t0 = time.perf_counter()
-        with self._locks.s2mel:
-            t1 = time.perf_counter()
-            cond = regulate(self.graphs["length_regulator"], coded.s_infer, frames)    # (1, T_gen, C)
-            condition = np.concatenate([prompt.prompt_condition, cond], axis=1)       # (1, T_ref + T_gen, C)
-            t2 = time.perf_counter()
-            mel_full = euler_solve(self.graphs["dit_step"], condition, prompt.ref_mel, prompt.style, noise,
-                                   decoder.steps, decoder.cfg_rate)                    # (1, 80, T_ref + T_gen)
-            mel = np.ascontiguousarray(mel_full[:, :, t_ref:])                         # (1, 80, T_gen)
-            t3 = time.perf_counter()
-        timings.update({"s2mel_wait": t1 - t0, "length_regulator": t2 - t1, "dit": t3 - t2})
-        return MelSegment(mel, frames, timings)
+            return MelSegment(np.zeros((1, prompt.ref_mel.shape[1], 0), np.float32), 0, {})
+        job = MelJob(coded.s_infer, frames, prompt.prompt_condition, prompt.ref_mel, prompt.style, noise,
+                     decoder.steps, decoder.cfg_rate, cancel=prep.cancel)
+        out = self._scheduler.mel.run(job)
+        return MelSegment(out.mel, frames, out.timings)
 
     def vocoder_windows(self, frames: int, settings: StreamSettings) -> list[Window]:
         """The vocoder calls for a segment of `frames` mel frames (none for a silent segment)."""
         return self._planner(settings.vocoder).plan(frames)
 
-    def vocode(self, mel: np.ndarray, window: Window) -> np.ndarray:
-        """One vocoder window -> the int16 samples of its chunk."""
-        with self._locks.vocoder:
-            wav = run_window(self.graphs["bigvgan"], mel, window)          # (1, hop * frames)
-        return to_pcm16(wav[0])
+    def vocode(self, mel: np.ndarray, window: Window, cancel: threading.Event | None = None) -> np.ndarray:
+        """One vocoder window -> the int16 samples of its chunk (on the scheduler's vocoder worker, sharing
+        the call with other requests' windows of the same length)."""
+        if mel.ndim != 3 or window.win_end > mel.shape[2]:
+            raise InputError(f"vocoder window [{window.win_start}, {window.win_end}) does not fit a mel of shape "
+                             f"{mel.shape} (expected (1, mel_bins, T >= {window.win_end}))")
+        return self._scheduler.vocoder.run(VocoderJob(mel, window, cancel=cancel))
 
     def finish_segment(self, prep: PreparedRequest, coded: CodedSegment, staged: MelSegment,
                        pcm: np.ndarray, vocoder_s: float = 0.0) -> SegmentResult:
@@ -350,3 +354,33 @@ class Synthesizer:
             planner = VocoderPlanner.from_manifest(self.manifest, chunking, where=str(self.root))
             self._planners[chunking] = planner
         return planner
+
+
+class _Admitted:
+    """A request's chunk iterator that gives its admission slot back when it ends, fails, is closed, or is
+    dropped without being read (the request's cancel flag is set then too, freeing its batch rows)."""
+
+    def __init__(self, chunks: Iterator[AudioChunk], release) -> None:
+        self._chunks, self._release = chunks, release
+        self._open = True
+
+    def __iter__(self) -> "_Admitted":
+        return self
+
+    def __next__(self) -> AudioChunk:
+        try:
+            return next(self._chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self._chunks.close()
+            finally:
+                self._release()
+
+    def __del__(self) -> None:
+        self.close()

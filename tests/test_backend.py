@@ -138,6 +138,9 @@ def test_backend_close_closes_the_steps_then_what_it_owns_once() -> None:
         def new_cache(self, kv, beams, max_rows, buckets):
             return None
 
+        def new_batch_cache(self, max_rows, buckets):
+            return None
+
         def close(self) -> None:
             order.append("steps")
             raise RuntimeError("steps failed to close")

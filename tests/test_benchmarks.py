@@ -88,6 +88,9 @@ class _Steps:
         self.cache_calls.append((kv, beams, max_rows, tuple(buckets)))
         return "device cache"
 
+    def new_batch_cache(self, max_rows, buckets):
+        return None
+
     def close(self) -> None:
         self.closed += 1
 
@@ -132,6 +135,9 @@ def test_fixed_length_generation_runs_to_the_cap(tiny_export) -> None:
 
         def new_cache(self, kv, beams, max_rows, buckets):
             return inner.new_cache(kv, beams, max_rows, buckets)
+
+        def new_batch_cache(self, max_rows, buckets):
+            return None
 
         def close(self) -> None:
             inner.close()

@@ -190,6 +190,9 @@ class OrtGptSteps:
     def new_cache(self, kv, beams, max_rows, buckets):
         return KVCache.from_prefill(kv, beams, max_rows, buckets)
 
+    def new_batch_cache(self, max_rows, buckets):
+        return None
+
     def close(self) -> None:
         pass
 

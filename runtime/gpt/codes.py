@@ -37,10 +37,16 @@ def segment_codes(steps: GptSteps, spk_latent: np.ndarray, emovec: np.ndarray, t
     """Generate one segment's codes and cut them at the first stop token."""
     ids = np.asarray(text_ids, np.int64)                                         # (L,)
     result = generate(steps, spk_latent, emovec, ids, generation, draws=draws)
-    codes = cut_at_stop(result.codes, steps.geometry.stop_mel_token)             # (N,)
+    return finish_codes(result, ids, steps.geometry.stop_mel_token, index, generation)
+
+
+def finish_codes(result: GenerationResult, text_ids: np.ndarray, stop_mel_token: int, index: int,
+                 generation: GenerationConfig) -> SegmentCodes:
+    """A generation's codes cut at the first stop token, with upstream's warnings (whoever ran the loop)."""
+    codes = cut_at_stop(result.codes, stop_mel_token)                           # (N,)
     if not result.stopped:
         log.warning("segment %d: no stop token within max_mel_tokens=%d; the audio is cut there",
                     index + 1, generation.max_mel_tokens)
     if codes.size == 0:
         log.warning("segment %d: the GPT stopped at once; the segment is silent", index + 1)
-    return SegmentCodes(ids, codes, result)
+    return SegmentCodes(np.asarray(text_ids, np.int64), codes, result)

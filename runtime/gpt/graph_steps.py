@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from runtime.executors.base import Executor, Feed
+from runtime.gpt.batch_cache import BatchKVCache
 from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.steps import GptGeometry
 from runtime.manifest import Manifest
@@ -53,6 +54,11 @@ class GraphGptSteps:
     def new_cache(self, kv: np.ndarray, beams: int, max_rows: int, buckets: Sequence[int]) -> KVCache:
         """A host cache holding the prefill's rows for every beam (the executors read host arrays)."""
         return KVCache.from_prefill(kv, beams, max_rows, buckets)
+
+    def new_batch_cache(self, max_rows: int, buckets: Sequence[int]) -> BatchKVCache:
+        """A host cache for the scheduler's shared decode batch."""
+        g = self.geometry
+        return BatchKVCache(g.layers, g.heads, g.head_dim, max_rows, buckets=buckets, idle_token=g.start_mel_token)
 
     def close(self) -> None:
         """Drop the decode output buffers; the executors stay open (their owner closes them)."""

@@ -71,6 +71,11 @@ class GptSteps(Protocol):
     `max_rows` rows. Host implementations return runtime/gpt/kv_cache.py:KVCache; executors that keep
     K/V on a device return a cache whose `feeds()` hold device views (runtime/trt/gpt_steps.py).
 
+    `new_batch_cache(max_rows, buckets)` is called once by the scheduler (runtime/scheduler/): the cache of
+    a decode batch shared by many requests, up to `max_rows` rows (runtime/gpt/batch_cache.py:BatchKVCache
+    on the host), or None where the steps cannot share one (the scheduler then decodes one generation at a
+    time with `new_cache`).
+
     `close()` frees what the steps themselves hold (device buffers, and the executors they opened);
     executors handed to the steps by their caller stay the caller's to close. It may be called twice.
     Wrappers (benchmarks' FixedLengthSteps, calibration's ForcedSteps) delegate both to what they wrap.
@@ -83,5 +88,7 @@ class GptSteps(Protocol):
     def decode(self, feed: Feed) -> Feed: ...
 
     def new_cache(self, kv: Any, beams: int, max_rows: int, buckets: Sequence[int]) -> KVCacheLike: ...
+
+    def new_batch_cache(self, max_rows: int, buckets: Sequence[int]) -> Any: ...
 
     def close(self) -> None: ...

@@ -9,13 +9,15 @@ the first audio of the segment being made comes first (see _GptAhead). Nothing n
 and only the worker reads it, the CFM noise from another stream read only by the caller's thread, both in
 segment order (runtime/randomness.py), so the audio is the sequential audio sample for sample.
 
-Ownership and locks: the stages (`SegmentStages`, implemented by the Synthesizer) take their own stage
-lock around each graph call sequence, so two requests (or this request's worker and its caller) never
-use one executor at once; see runtime/synthesizer.py. The worker is at most two segments ahead (one in
+Ownership: the stages (`SegmentStages`, implemented by the Synthesizer) hand their graph work to the
+scheduler's stage workers and wait for it (runtime/scheduler/), so two requests (or this request's worker
+and its caller) never use one executor at once; see runtime/synthesizer.py. The worker is at most two segments ahead (one in
 the queue, one being made), which bounds what it holds.
 
 Ending: when the caller stops reading (the generator is closed, e.g. a client disconnects) or a stage
-fails, the worker is told to stop after its current segment and the queue is drained so it never blocks.
+fails, the request's `cancel` flag is set (the scheduler drops its queued work and frees its batch rows at
+the next step, failing the GPT worker's wait), and the worker is told to stop; the queue is drained so it
+never blocks.
 A failure is raised in the caller's thread as a StreamError naming how many chunks were delivered and the
 segment it happened in; the Synthesizer stays usable.
 """
@@ -45,7 +47,7 @@ class SegmentStages(Protocol):
     def codes_stage(self, prep: Any, index: int, generation: Any) -> Any: ...
     def mel_stage(self, prep: Any, coded: Any, decoder: Any) -> Any: ...
     def vocoder_windows(self, frames: int, settings: StreamSettings) -> list[Any]: ...
-    def vocode(self, mel: np.ndarray, window: Any) -> np.ndarray: ...
+    def vocode(self, mel: np.ndarray, window: Any, cancel: threading.Event | None = None) -> np.ndarray: ...
     def finish_segment(self, prep: Any, coded: Any, mel_stage: Any, pcm: np.ndarray, vocoder_s: float) -> Any: ...
     def silence(self, prep: Any) -> np.ndarray: ...
 
@@ -134,7 +136,7 @@ def stream_segments(stages: SegmentStages, prep: Any, generation: Any, decoder: 
             vocoder_s = 0.0
             for w, window in enumerate(windows):
                 t0 = time.perf_counter()
-                pcm = stages.vocode(staged.mel, window)
+                pcm = stages.vocode(staged.mel, window, getattr(prep, "cancel", None))
                 vocoder_s += time.perf_counter() - t0
                 parts.append(pcm)
                 ready = time.perf_counter() - started
@@ -164,5 +166,8 @@ def stream_segments(stages: SegmentStages, prep: Any, generation: Any, decoder: 
                           f"({offset} samples) were delivered: {err}", chunks=delivered, segment=index,
                           retryable=bool(getattr(err, "retryable", False))) from err
     finally:
+        cancel = getattr(prep, "cancel", None)
+        if cancel is not None:           # work of this request still queued or in a shared batch is dropped
+            cancel.set()
         if ahead is not None:
             ahead.stop()

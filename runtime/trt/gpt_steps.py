@@ -93,6 +93,12 @@ class TrtGptSteps:
             buf = self._kv_new[beams] = DeviceBuffer(int(np.prod(shape)) * 4, f"kv_new for {beams} beam(s)")
         return self._decode.run(feed, outputs={"logits": logits, "kv_new": buf.array(shape, np.float32)})
 
+    def new_batch_cache(self, max_rows: int, buckets: Sequence[int]) -> None:
+        """None: the device cache of a decode batch shared by requests (per-row appends at different
+        positions, per-request reorders) is not built for TensorRT yet, so the scheduler decodes one
+        generation at a time here, each with its own device cache (`new_cache`)."""
+        return None
+
     # -- lifetime -----------------------------------------------------------------------------------
 
     def release_cache(self) -> None:

@@ -129,6 +129,9 @@ class ReplaySteps:
     def new_cache(self, kv, beams, max_rows, buckets):
         return KVCache.from_prefill(kv, beams, max_rows, buckets)
 
+    def new_batch_cache(self, max_rows, buckets):
+        return None
+
     def close(self) -> None:
         pass
 
@@ -295,6 +298,9 @@ class FakeSteps:
 
     def new_cache(self, kv, beams, max_rows, buckets):
         return KVCache.from_prefill(kv, beams, max_rows, buckets)
+
+    def new_batch_cache(self, max_rows, buckets):
+        return None
 
     def close(self) -> None:
         pass

@@ -1,5 +1,5 @@
 """The GPT-steps seam is declared, not discovered: every implementation has every member of
-runtime/gpt/steps.py:GptSteps (`geometry`, `prefill`, `decode`, `new_cache`, `close`), and the decode loop
+runtime/gpt/steps.py:GptSteps (`geometry`, `prefill`, `decode`, `new_cache`, `new_batch_cache`, `close`), and the decode loop
 gets its KV cache from `new_cache`, always.
 
 Implementations are found by reading the repository's source (a class with one-feed `prefill` and
@@ -73,7 +73,7 @@ IMPLEMENTATIONS = _implementations()
 
 
 def test_the_protocol_declares_every_member() -> None:
-    assert METHODS == ["close", "decode", "new_cache", "prefill"] and ATTRIBUTES == ["geometry"]
+    assert METHODS == ["close", "decode", "new_batch_cache", "new_cache", "prefill"] and ATTRIBUTES == ["geometry"]
 
 
 def test_discovery_finds_the_library_implementations_and_the_fakes() -> None:
@@ -156,6 +156,9 @@ class SpySteps:
         self.asked.append((kv, beams, max_rows, tuple(buckets)))
         self.caches.append(self.inner.new_cache(kv, beams, max_rows, buckets))
         return self.caches[-1]
+
+    def new_batch_cache(self, max_rows, buckets):
+        return None
 
     def close(self) -> None:
         self.inner.close()

@@ -1,0 +1,123 @@
+"""Continuous batching of the GPT decode: every active generation's beams are rows of ONE `gpt_decode` call.
+
+A generation joins after its own prefill (its prefix K/V copied into free rows of the shared cache,
+runtime/gpt/batch_cache.py), is stepped with everyone else, and leaves when its TokenSelector ends (the
+same selector the one-request loop runs, runtime/gpt/generate.py, so sampling, beams, repetition penalty
+and the request's own random stream are exactly as alone). Beam reorders stay within a generation's rows.
+
+Pure bookkeeping over a GptSteps: no threads here (runtime/scheduler/workers.py drives it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable
+
+import numpy as np
+
+from runtime.errors import BackendError
+from runtime.gpt.batch_cache import BatchKVCache
+from runtime.gpt.generate import GenerationConfig, GenerationResult, NextStep, TokenSelector, max_new_tokens, prefill_feed
+from runtime.gpt.sampling import DrawSource
+from runtime.gpt.steps import GptSteps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    selector: TokenSelector
+    pending: NextStep            # what its rows run in the next step
+
+
+class GptBatch:
+    """The generations being decoded together, over one BatchKVCache."""
+
+    def __init__(self, steps: GptSteps, cache: BatchKVCache) -> None:
+        self.steps, self.cache = steps, cache
+        self.active: dict[Hashable, _Active] = {}
+        self._feed: dict[str, np.ndarray] = {}
+        self._feed_version = -1
+        self.decode_calls = 0
+        self.peak_rows = 0                 # the most member rows one call has stepped
+        # the last steps: (member rows, decode rows incl. idle, graph call s, whole step s) (benchmarks)
+        self.timeline: deque[tuple[int, int, float, float]] = deque(maxlen=100_000)
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.cache.used_rows
+
+    def fits(self, beams: int) -> bool:
+        return beams <= self.cache.free_rows()
+
+    def join(self, key: Hashable, spk_latent: np.ndarray, emovec: np.ndarray, text_ids: np.ndarray,
+             config: GenerationConfig, draws: DrawSource | None) -> GenerationResult | None:
+        """Prefill `key`'s prompt (batch 1: the prefill graph has no padding mask, so prompts of different
+        lengths cannot share a call) and take its rows. Returns the result at once when the first token
+        already ends the generation (it then takes no rows), else None."""
+        geom = self.steps.geometry
+        max_new = max_new_tokens(config, geom)
+        out = self.steps.prefill(prefill_feed(spk_latent, emovec, text_ids))
+        kv = out["kv"]
+        prompt_rows = kv.shape[4]
+        selector = TokenSelector(geom, config, draws, max_new, prompt_rows)
+        step = selector.first(out["logits"])
+        if step is None:
+            return selector.result()
+        self.cache.join(key, np.asarray(kv), config.num_beams, prompt_rows + max_new - 1)
+        self._set(key, step)
+        self.active[key] = _Active(selector, step)
+        return None
+
+    def leave(self, key: Hashable) -> None:
+        """Drop `key` (finished, cancelled or failed): its rows are idle from the next step."""
+        if self.active.pop(key, None) is not None:
+            self.cache.leave(key)
+
+    def step(self) -> tuple[dict[Hashable, GenerationResult], dict[Hashable, Exception]]:
+        """One decode call for every active generation -> (the generations that ended, with their results;
+        those whose rows came back non-finite, with the error). Both have left the batch."""
+        if not self.active:
+            return {}, {}
+        t0 = time.perf_counter()
+        self.cache.ensure_room()
+        if self._feed_version != self.cache.version:
+            self._feed = self.cache.feeds()
+            self._feed_version = self.cache.version
+        t1 = time.perf_counter()
+        out = self.steps.decode(self._feed)
+        t2 = time.perf_counter()
+        used, rows = self.cache.used_rows, self.cache.rows
+        self.decode_calls += 1
+        self.peak_rows = max(self.peak_rows, self.cache.used_rows)
+        self.cache.append(np.asarray(out["kv_new"]))
+        logits = np.asarray(out["logits"], np.float32)
+        ended: dict[Hashable, GenerationResult] = {}
+        failed: dict[Hashable, Exception] = {}
+        # the rows the logits came from: a member leaving below may compact the cache and move the others
+        rows_of = {key: list(self.cache.member_rows(key)) for key in self.active}
+        for key, member in list(self.active.items()):
+            mine = logits[rows_of[key]]
+            if not np.isfinite(mine).all():            # this generation's rows broke: it fails alone
+                failed[key] = BackendError(f"gpt_decode returned non-finite logits for this request's rows "
+                                           f"(step {member.selector.k + 1})")
+                self.leave(key)
+                continue
+            step = member.selector.next(mine)
+            if step is None:
+                ended[key] = member.selector.result()
+                self.leave(key)
+            else:
+                member.pending = step
+                self._set(key, step)
+        self.timeline.append((used, rows, t2 - t1, time.perf_counter() - t0))
+        return ended, failed
+
+    def _set(self, key: Hashable, step: NextStep) -> None:
+        """Apply the step's beam reorder to the member's rows and set their tokens and position."""
+        if step.parents is not None:
+            self.cache.reorder(key, step.parents)
+        self.cache.set_tokens(key, step.tokens, step.position)
