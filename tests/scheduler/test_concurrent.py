@@ -24,17 +24,17 @@ from tests.test_runtime_parity import _request, assert_same_audio
 
 DECODER = DecoderSettings(steps=4)
 LONG = {"text": "The train was late. 今天天气很好。Please read slowly, then pause.", "max_text_tokens_per_segment": 8}
-# (request fields, generation, seed, start delay in seconds, streamed in chunks)
+# (request fields, generation, seed, streamed in chunks)
 REQUESTS = [
-    ({}, GenerationConfig(max_mel_tokens=40), 7, 0.0, False),
+    ({}, GenerationConfig(max_mel_tokens=40), 7, False),
     ({"emo_vector": (0, 0.4, 0, 0, 0, 0, 0.3, 0), "emo_alpha": 0.8, "text": "Short one."},
-     GenerationConfig(do_sample=True, num_beams=1, top_k=10, temperature=1.2, max_mel_tokens=30), 8, 0.0, True),
+     GenerationConfig(do_sample=True, num_beams=1, top_k=10, temperature=1.2, max_mel_tokens=30), 8, True),
     ({**LONG, "emo_audio": "examples/emotion.wav", "emo_alpha": 0.6},
-     GenerationConfig(do_sample=False, num_beams=1, max_mel_tokens=30), 9, 0.3, False),
+     GenerationConfig(do_sample=False, num_beams=1, max_mel_tokens=30), 9, False),
     ({"text": "A longer sentence, to let the beams run for a while."},
-     GenerationConfig(do_sample=True, num_beams=3, max_mel_tokens=60), 11, 0.6, True),
+     GenerationConfig(do_sample=True, num_beams=3, max_mel_tokens=60), 11, True),
     ({"text": "Beams without sampling, please."},
-     GenerationConfig(do_sample=False, num_beams=2, max_mel_tokens=40, repetition_penalty=2.0), 12, 0.9, False),
+     GenerationConfig(do_sample=False, num_beams=2, max_mel_tokens=40, repetition_penalty=2.0), 12, False),
 ]
 
 
@@ -46,7 +46,7 @@ def synth(tiny_export) -> Synthesizer:
 
 
 def _run(synth, tiny_ckpt, spec):
-    kw, generation, seed, _, streamed = spec
+    kw, generation, seed, streamed = spec
     request = _request(tiny_ckpt, kw)
     settings = StreamSettings.chunks(8, 32) if streamed else None
     return synth.synthesize(request, generation, DECODER, seed=seed, settings=settings)
@@ -77,19 +77,87 @@ def _delayed(fn, delay):
     return run
 
 
-def test_concurrent_requests_share_calls_and_each_is_its_audio_alone(synth, tiny_ckpt) -> None:
+class Gates:
+    """Joins at different decode steps, and the Euler stage made to overlap, whatever the machine's speed:
+    request i starts once the shared decode has made JOIN_AT[i] calls, and the first dit_step call of the
+    concurrent phase waits (up to 30 s) until a second solve is submitted."""
+
+    JOIN_AT = (0, 0, 4, 8, 12)
+
+    def __init__(self, synth) -> None:
+        self.batch, self.mel = synth.scheduler.gpt.batch, synth.scheduler.mel
+        self.calls = 0
+        self.started = [threading.Event() for _ in self.JOIN_AT]
+        for i, at in enumerate(self.JOIN_AT):
+            if at == 0:
+                self.started[i].set()
+        self.inner_steps, self.inner_dit = self.batch.steps, self.mel.euler.dit_step
+        self.dit_waited = False
+        gates = self
+
+        class Steps:
+            geometry = gates.inner_steps.geometry
+
+            def prefill(self, feed):
+                return gates.inner_steps.prefill(feed)
+
+            def decode(self, feed):
+                gates.calls += 1
+                for i, at in enumerate(gates.JOIN_AT):
+                    if gates.calls >= at:
+                        gates.started[i].set()
+                return gates.inner_steps.decode(feed)
+
+            def new_cache(self, kv, beams, max_rows, buckets):
+                return gates.inner_steps.new_cache(kv, beams, max_rows, buckets)
+
+            def new_batch_cache(self, max_rows, buckets):
+                return gates.inner_steps.new_batch_cache(max_rows, buckets)
+
+            def close(self):
+                gates.inner_steps.close()
+
+        class Dit:
+            name, backend = "dit_step", "gate"
+
+            def run(self, feed, outputs=None):
+                if not gates.dit_waited:
+                    gates.dit_waited = True
+                    deadline = time.monotonic() + 30
+                    while len(gates.mel._inbox) + len(gates.mel.pending) + len(gates.mel.active) < 2 and \
+                            time.monotonic() < deadline:
+                        time.sleep(0.01)
+                return gates.inner_dit.run(feed, outputs)
+
+        self.steps, self.dit = Steps(), Dit()
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(self.batch, "steps", self.steps)
+        monkeypatch.setattr(self.mel.euler, "dit_step", self.dit)
+
+    def wait_turn(self, i: int) -> None:
+        self.started[i].wait(60)                   # the decode may end sooner: start anyway then
+
+
+def test_concurrent_requests_share_calls_and_each_is_its_audio_alone(synth, tiny_ckpt, monkeypatch) -> None:
     alone = [_run(synth, tiny_ckpt, spec) for spec in REQUESTS]
-    gpt, mel = synth._scheduler.gpt.batch, synth._scheduler.mel.euler
-    calls_alone = (gpt.decode_calls, mel.calls)
-    assert gpt.peak_rows == 3                      # alone: a request's own beams at most
-    results, errors = _concurrently({i: _delayed(lambda s=spec: _run(synth, tiny_ckpt, s), spec[3])
-                                     for i, spec in enumerate(REQUESTS)})
+    gpt, mel = synth.scheduler.gpt.batch, synth.scheduler.mel.euler
+    calls_alone = gpt.decode_calls
+    assert gpt.peak_rows == 3 and mel.peak_rows == 1            # alone: a request's own beams, one solve
+    gates = Gates(synth)
+    gates.install(monkeypatch)
+
+    def client(i):
+        gates.wait_turn(i)
+        return _run(synth, tiny_ckpt, REQUESTS[i])
+
+    results, errors = _concurrently({i: (lambda i=i: client(i)) for i in range(len(REQUESTS))})
     assert not errors, errors
     for i, want in enumerate(alone):
         assert_same_audio(want, results[i], f"request {i} under concurrency")
-    assert gpt.peak_rows > 3 and mel.peak_rows > 1          # they really shared graph calls
-    assert gpt.decode_calls - calls_alone[0] < calls_alone[0]
-    assert gpt.cache.used_rows == 0 and not len(mel) and not synth._scheduler.gpt.busy()
+    assert gpt.peak_rows > 3 and mel.peak_rows > 1              # they really shared graph calls
+    assert gpt.decode_calls - calls_alone < calls_alone
+    assert gpt.cache.used_rows == 0 and not len(mel) and not synth.scheduler.gpt.busy()
 
 
 def test_a_failing_and_a_cancelled_request_fail_alone(synth, tiny_ckpt, monkeypatch) -> None:
@@ -97,9 +165,10 @@ def test_a_failing_and_a_cancelled_request_fail_alone(synth, tiny_ckpt, monkeypa
     others finish with their audio alone, and every row is freed."""
     ok = [REQUESTS[0], REQUESTS[3]]
     alone = [_run(synth, tiny_ckpt, spec) for spec in ok]
-    batch = synth._scheduler.gpt.batch
+    batch = synth.scheduler.gpt.batch
     inner = batch.steps
     poisoned_text = "Poison this request's rows."
+    shared: list[int] = []
 
     class Poison:
         geometry = inner.geometry
@@ -110,8 +179,10 @@ def test_a_failing_and_a_cancelled_request_fail_alone(synth, tiny_ckpt, monkeypa
         def decode(self, feed):
             out = inner.decode(feed)
             for job in list(batch.active):
-                if job.generation.max_mel_tokens == 33:                 # the poisoned request's generation
+                # the poisoned request's generation, once it shares the call with another request's
+                if job.generation.max_mel_tokens == 33 and len(batch.active) > 1:
                     out["logits"][batch.cache.member_rows(job)] = np.nan
+                    shared.append(len(batch.active))
             return out
 
         def new_cache(self, kv, beams, max_rows, buckets):
@@ -141,14 +212,15 @@ def test_a_failing_and_a_cancelled_request_fail_alone(synth, tiny_ckpt, monkeypa
     results, errors = _concurrently(fns)
     assert set(errors) == {"poisoned"}, errors
     assert isinstance(errors["poisoned"], StreamError) and "non-finite" in str(errors["poisoned"])
+    assert shared and not errors["poisoned"].retryable          # it failed inside a shared call
     assert results["cancelled"].samples > 0
     assert_same_audio(alone[0], results["ok0"], "ok0 beside a failing and a cancelled request")
     assert_same_audio(alone[1], results["ok1"], "ok1 beside a failing and a cancelled request")
     deadline = time.monotonic() + 60
-    while synth._scheduler.gpt.busy() and time.monotonic() < deadline:      # the cancelled job's drop
+    while synth.scheduler.gpt.busy() and time.monotonic() < deadline:      # the cancelled job's drop
         time.sleep(0.05)
-    assert batch.cache.used_rows == 0 and not synth._scheduler.gpt.busy()
-    assert not synth._scheduler.mel.busy() and synth._scheduler.admission.active == 0
+    assert batch.cache.used_rows == 0 and not synth.scheduler.gpt.busy()
+    assert not synth.scheduler.mel.busy() and synth.scheduler.admission.active == 0
 
 
 def test_a_full_queue_is_refused_before_any_work(tiny_export, tiny_ckpt) -> None:
