@@ -101,9 +101,10 @@ class GptBatch:
         rows_of = {key: list(self.cache.member_rows(key)) for key in self.active}
         for key, member in list(self.active.items()):
             mine = logits[rows_of[key]]
-            if not np.isfinite(mine).all():            # this generation's rows broke: it fails alone
-                failed[key] = BackendError(f"gpt_decode returned non-finite logits for this request's rows "
-                                           f"(step {member.selector.k + 1})")
+            # NaN or +inf: this generation's rows broke and it fails alone (-inf is a legal "never this token")
+            if np.isnan(mine).any() or np.isposinf(mine).any():
+                failed[key] = BackendError(f"gpt_decode returned non-finite logits (NaN or +inf) for this "
+                                           f"request's rows (step {member.selector.k + 1})")
                 self.leave(key)
                 continue
             step = member.selector.next(mine)
