@@ -371,3 +371,34 @@ def test_stream_cli_refuses_bad_arguments(tiny_ckpt, tiny_export, tmp_path, caps
     assert stream.main(["--engines", str(tmp_path / "absent"), "--backends", "ort-cpu"]) == 1
     assert "no manifest.json" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_concurrency_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, capsys) -> None:
+    from benchmarks import concurrency
+
+    out = tmp_path / "results"
+    code = concurrency.main(["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--levels", "1,2",
+                             "--beams", "1,2", "--gpt-tokens", "6", "--rounds", "1", "--euler-steps", "2",
+                             "--threads", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    gpt = {(r["beams"], r["level"]): r for r in results["gpt_phase"]}
+    assert set(gpt) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for (beams, level), r in gpt.items():
+        assert r["tokens"] == level * 6 and r["rows"] == beams * level
+        assert r["steady_steps"] >= 1 and r["step_over_call"] >= 1.0      # a step includes its graph call
+    assert [r["level"] for r in results["end_to_end"]] == [1, 2]
+    assert all(r["requests"] == r["level"] for r in results["end_to_end"])
+    assert set(results["decode_ceiling_s"]) >= {"1", "2", "4"}
+    assert "| 2 | 2 | 4 |" in (out / "results.md").read_text()
+
+
+def test_concurrency_cli_refuses_bad_settings_before_loading(tiny_export, tiny_ckpt, tmp_path, capsys) -> None:
+    from benchmarks import concurrency
+
+    speaker = str(tiny_ckpt / "examples" / "speaker.wav")
+    assert concurrency.main(["--engines", str(tiny_export[0]), "--levels", "1,0", "--speaker", speaker]) == 1
+    assert "--levels: integers >= 1" in capsys.readouterr().err
+    assert concurrency.main(["--engines", str(tiny_export[0]), "--speaker", str(tmp_path / "none.wav")]) == 1
+    assert "speaker reference not found" in capsys.readouterr().err
