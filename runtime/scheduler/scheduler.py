@@ -4,7 +4,9 @@ the same workers, as a batch of one.
 
 Bounds (SchedulerConfig, each derived and logged at start):
 - decode rows: at most `max_gpt_rows`, at most what the KV memory budget holds at the largest position
-  bucket (a request's rows may reach it), and at most the `gpt_decode` profile's batch maximum on backends
+  bucket (2048: full size, 503 MB a row in float32, so 8 GiB hold 16 rows; the arrays are the bucket of the
+  longest row, typically 256-512 positions, and only a row past 2048 positions, near the longest text and
+  code limits, makes them up to 20 % larger), and at most the `gpt_decode` profile's batch maximum on backends
   with fixed profiles (TensorRT);
 - Euler rows: `max_euler_rows`, capped by the `dit_step` profile's batch maximum (the CFG batch is
   stacked inside, so the engine sees twice as many);
@@ -40,7 +42,7 @@ class SchedulerConfig:
     """How much work is shared and how much is taken (the defaults suit one GPU or a many-core CPU)."""
 
     max_gpt_rows: int = 16              # decode rows (beams of all active generations)
-    kv_budget_bytes: int = 6 << 30      # host or device memory for the shared decode KV cache
+    kv_budget_bytes: int = 8 << 30      # host or device memory for the shared decode KV cache
     max_euler_rows: int = 4             # solves per dit_step call
     max_vocoder_rows: int = 4           # windows per bigvgan call
     max_active_requests: int = 8        # requests in flight
@@ -65,8 +67,7 @@ def _profile_batch_max(manifest: Manifest, graph: str, fixed_profiles: bool) -> 
 def decode_rows(config: SchedulerConfig, manifest: Manifest, fixed_profiles: bool) -> int:
     """The decode batch's row bound (see the module note)."""
     d = manifest.dims
-    longest = max(max(KV_BUCKETS), manifest.gpt.max_mel_tokens + manifest.dims.max_text_tokens + 40)
-    per_row = d.layers * 2 * d.heads * longest * d.head_dim * FLOAT32
+    per_row = d.layers * 2 * d.heads * max(KV_BUCKETS) * d.head_dim * FLOAT32
     rows = min(config.max_gpt_rows, max(1, config.kv_budget_bytes // per_row))
     cap = _profile_batch_max(manifest, "gpt_decode", fixed_profiles)
     return min(rows, cap) if cap is not None else rows
