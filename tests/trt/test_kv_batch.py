@@ -34,7 +34,8 @@ from runtime.trt.kv_plan import (
     plan_row_clear,
     plan_row_prefill,
 )
-from tests.trt.fakes import FakeCudart, host_view
+from tests.trt.fakes import host_view
+from tests.trt.test_kv_device import _CallLog
 
 BUCKETS = (16, 32, 64)
 
@@ -360,22 +361,6 @@ def test_a_refused_bucket_leaves_the_batch_as_it_was(fake_cuda) -> None:
         device.append(np.ones((1, 2, 3, 1, 1, 2), np.float32))
     device.close()
     device.close()
-
-
-class _CallLog:
-    """The fake cudart behind a proxy that logs every cuda* function the code under test calls."""
-
-    def __init__(self, fake: FakeCudart) -> None:
-        self._fake, self.calls = fake, []
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._fake, name)
-        if name.startswith("cuda") and callable(attr) and not isinstance(attr, type):
-            def logged(*args):
-                self.calls.append(name)
-                return attr(*args)
-            return logged
-        return attr
 
 
 @pytest.mark.parametrize("layers", [1, 6])
