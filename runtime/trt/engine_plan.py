@@ -53,8 +53,8 @@ DECODE_GRAPH = "gpt_decode"
 #: half of an RTX 3090's 24 GiB. The rest holds the engines (fp16: ~1 GB of weights for each of the three GPT
 #: graphs, ~1.2 GB for w2v-BERT, the DiT, vocoder and conditioners; fp32 twice that), their activations and
 #: the other stages' buffers. It bounds what the profiles admit; the rows actually used are the scheduler's
-#: choice below it (runtime/scheduler/: a KV budget, 6 GiB by default, so that a reallocation, which holds
-#: the old and the new allocation at once, stays within this ceiling).
+#: choice below it (runtime/scheduler/: SchedulerConfig.kv_budget_bytes; mind that a reallocation holds the
+#: old and the new allocation at once).
 DECODE_KV_CEILING_BYTES = 12 << 30
 
 Shape = tuple[int, ...]
