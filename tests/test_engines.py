@@ -46,7 +46,7 @@ from export import build as build_mod
 from runtime.errors import BackendError, CheckpointError, ContractError, InputError
 from runtime.manifest import read_manifest, sha256_file
 from runtime.trt.api import trt_logger
-from runtime.trt.engine_plan import GpuInfo, decode_buckets, plan_paths, read_record
+from runtime.trt.engine_plan import GpuInfo, decode_batch_max, decode_buckets, plan_paths, read_record
 
 from tests.trt.fake_builder import (  # noqa: F401 — re-exported: tests/test_calibration.py imports them from here
     BuilderFlag,
@@ -254,11 +254,12 @@ def test_decode_profiles_are_one_per_bucket_with_cache_len_fixed(manifest):
     for bucket, (_, shapes) in zip(decode_buckets(entry), calls):
         by_name = {name: (lo, opt, hi) for name, lo, opt, hi in shapes}
         assert list(by_name) == [t.name for t in entry.inputs]                 # one set_shape per input
-        assert by_name["mel_ids"] == ((1, 1), (3, 1), (4, 1))
+        rows = decode_batch_max(entry, bucket)                 # the shared decode batch's rows (64: tiny model)
+        assert rows == 64 and by_name["mel_ids"] == ((1, 1), (3, 1), (rows, 1))
         for layer in range(manifest.dims.layers):
             lo, opt, hi = by_name[f"kv_cache.{layer}"]
-            assert lo[3] == opt[3] == hi[3] == bucket and (lo[1], hi[1]) == (1, 4)
-        assert by_name["kv_mask"] == ((1, bucket), (3, bucket), (4, bucket))
+            assert lo[3] == opt[3] == hi[3] == bucket and (lo[1], opt[1], hi[1]) == (1, 3, rows)
+        assert by_name["kv_mask"] == ((1, bucket), (3, bucket), (rows, bucket))
 
 
 def test_dit_profile_comes_from_the_manifest_ranges(manifest):

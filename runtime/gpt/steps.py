@@ -73,8 +73,9 @@ class GptSteps(Protocol):
 
     `new_batch_cache(max_rows, buckets)` is called once by the scheduler (runtime/scheduler/): the cache of
     a decode batch shared by many requests, up to `max_rows` rows (runtime/gpt/batch_cache.py:BatchKVCache
-    on the host), or None where the steps cannot share one (the scheduler then decodes one generation at a
-    time with `new_cache`).
+    on the host; on TensorRT a device cache with the same interface, runtime/trt/kv_batch_device.py, whose
+    `max_rows` may be lower: the decode profiles' row bound), or None where the steps cannot share one (the
+    scheduler then decodes one generation at a time with `new_cache`).
 
     `close()` frees what the steps themselves hold (device buffers, and the executors they opened);
     executors handed to the steps by their caller stay the caller's to close. It may be called twice.

@@ -1,6 +1,6 @@
 """The one module that calls cuda-python: device and pinned allocations, streams, events, copies and CUDA
-graphs, each call checked, for the TensorRT executor (runtime/trt/executor.py) and the device KV cache
-(runtime/trt/kv_device.py).
+graphs, each call checked, for the TensorRT executor (runtime/trt/executor.py) and the device KV caches
+(runtime/trt/kv_device.py, runtime/trt/kv_batch_device.py).
 
 Why one module: cuda-python does not raise. Every call returns a tuple `(cudaError_t, *outputs)`
 (engines/TENSORRT_API.md §5), so an unchecked call fails silently and the next one fails
@@ -23,6 +23,9 @@ https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html):
   cudaMallocHost(size) -> (err, ptr)                 cudaFreeHost(ptr) -> (err,)
   cudaMemcpyAsync(dst, src, count, kind, stream)     cudaMemsetAsync(ptr, value, count, stream)
   cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream)   (width in bytes <= pitches)
+  cudaMemcpy3DAsync(p: cudaMemcpy3DParms, stream)    (p.srcPtr / p.dstPtr = make_cudaPitchedPtr(ptr, pitch,
+      xsize, ysize), p.srcPos / p.dstPos = make_cudaPos(x, y, z), p.extent = make_cudaExtent(w, h, d), p.kind)
+  cudaMemset2DAsync(ptr, pitch, value, width, height, stream)
   cudaStreamCreateWithFlags(flags) -> (err, stream)  cudaStreamSynchronize / cudaStreamDestroy(stream)
   cudaEventCreate() -> (err, event)                  cudaEventRecord(event, stream), cudaEventSynchronize
   cudaEventElapsedTime(start, end) -> (err, ms)      cudaEventDestroy(event)
@@ -389,6 +392,36 @@ def memcpy2d_async(dst: int, dpitch: int, src: int, spitch: int, width_bytes: in
     check(rt.cudaMemcpy2DAsync(int(dst), int(dpitch), int(src), int(spitch), int(width_bytes), int(height),
                                _kind(rt, kind), _stream(stream)),
           f"cudaMemcpy2DAsync({height} rows of {width_bytes} bytes, {kind})")
+
+
+def memcpy3d_async(dst: int, dst_pitch: int, dst_rows: int, dst_pos: Sequence[int], src: int, src_pitch: int,
+                   src_rows: int, src_pos: Sequence[int], width_bytes: int, height: int, depth: int, kind: str,
+                   stream: Stream | None) -> None:
+    """`depth` slices of `height` rows of `width_bytes` bytes between two pitched objects of linear memory, each
+    given as (start pointer, pitch in bytes, rows per slice, position (x bytes, y rows, z slices)): byte i of
+    row j of slice k moves from src + (sz+k)*src_pitch*src_rows + (sy+j)*src_pitch + sx + i to the same place
+    of dst. cudaMemcpy3DAsync takes the cudaMemcpy3DParms struct (zero-initialised by its constructor; no
+    CUDA array on either side, so positions and the extent width are in bytes)."""
+    if width_bytes <= 0 or height <= 0 or depth <= 0:
+        return
+    rt = cudart()
+    p = rt.cudaMemcpy3DParms()
+    p.srcPtr = rt.make_cudaPitchedPtr(int(src), int(src_pitch), int(src_pitch), int(src_rows))
+    p.srcPos = rt.make_cudaPos(*(int(v) for v in src_pos))
+    p.dstPtr = rt.make_cudaPitchedPtr(int(dst), int(dst_pitch), int(dst_pitch), int(dst_rows))
+    p.dstPos = rt.make_cudaPos(*(int(v) for v in dst_pos))
+    p.extent = rt.make_cudaExtent(int(width_bytes), int(height), int(depth))
+    p.kind = _kind(rt, kind)
+    check(rt.cudaMemcpy3DAsync(p, _stream(stream)),
+          f"cudaMemcpy3DAsync({depth} x {height} rows of {width_bytes} bytes, {kind})")
+
+
+def memset2d_async(ptr: int, pitch: int, value: int, width_bytes: int, height: int, stream: Stream | None) -> None:
+    """`height` rows of `width_bytes` bytes at ptr + r*pitch set to byte `value`."""
+    if width_bytes <= 0 or height <= 0:
+        return
+    check(cudart().cudaMemset2DAsync(int(ptr), int(pitch), int(value), int(width_bytes), int(height), _stream(stream)),
+          f"cudaMemset2DAsync({height} rows of {width_bytes} bytes)")
 
 
 def memset_async(ptr: int, value: int, nbytes: int, stream: Stream | None) -> None:

@@ -3,7 +3,8 @@ TensorRT executor (runtime/trt/executor.py) read. Torch-free and tensorrt-free.
 
 DESIGN.md §5: one plan per graph and precision; optimization profiles from the manifest's ranges (the
 decode graph: one profile per KV-cache bucket, cache_len fixed, so each bucket's shapes are static and
-its step can be captured in a CUDA graph); a plan is keyed by graph, ONNX sha256, precision, profiles,
+its step can be captured in a CUDA graph, and a batch range per bucket sized for the decode batch shared by
+requests: `decode_batch_max`, `decode_rows_bound`); a plan is keyed by graph, ONNX sha256, precision, profiles,
 TensorRT version, GPU name and compute capability (plus the precision policy, which changes the plan, and the
 graph's precision form: plans are strongly typed, so the ONNX graph carries the precision — "fp32",
 "fp16-mixed" (fp16 with explicit Casts around fp32 islands) or "int8-qdq" (QuantizeLinear/DequantizeLinear)).
@@ -19,14 +20,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from runtime.contracts import KV_BUCKETS
 from runtime.errors import EngineMismatchError
+from runtime.gpt.batch_cache import ROW_BUCKETS
 from runtime.manifest import GraphEntry, plain_json
 
 ENGINES_DIR = "engines"
@@ -44,6 +49,13 @@ GRAPH_FORMS = {"fp32": "fp32", "fp16": "fp16-mixed", "int8": "int8-qdq"}
 LEGACY_GRAPH_FORM = "weakly-typed"
 #: KV-cache buckets of the host runtime (runtime/gpt/kv_cache.py); the engines add the contract maximum.
 DECODE_GRAPH = "gpt_decode"
+#: The most device memory one allocation of the shared decode cache may take (runtime/trt/kv_batch_device.py):
+#: half of an RTX 3090's 24 GiB. The rest holds the engines (fp16: ~1 GB of weights for each of the three GPT
+#: graphs, ~1.2 GB for w2v-BERT, the DiT, vocoder and conditioners; fp32 twice that), their activations and
+#: the other stages' buffers. It bounds what the profiles admit; the rows actually used are the scheduler's
+#: choice below it (runtime/scheduler/: SchedulerConfig.kv_budget_bytes; mind that a reallocation holds the
+#: old and the new allocation at once).
+DECODE_KV_CEILING_BYTES = 12 << 30
 
 Shape = tuple[int, ...]
 
@@ -122,13 +134,30 @@ class EngineKey:
         if other.gpu != self.gpu:
             out.append(f"it was built for {other.gpu.describe()}, this GPU is {self.gpu.describe()}")
         if other.profiles != self.profiles:
-            out.append("its optimization profiles differ from the manifest's ranges")
+            out.append("its optimization profiles differ from the ones this build makes (the manifest's ranges; "
+                       "for gpt_decode, a batch range per KV bucket): "
+                       + profiles_change(other.profiles, self.profiles))
         if other.policy_sha256 != self.policy_sha256:
             out.append("it was built with another precision policy")
         if other.graph_form != self.graph_form:
             out.append(f"{_describe_form(other.graph_form)}, this build is strongly typed from the {self.graph_form} "
                        "graph")
         return out
+
+
+def profiles_change(was: Sequence[Profile], now: Sequence[Profile]) -> str:
+    """The first difference between a plan's profiles (`was`) and this build's (`now`), in words."""
+    if [p.label for p in was] != [p.label for p in now]:
+        return f"it has profiles {[p.label for p in was]}, this build makes {[p.label for p in now]}"
+    for old, new in zip(was, now):
+        olds, news = old.shapes(), new.shapes()
+        for name in sorted(set(olds) | set(news)):
+            if olds.get(name) != news.get(name):
+                def fmt(s: tuple[Shape, Shape, Shape] | None) -> str:
+                    return "no such input" if s is None else f"min {s[0]} opt {s[1]} max {s[2]}"
+                return (f"profile {new.label}, input '{name}': {fmt(olds.get(name))} in the plan, "
+                        f"{fmt(news.get(name))} now")
+    return "the inputs' order differs"
 
 
 def default_graph_form(precision: str) -> str:
@@ -172,14 +201,49 @@ def decode_buckets(entry: GraphEntry, host_buckets: Sequence[int] = KV_BUCKETS) 
     return tuple(inside + [r.max])
 
 
+def decode_row_bytes(entry: GraphEntry) -> int:
+    """Bytes one decode row takes per cache position: every `gpt_decode` input with both a batch and a
+    cache_len axis (each layer's kv_cache.<i>, 2*heads*head_dim float32, and kv_mask). Real model:
+    24 * 2*20*64*4 + 4 = 245,764 bytes."""
+    total = 0
+    for spec in entry.inputs:
+        if "batch" in spec.shape and "cache_len" in spec.shape:
+            static = math.prod(d for d in spec.shape if isinstance(d, int))
+            total += static * np.dtype(spec.dtype).itemsize
+    return total
+
+
+def decode_batch_max(entry: GraphEntry, bucket: int) -> int:
+    """The most decode rows `bucket`'s profile admits: the rows one cache allocation of
+    DECODE_KV_CEILING_BYTES holds at `bucket` positions, rounded down to a row bucket of the shared batch
+    (runtime/gpt/batch_cache.py:ROW_BUCKETS, at most its largest), never below the manifest's batch maximum
+    (one request's beams must always fit). Real model, 12 GiB: 256 -> 64 (204 fit), 512 -> 64 (102),
+    1024 -> 48 (51), 2048 -> 24 (25), 2688 -> 16 (19)."""
+    fit = DECODE_KV_CEILING_BYTES // max(decode_row_bytes(entry) * bucket, 1)
+    rows = max([b for b in ROW_BUCKETS if b <= fit], default=0)
+    return max(rows, entry.ranges["batch"].max)
+
+
+def decode_rows_bound(entry: GraphEntry, buckets: Sequence[int] | None = None) -> int:
+    """Decode rows the plan admits at every one of `buckets` (default: every bucket of the plan): the least
+    per-bucket maximum. A shared batch's rows all move to the bucket its longest row needs, whichever that
+    is, so this is the row bound of a decode batch on TensorRT (16 for the real model)."""
+    return min(decode_batch_max(entry, b) for b in (buckets or decode_buckets(entry)))
+
+
 def engine_profiles(entry: GraphEntry) -> tuple[Profile, ...]:
     """The optimization profiles of `entry`'s plan: one from the manifest's ranges, except `gpt_decode`,
-    which gets one per KV-cache bucket with cache_len fixed (static shapes per bucket)."""
+    which gets one per KV-cache bucket with cache_len fixed (static shapes per bucket) and a batch range
+    from the manifest's minimum to `decode_batch_max` (the opt point stays the manifest's: one request's
+    beams, the latency-critical case)."""
     if entry.name != DECODE_GRAPH:
         return (_profile("default", entry, {a: (r.min, r.opt, r.max) for a, r in entry.ranges.items()}),)
     profiles = []
+    batch = entry.ranges["batch"]
     for bucket in decode_buckets(entry):
         axes = {a: (r.min, r.opt, r.max) for a, r in entry.ranges.items()}
+        hi = decode_batch_max(entry, bucket)
+        axes["batch"] = (batch.min, min(batch.opt, hi), hi)
         axes["cache_len"] = (bucket, bucket, bucket)
         profiles.append(_profile(f"cache_len={bucket}", entry, axes))
     return tuple(profiles)

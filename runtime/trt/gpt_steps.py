@@ -8,10 +8,15 @@ What differs from runtime/gpt/graph_steps.py:GraphGptSteps (host cache, any back
   (each must have a profile in the decode plan; see `cache_buckets`), and frees the previous request's
   cache first;
 - `decode` runs with outputs {"logits": a host (B, V) array, "kv_new": a DeviceArray}, both allocated
-  once per beam count; the cache appends `kv_new` on the device. Per step only mel_ids / mel_pos go up
-  and the logits come down.
+  once per beam count (or decode batch row count); the cache appends `kv_new` on the device. Per step only
+  mel_ids / mel_pos (and, for a shared batch, kv_mask) go up and the logits come down;
+- `new_batch_cache` builds the scheduler's shared decode cache on the device
+  (runtime/trt/kv_batch_device.py), its rows clamped to what the decode profiles admit at every bucket it
+  may use (runtime.trt.engine_plan.decode_rows_bound).
 Decode CUDA graphs: `open_trt_gpt_steps` turns them on for the decode executor (its shapes are static
-per bucket and beam count; its addresses are stable for a whole request).
+per bucket and beam or row count; its addresses are stable for a whole request, or, for a shared batch,
+until its cache is reallocated: the executor keys graphs by profile, shapes and addresses, so each
+(bucket, rows) of an allocation gets its own graph and a reallocation retires the old ones).
 """
 
 from __future__ import annotations
@@ -27,15 +32,17 @@ from runtime.executors.base import check_feed, output_shapes
 from runtime.gpt.steps import GptGeometry
 from runtime.manifest import Manifest
 from runtime.trt.cuda import DeviceArray, DeviceBuffer, Stream
-from runtime.trt.engine_plan import decode_buckets
+from runtime.trt.engine_plan import decode_buckets, decode_rows_bound
 from runtime.trt.executor import TrtExecutor
+from runtime.trt.kv_batch_device import DeviceBatchKVCache
 from runtime.trt.kv_device import DeviceKVCache
 
 log = logging.getLogger(__name__)
 
 
 class TrtGptSteps:
-    """`prefill` / `decode` / `new_cache` (GptSteps protocol) on TensorRT executors of the two GPT graphs.
+    """`prefill` / `decode` / `new_cache` / `new_batch_cache` (GptSteps protocol) on TensorRT executors of the
+    two GPT graphs.
 
     `buckets`: KV capacities to use (default: every bucket of the decode plan); `owned`: objects with a
     close() that close() also closes, in order (open_trt_gpt_steps: the executors, then their stream)."""
@@ -54,6 +61,7 @@ class TrtGptSteps:
         self._kv_new: dict[int, DeviceBuffer] = {}
         self._prefill_kv: DeviceBuffer | None = None
         self._cache: DeviceKVCache | None = None
+        self._batch_cache: DeviceBatchKVCache | None = None
 
     # -- GptSteps -----------------------------------------------------------------------------------
 
@@ -93,11 +101,24 @@ class TrtGptSteps:
             buf = self._kv_new[beams] = DeviceBuffer(int(np.prod(shape)) * 4, f"kv_new for {beams} beam(s)")
         return self._decode.run(feed, outputs={"logits": logits, "kv_new": buf.array(shape, np.float32)})
 
-    def new_batch_cache(self, max_rows: int, buckets: Sequence[int]) -> None:
-        """None: the device cache of a decode batch shared by requests (per-row appends at different
-        positions, per-request reorders) is not built for TensorRT yet, so the scheduler decodes one
-        generation at a time here, each with its own device cache (`new_cache`)."""
-        return None
+    def new_batch_cache(self, max_rows: int, buckets: Sequence[int] | None) -> DeviceBatchKVCache:
+        """The scheduler's shared decode cache on the device (runtime/trt/kv_batch_device.py), on the decode
+        executor's stream, sized in `buckets` (cache_buckets: each needs a decode profile, and the larger
+        offered ones are added), with at most `max_rows` rows, clamped to the rows the decode profiles admit
+        at every one of those buckets (engine_plan.decode_rows_bound: the batch's rows all move to the bucket
+        its longest row needs). The bound in force is the cache's `max_rows`. One batch cache at a time: a
+        second call frees the first (close() frees it too)."""
+        self.release_batch_cache()
+        sizes = cache_buckets(buckets, self.buckets)
+        bound = decode_rows_bound(self._decode.entry, sizes)
+        rows = min(int(max_rows), bound)
+        if rows < max_rows:
+            log.info("gpt_decode: the decode batch takes %d rows, not %d: the engine's profiles admit %d rows at "
+                     "every KV bucket in use %s", rows, max_rows, bound, list(sizes))
+        g = self.geometry
+        self._batch_cache = DeviceBatchKVCache(g.layers, g.heads, g.head_dim, rows, sizes,
+                                               idle_token=g.start_mel_token, stream=self.stream)
+        return self._batch_cache
 
     # -- lifetime -----------------------------------------------------------------------------------
 
@@ -107,8 +128,15 @@ class TrtGptSteps:
             self._cache.close()
             self._cache = None
 
+    def release_batch_cache(self) -> None:
+        """Free the shared decode cache (the next new_batch_cache does it anyway)."""
+        if self._batch_cache is not None:
+            self._batch_cache.close()
+            self._batch_cache = None
+
     def close(self) -> None:
         self.release_cache()
+        self.release_batch_cache()
         for buf in (*self._kv_new.values(), *([self._prefill_kv] if self._prefill_kv else [])):
             buf.close()
         self._kv_new.clear()

@@ -68,10 +68,12 @@ from runtime.trt.kv_plan import (
     PREFILL,
     SPARE,
     Copy2D,
+    Copy3D,
     Fill,
     KVLayout,
     Op,
     check_op,
+    fill_is_contiguous,
     is_contiguous,
     plan_append,
     plan_clear,
@@ -91,7 +93,9 @@ REORDER_GRAPHS = 32              # instantiated reorder graphs kept per cache (L
 
 
 @dataclass(frozen=True)
-class _Region:
+class Region:
+    """A named memory region of a plan (runtime/trt/kv_plan.py): where it starts, its size, device or host."""
+
     ptr: int
     nbytes: int
     device: bool
@@ -182,11 +186,11 @@ class DeviceKVCache:
 
     def load_prefill(self, kv: DeviceArray | np.ndarray) -> None:
         """Write the prefill rows, broadcasting a batch-1 prefill to every beam."""
-        _check_kv(kv, (self.layers, 2, None, self.heads, None, self.head_dim), "prefill kv")
+        check_kv(kv, (self.layers, 2, None, self.heads, None, self.head_dim), "prefill kv")
         rows = kv.shape[4]
         if rows > self.capacity:
             self.grow(rows)
-        self._execute(plan_load_prefill(self.layout, rows, kv.shape[2]), {PREFILL: _source(kv)})
+        self._execute(plan_load_prefill(self.layout, rows, kv.shape[2]), {PREFILL: source_region(kv)})
         if isinstance(kv, np.ndarray):
             self._sync()                        # the caller may reuse its host array at once
         self.length = rows
@@ -198,10 +202,10 @@ class DeviceKVCache:
 
     def write(self, kv_new: DeviceArray | np.ndarray, position: int) -> None:
         """One strided copy of the new rows into `position` (growing to the next bucket first if needed)."""
-        _check_kv(kv_new, (self.layers, 2, self.batch, self.heads, 1, self.head_dim), "kv_new")
+        check_kv(kv_new, (self.layers, 2, self.batch, self.heads, 1, self.head_dim), "kv_new")
         if position >= self.capacity:
             self.grow(position + 1)
-        self._execute(plan_append(self.layout, position), {KV_NEW: _source(kv_new)})
+        self._execute(plan_append(self.layout, position), {KV_NEW: source_region(kv_new)})
         if isinstance(kv_new, np.ndarray):
             self._sync()
 
@@ -217,8 +221,8 @@ class DeviceKVCache:
         try:
             self._allocate(size, clear=False)
             self._execute(plan_grow(old_layout, self.layout, self.length),
-                          {OLD_CACHE: _Region(old_cache.ptr, old_cache.nbytes, True),
-                           OLD_MASK: _Region(old_mask.ptr, old_mask.nbytes, True)})
+                          {OLD_CACHE: Region(old_cache.ptr, old_cache.nbytes, True),
+                           OLD_MASK: Region(old_mask.ptr, old_mask.nbytes, True)})
         finally:
             self._sync()                        # the copies read the old allocation: wait before freeing it
             old_cache.close()
@@ -243,8 +247,8 @@ class DeviceKVCache:
         cache = np.empty(self.layout.shape(), np.float32)
         mask = np.empty((self.batch, self.capacity), np.float32)
         self._execute(plan_download(self.layout),
-                      {HOST_CACHE: _Region(cache.ctypes.data, cache.nbytes, False),
-                       HOST_MASK: _Region(mask.ctypes.data, mask.nbytes, False)})
+                      {HOST_CACHE: Region(cache.ctypes.data, cache.nbytes, False),
+                       HOST_MASK: Region(mask.ctypes.data, mask.nbytes, False)})
         self._sync()
         return cache, mask
 
@@ -297,30 +301,16 @@ class DeviceKVCache:
             self._execute(plan_clear(layout))
         # (grow: plan_grow clears the new allocation itself before copying the filled rows)
 
-    def _regions(self) -> dict[str, _Region]:
+    def _regions(self) -> dict[str, Region]:
         regions = {}
         for name, buf, device in ((CACHE, self._cache, True), (MASK, self._mask, True),
                                   (SPARE, self._spare, True), (ONES, self._ones, False)):
             if buf is not None:
-                regions[name] = _Region(buf.ptr, buf.nbytes, device)
+                regions[name] = Region(buf.ptr, buf.nbytes, device)
         return regions
 
-    def _execute(self, ops: Sequence[Op], extra: Mapping[str, _Region] | None = None) -> None:
-        regions = {**self._regions(), **(extra or {})}
-        sizes = {name: r.nbytes for name, r in regions.items()}
-        for op in ops:
-            check_op(op, sizes)
-            if isinstance(op, Fill):
-                cuda.memset_async(regions[op.dst].ptr + op.offset, op.value, op.nbytes, self.stream)
-                continue
-            dst, src = regions[op.dst], regions[op.src]
-            kind = _KIND[(src.device, dst.device)]
-            if is_contiguous(op):
-                cuda.memcpy_async(dst.ptr + op.dst_offset, src.ptr + op.src_offset, op.width * op.height, kind,
-                                  self.stream)
-            else:
-                cuda.memcpy2d_async(dst.ptr + op.dst_offset, op.dpitch, src.ptr + op.src_offset, op.spitch,
-                                    op.width, op.height, kind, self.stream)
+    def _execute(self, ops: Sequence[Op], extra: Mapping[str, Region] | None = None) -> None:
+        execute_ops(ops, {**self._regions(), **(extra or {})}, self.stream)
 
     def _capture_reorder(self, key: tuple) -> Any:
         """The copies of one reorder pattern (key[-1]) captured into an instantiated CUDA graph (no host
@@ -341,7 +331,35 @@ class DeviceKVCache:
         self.stream.sync()
 
 
-def _check_kv(kv: Any, shape: tuple[int | None, ...], what: str) -> None:
+def execute_ops(ops: Sequence[Op], regions: Mapping[str, Region], stream: Stream) -> None:
+    """Issue planned ops (runtime/trt/kv_plan.py) on `stream`, each checked against its regions first:
+    contiguous copies as cudaMemcpyAsync, the others as cudaMemcpy2DAsync / cudaMemcpy3DAsync, fills as
+    cudaMemsetAsync / cudaMemset2DAsync. Shared by both device caches."""
+    sizes = {name: r.nbytes for name, r in regions.items()}
+    for op in ops:
+        check_op(op, sizes)
+        if isinstance(op, Fill):
+            ptr = regions[op.dst].ptr + op.offset
+            if fill_is_contiguous(op):
+                cuda.memset_async(ptr, op.value, op.nbytes * max(op.height, 0), stream)
+            else:
+                cuda.memset2d_async(ptr, op.pitch, op.value, op.nbytes, op.height, stream)
+            continue
+        dst, src = regions[op.dst], regions[op.src]
+        kind = _KIND[(src.device, dst.device)]
+        if isinstance(op, Copy3D):
+            cuda.memcpy3d_async(dst.ptr, op.dpitch, op.dst_rows, op.dst_pos, src.ptr, op.spitch, op.src_rows,
+                                op.src_pos, op.width, op.height, op.depth, kind, stream)
+        elif is_contiguous(op):
+            cuda.memcpy_async(dst.ptr + op.dst_offset, src.ptr + op.src_offset, op.width * op.height, kind, stream)
+        else:
+            cuda.memcpy2d_async(dst.ptr + op.dst_offset, op.dpitch, src.ptr + op.src_offset, op.spitch,
+                                op.width, op.height, kind, stream)
+
+
+def check_kv(kv: Any, shape: tuple[int | None, ...], what: str) -> None:
+    """K/V handed to a device cache (None = any size on that axis): the plans size their copies from the shape,
+    so a wrong one is refused before any copy is issued."""
     got = tuple(kv.shape)
     if np.dtype(kv.dtype) != np.float32 or len(got) != len(shape) or any(
             w is not None and g != w for g, w in zip(got, shape)):
@@ -351,7 +369,8 @@ def _check_kv(kv: Any, shape: tuple[int | None, ...], what: str) -> None:
         raise ContractError(f"KV cache: {what} must be C-contiguous")
 
 
-def _source(value: DeviceArray | np.ndarray) -> _Region:
+def source_region(value: DeviceArray | np.ndarray) -> Region:
+    """A copy source on the device (DeviceArray) or the host (numpy: the caller synchronises before reusing it)."""
     if isinstance(value, DeviceArray):
-        return _Region(value.ptr, value.nbytes, True)
-    return _Region(int(value.ctypes.data), int(value.nbytes), False)
+        return Region(value.ptr, value.nbytes, True)
+    return Region(int(value.ctypes.data), int(value.nbytes), False)

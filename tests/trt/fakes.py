@@ -35,6 +35,7 @@ import enum
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -214,6 +215,83 @@ class FakeCudart:
             for r in range(height):
                 ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
         self._enqueue(stream, work, [(src, span(spitch)), (dst, span(dpitch))])
+        return (self.OK,)
+
+    # cudaMemcpy3DParms and its parts: plain records, as the real struct's attributes (zero-initialised)
+    class cudaMemcpy3DParms:
+        def __init__(self) -> None:
+            self.srcArray = self.dstArray = None
+            self.srcPos = self.dstPos = FakeCudart.make_cudaPos(0, 0, 0)
+            self.srcPtr = self.dstPtr = FakeCudart.make_cudaPitchedPtr(0, 0, 0, 0)
+            self.extent = FakeCudart.make_cudaExtent(0, 0, 0)
+            self.kind = FakeCudart.cudaMemcpyKind.cudaMemcpyHostToHost
+
+    @staticmethod
+    def make_cudaPitchedPtr(d, p, xsz, ysz):  # noqa: N802 — cudart's spelling
+        return SimpleNamespace(ptr=int(d), pitch=int(p), xsize=int(xsz), ysize=int(ysz))
+
+    @staticmethod
+    def make_cudaPos(x, y, z):  # noqa: N802
+        return SimpleNamespace(x=int(x), y=int(y), z=int(z))
+
+    @staticmethod
+    def make_cudaExtent(w, h, d):  # noqa: N802
+        return SimpleNamespace(width=int(w), height=int(h), depth=int(d))
+
+    def cudaMemcpy3DAsync(self, p, stream):
+        """Linear memory only. "returns an error if the pitch of srcPtr or dstPtr exceeds the maximum allowed";
+        each box must lie inside its object ("The source object must lie entirely within the region defined by
+        srcPos and extent"): x + width <= pitch, y + height <= ysize; the objects may not overlap."""
+        if p.srcArray is not None or p.dstArray is not None:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        w, h, d = p.extent.width, p.extent.height, p.extent.depth
+        sides = []
+        for ptr, pos in ((p.srcPtr, p.srcPos), (p.dstPtr, p.dstPos)):
+            if ptr.pitch > self.max_pitch:
+                return (self.cudaError_t.cudaErrorInvalidPitchValue,)
+            if pos.x + w > ptr.pitch or pos.y + h > ptr.ysize:
+                return (self.cudaError_t.cudaErrorInvalidValue,)
+            base = ptr.ptr + (pos.z * ptr.ysize + pos.y) * ptr.pitch + pos.x
+            sides.append([base + (k * ptr.ysize + j) * ptr.pitch for k in range(d) for j in range(h)])
+        src_rows, dst_rows = sides
+        if self._rows_overlap(src_rows, dst_rows, w):
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        src_dev, dst_dev = self._sides(p.kind)
+        if not (w and h and d):
+            return (self.OK,)
+        span = lambda rows: (rows[0], rows[-1] + w - rows[0])  # noqa: E731
+        self._check(*span(src_rows), src_dev, "3D copy source")
+        self._check(*span(dst_rows), dst_dev, "3D copy destination")
+        self.copies += 1
+
+        def work():
+            for s_row, d_row in zip(src_rows, dst_rows):
+                ctypes.memmove(d_row, s_row, w)
+        self._enqueue(stream, work, [span(src_rows), span(dst_rows)])
+        return (self.OK,)
+
+    @staticmethod
+    def _rows_overlap(a_rows, b_rows, width) -> bool:
+        rows = sorted([(a, 0) for a in a_rows] + [(b, 1) for b in b_rows])
+        ends = [-1, -1]
+        for start, side in rows:
+            if start < ends[1 - side]:
+                return True
+            ends[side] = max(ends[side], start + width)
+        return False
+
+    def cudaMemset2DAsync(self, ptr, pitch, value, width, height, stream):
+        if height > 1 and width > pitch:
+            return (self.cudaError_t.cudaErrorInvalidValue,)
+        if not (width and height):
+            return (self.OK,)
+        span = (height - 1) * pitch + width
+        self._check(ptr, span, True, "memset2d")
+
+        def work():
+            for r in range(height):
+                ctypes.memset(ptr + r * pitch, value, width)
+        self._enqueue(stream, work, [(ptr, span)])
         return (self.OK,)
 
     def cudaMemsetAsync(self, ptr, value, n, stream):

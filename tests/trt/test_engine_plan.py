@@ -8,17 +8,24 @@ import json
 
 import pytest
 
+from runtime.contracts import ModelDims, build_contracts
 from runtime.errors import EngineMismatchError
-from runtime.manifest import read_manifest
+from runtime.gpt.batch_cache import ROW_BUCKETS
+from runtime.manifest import graph_entry, read_manifest
 from runtime.trt import gpu
 from runtime.trt.engine_plan import (
+    DECODE_KV_CEILING_BYTES,
     GRAPH_FORMS,
     LEGACY_GRAPH_FORM,
     EngineKey,
     GpuInfo,
     PlanRecord,
+    Profile,
     check_record,
+    decode_batch_max,
     decode_buckets,
+    decode_row_bytes,
+    decode_rows_bound,
     engine_profiles,
     plan_paths,
     read_record,
@@ -49,12 +56,60 @@ def test_decode_has_one_static_profile_per_bucket(manifest) -> None:
         shapes = profile.shapes()
         lo, opt, hi = shapes["kv_cache.0"]
         assert lo[3] == opt[3] == hi[3] == bucket                         # cache_len fixed
-        assert (lo[1], opt[1], hi[1]) == (1, 3, 4)                        # beams from the manifest
-        assert shapes["kv_mask"][2] == (4, bucket)
+        assert (lo[1], opt[1], hi[1]) == (1, 3, 64)                       # a tiny model's rows fit 64 at any bucket
+        assert shapes["kv_mask"][2] == (64, bucket) and shapes["mel_ids"][2] == (64, 1)
         assert profile.admits({n: s[1] for n, s in shapes.items()})
     other = {n: s[1] for n, s in profiles[0].shapes().items()}
     other["kv_mask"] = (3, 300)
     assert not profiles[0].admits(other)
+
+
+def _full_size_decode():
+    dims = ModelDims()
+    return graph_entry(build_contracts(dims)["gpt_decode"], dims, file="gpt_decode.onnx", sha256="0" * 64, opset=18,
+                       exporter="dynamo", fingerprint="f")
+
+
+def test_decode_batch_ranges_follow_the_kv_memory_of_each_bucket() -> None:
+    """The real model: a row takes 245,764 bytes per position (24 layers of K/V in float32 + the mask), so a
+    12 GiB allocation holds 204 rows at 256 positions but 19 at 2688; rounded down to row buckets: 64, 64, 48,
+    24, 16. The batch bound at every bucket is 16."""
+    entry = _full_size_decode()
+    assert decode_row_bytes(entry) == 24 * 2 * 20 * 64 * 4 + 4 == 245_764
+    buckets = decode_buckets(entry)
+    maxima = [decode_batch_max(entry, b) for b in buckets]
+    assert buckets == (256, 512, 1024, 2048, 2688) and maxima == [64, 64, 48, 24, 16]
+    for bucket, rows in zip(buckets, maxima):
+        assert rows * bucket * decode_row_bytes(entry) <= DECODE_KV_CEILING_BYTES
+        assert rows in ROW_BUCKETS
+    assert decode_rows_bound(entry) == 16 and decode_rows_bound(entry, (256, 512)) == 64
+    for bucket, rows, profile in zip(buckets, maxima, engine_profiles(entry)):
+        shapes = profile.shapes()
+        assert shapes["mel_ids"] == ((1, 1), (3, 1), (rows, 1)) and shapes["kv_mask"][2] == (rows, bucket)
+        assert shapes["kv_cache.23"] == ((2, 1, 20, bucket, 64), (2, 3, 20, bucket, 64), (2, rows, 20, bucket, 64))
+        assert profile.admits({n: s[2] for n, s in shapes.items()})
+
+
+def test_a_plan_with_the_old_decode_profiles_is_rebuilt_saying_why(manifest, tmp_path) -> None:
+    """Plans built before the batch ranges (beams 1..4 at every bucket) differ in their key: the builder
+    rebuilds them and the runtime refuses them, naming the profile and input that changed."""
+    entry = manifest.graph("gpt_decode")
+    old = tuple(Profile(p.label, tuple(dataclasses.replace(i, max=(4, *i.max[1:])) if i.name != "kv_cache.0" else
+                                       dataclasses.replace(i, max=(2, 4, *i.max[2:])) for i in p.inputs))
+                for p in engine_profiles(entry))
+    want = _key(manifest)
+    (reason,) = want.differences(dataclasses.replace(want, profiles=old))
+    assert reason.startswith("its optimization profiles differ from the ones this build makes")
+    assert "profile cache_len=256, input 'kv_cache.0': min (2, 1, 4, 256, 16) opt (2, 3, 4, 256, 16) max " \
+           "(2, 4, 4, 256, 16) in the plan, min (2, 1, 4, 256, 16) opt (2, 3, 4, 256, 16) max (2, 64, 4, 256, 16) " \
+           "now" in reason
+    plan, sidecar = plan_paths(tmp_path, "gpt_decode", "fp16")
+    plan.parent.mkdir()
+    write_record(sidecar, PlanRecord(dataclasses.replace(want, profiles=old), "f" * 64))
+    with pytest.raises(EngineMismatchError, match=r"cannot run here: its optimization profiles differ .* Rebuild it"):
+        check_record(read_record(sidecar), want, plan)
+    fewer = dataclasses.replace(want, profiles=old[:2])
+    assert "it has profiles ['cache_len=256', 'cache_len=512'], this build makes" in want.differences(fewer)[0]
 
 
 def test_other_graphs_take_the_manifest_ranges(manifest) -> None:

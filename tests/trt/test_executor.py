@@ -118,9 +118,11 @@ def test_profile_choice_on_the_tiny_manifest(manifest) -> None:
         select_profile("gpt_decode", profiles, decode_shapes(3, 300))
     text = str(err.value)
     assert "no optimization profile" in text and "input 'kv_cache.0' shape (2, 3, 4, 300, 16)" in text
-    assert f"min (2, 1, 4, {buckets[0]}, 16) .. max (2, 4, 4, {buckets[0]}, 16)" in text
-    with pytest.raises(ContractError, match=r"'mel_ids' shape \(5, 1\) is outside min \(1, 1\) \.\. max \(4, 1\)"):
-        select_profile("gpt_decode", profiles, decode_shapes(5, buckets[0]))
+    assert f"min (2, 1, 4, {buckets[0]}, 16) .. max (2, 64, 4, {buckets[0]}, 16)" in text
+    for i, bucket in enumerate(buckets):                        # the shared decode batch's rows (engine_plan)
+        assert select_profile("gpt_decode", profiles, decode_shapes(64, bucket)) == i
+    with pytest.raises(ContractError, match=r"'mel_ids' shape \(65, 1\) is outside min \(1, 1\) \.\. max \(64, 1\)"):
+        select_profile("gpt_decode", profiles, decode_shapes(65, buckets[0]))
 
     dit = manifest.graph("dit_step")
     (profile,) = engine_profiles(dit)
@@ -134,8 +136,8 @@ def test_profile_choice_on_the_tiny_manifest(manifest) -> None:
     assert data_dependent_outputs(manifest.graph("length_regulator")) == ("cond",)
     assert all(data_dependent_outputs(e) == () for n, e in manifest.graphs.items() if n != "length_regulator")
     nbytes = profile_max_bytes(decode, profiles[1])
-    assert nbytes["kv_cache.0"] == 2 * 4 * dims.heads * buckets[1] * dims.head_dim * 4
-    assert nbytes["logits"] == 4 * dims.vocab * 4 and nbytes["mel_ids"] == 4 * 8
+    assert nbytes["kv_cache.0"] == 2 * 64 * dims.heads * buckets[1] * dims.head_dim * 4
+    assert nbytes["logits"] == 64 * dims.vocab * 4 and nbytes["mel_ids"] == 64 * 8
     cond = profile_max_bytes(manifest.graph("length_regulator"), engine_profiles(manifest.graph("length_regulator"))[0])
     assert cond["cond"] == 4 * 3200 * dims.content_dim * 4            # the range maximum of the data-dependent axis
 

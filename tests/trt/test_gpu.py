@@ -1,5 +1,5 @@
-"""The TensorRT runtime pieces on a real GPU (DESIGN.md §4): the GPU probe, the device KV cache against the host
-KVCache, CUDA-graph replay against plain execution (dit_step per length and gpt_decode per bucket on ONE executor
+"""The TensorRT runtime pieces on a real GPU (DESIGN.md §4): the GPU probe, the device KV caches against the host
+KVCache and BatchKVCache, CUDA-graph replay against plain execution (dit_step per length and gpt_decode per bucket on ONE executor
 and context; the decode loop with and without graphs), and GPU-side timing. tests/trt/test_executor.py and
 test_cuda_graphs.py run the same logic through fakes on the CPU; these run it on the hardware, where copies,
 captures and replays are real.
@@ -89,6 +89,42 @@ def test_the_device_kv_cache_mirrors_the_host_cache(batch) -> None:
     finally:
         device.close()
         staging.close()
+        stream.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_device_batch_cache_agrees_with_the_host_batch(seed) -> None:
+    """The shared decode batch's cache (3D copies, 2D memsets: runtime/trt/kv_batch_device.py) on the hardware,
+    through tests/trt/test_kv_batch.py's random walk, against the host BatchKVCache."""
+    from runtime.gpt.batch_cache import BatchKVCache
+    from runtime.trt import cuda
+    from runtime.trt.kv_batch_device import DeviceBatchKVCache
+    from tests.trt.test_kv_batch import BUCKETS, _apply, _walk
+
+    geometry, max_rows = (2, 3, 8), 12
+    stream = cuda.Stream()
+    device = DeviceBatchKVCache(*geometry, max_rows, BUCKETS, stream=stream)
+    host = BatchKVCache(*geometry, max_rows=max_rows, buckets=BUCKETS)
+    try:
+        for i, event in enumerate(_walk(seed, *geometry, max_rows)):
+            _apply(host, event)
+            staging = None
+            if event[0] in ("join", "append"):        # K/V from device memory, as the engines write it
+                a = event[2] if event[0] == "join" else event[1]
+                staging = cuda.DeviceBuffer(a.nbytes, "staged K/V")
+                cuda.memcpy_htod_async(staging.ptr, a.ctypes.data, a.nbytes, stream)
+                staged = staging.array(a.shape)
+                event = (*event[:2], staged, *event[3:]) if event[0] == "join" else ("append", staged)
+            _apply(device, event)
+            stream.sync()
+            if staging is not None:
+                staging.close()
+            cache, mask = device.download()
+            assert (device.rows, device.capacity, device.version) == (host.rows, host.capacity, host.version)
+            np.testing.assert_array_equal(cache, host.buffer, err_msg=f"event {i}: {event[0]}")
+            np.testing.assert_array_equal(mask, host.mask)
+    finally:
+        device.close()
         stream.close()
 
 
