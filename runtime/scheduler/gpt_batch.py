@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Any, Hashable
 
 import numpy as np
 
@@ -36,7 +36,9 @@ class _Active:
 class GptBatch:
     """The generations being decoded together, over one BatchKVCache."""
 
-    def __init__(self, steps: GptSteps, cache: BatchKVCache) -> None:
+    def __init__(self, steps: GptSteps, cache: BatchKVCache | Any) -> None:
+        """`cache`: the steps' `new_batch_cache` (BatchKVCache on the host, the TensorRT device cache of
+        runtime/trt/kv_batch_device.py: the same interface)."""
         self.steps, self.cache = steps, cache
         self.active: dict[Hashable, _Active] = {}
         self._feed: dict[str, np.ndarray] = {}
@@ -67,7 +69,7 @@ class GptBatch:
         step = selector.first(out["logits"])
         if step is None:
             return selector.result()
-        self.cache.join(key, np.asarray(kv), config.num_beams, prompt_rows + max_new - 1)
+        self.cache.join(key, kv, config.num_beams, prompt_rows + max_new - 1)      # host or device array
         self._set(key, step)
         self.active[key] = _Active(selector, step)
         return None
@@ -93,7 +95,7 @@ class GptBatch:
         used, rows = self.cache.used_rows, self.cache.rows
         self.decode_calls += 1
         self.peak_rows = max(self.peak_rows, self.cache.used_rows)
-        self.cache.append(np.asarray(out["kv_new"]))
+        self.cache.append(out["kv_new"])                    # host or device array
         logits = np.asarray(out["logits"], np.float32)
         ended: dict[Hashable, GenerationResult] = {}
         failed: dict[Hashable, Exception] = {}

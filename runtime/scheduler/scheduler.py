@@ -23,7 +23,6 @@ from runtime.cfm import regulate
 from runtime.contracts import KV_BUCKETS
 from runtime.errors import InputError
 from runtime.executors.base import Executor
-from runtime.gpt.batch_cache import BatchKVCache
 from runtime.gpt.steps import GptSteps
 from runtime.manifest import Manifest
 from runtime.scheduler.admission import Admission
@@ -58,9 +57,14 @@ class SchedulerConfig:
 
 
 def _profile_batch_max(manifest: Manifest, graph: str, fixed_profiles: bool) -> int | None:
-    """The batch axis maximum of `graph`'s engine profile where the backend has fixed profiles."""
+    """The batch axis maximum of `graph`'s engine profile where the backend has fixed profiles (the decode
+    graph: the rows every KV bucket's profile allows, runtime/trt/engine_plan.py:decode_rows_bound)."""
     if not fixed_profiles:
         return None
+    if graph == "gpt_decode":
+        from runtime.trt.engine_plan import decode_rows_bound      # pure arithmetic: imports without TensorRT
+
+        return decode_rows_bound(manifest.graph(graph))
     return manifest.graph(graph).ranges["batch"].max
 
 
@@ -84,20 +88,19 @@ class Scheduler:
         if cache is None:
             log.info("scheduler: %s decodes one generation at a time (no shared decode cache on this backend)",
                      type(gpt_steps).__name__)
-        self.gpt_rows = rows if cache is not None else None
+        self.gpt_rows = cache.max_rows if cache is not None else None     # the steps may clamp further
         euler_rows = _capped(config.max_euler_rows, _profile_batch_max(manifest, "dit_step", fixed_profiles))
         vocoder_rows = _capped(config.max_vocoder_rows, _profile_batch_max(manifest, "bigvgan", fixed_profiles))
         if not manifest.dit_rows_alone:
             log.warning("this export's dit_step predates rows computed as alone: only segments of equal length "
                         "share Euler steps; re-export (python -m export.build) to batch them all")
-        self.gpt = GptWorker(gpt_steps, graphs["gpt_latent"],
-                             GptBatch(gpt_steps, cache) if isinstance(cache, BatchKVCache) else None)
+        self.gpt = GptWorker(gpt_steps, graphs["gpt_latent"], GptBatch(gpt_steps, cache) if cache is not None else None)
         self.mel = MelWorker(graphs["length_regulator"],
                              EulerBatch(graphs["dit_step"], euler_rows, pad_rows=manifest.dit_rows_alone), regulate)
         self.vocoder = VocoderWorker(graphs["bigvgan"], vocoder_rows, lambda wav: to_pcm16(wav))
         self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.queue_timeout_s)
         log.info("scheduler: %s, %d Euler rows, %d vocoder rows, %d requests in flight + %d waiting",
-                 f"{rows} decode rows" if cache is not None else "one generation at a time", euler_rows,
+                 f"{self.gpt_rows} decode rows" if cache is not None else "one generation at a time", euler_rows,
                  vocoder_rows, config.max_active_requests, config.max_queued_requests)
 
     def close(self) -> None:

@@ -127,3 +127,41 @@ def test_a_shared_decode_batch_on_tensorrt_equals_the_host_batch(fake_engines, m
         assert stats.failed_captures == 0 and stats.replays > 150
     steps.close()
     assert not trt.cudart.device and not trt.cudart.host and not trt.cudart.execs
+
+
+def test_the_scheduler_batch_runs_on_tensorrt_steps_as_on_the_host(fake_engines, manifest) -> None:
+    """GptBatch (the scheduler's decode loop) over TrtGptSteps: the device prefill K/V and kv_new go into the
+    device batch cache as they are, and every generation's codes equal the host batch's."""
+    from runtime.gpt.generate import GenerationConfig
+    from runtime.gpt.graph_steps import GraphGptSteps, geometry_of
+    from runtime.gpt.sampling import RngDraws
+    from runtime.scheduler.gpt_batch import GptBatch
+    from runtime.trt.executor import TrtExecutor
+
+    root, trt = fake_engines
+    geometry = geometry_of(manifest)
+    stream = cuda.Stream()
+    prefill = TrtExecutor(manifest.graph("gpt_prefill"), root, "fp16", stream=stream, trt=trt)
+    decode = TrtExecutor(manifest.graph("gpt_decode"), root, "fp16", stream=stream, trt=trt)
+    device_steps = TrtGptSteps(prefill, decode, geometry, owned=(prefill, decode, stream))
+    host_steps = GraphGptSteps(_ort(root, manifest, "gpt_prefill"), _ort(root, manifest, "gpt_decode"), geometry)
+    configs = [GenerationConfig(num_beams=3, max_mel_tokens=12), GenerationConfig(num_beams=1, max_mel_tokens=9),
+               GenerationConfig(do_sample=False, num_beams=2, max_mel_tokens=10)]
+    codes = {}
+    for name, steps in (("device", device_steps), ("host", host_steps)):
+        batch = GptBatch(steps, steps.new_batch_cache(8, KV_BUCKETS))
+        results = {}
+        for i, config in enumerate(configs):
+            feed = _request(manifest, 20 + i, 15 + 10 * i)
+            done = batch.join(i, feed["spk_latent"], feed["emovec"], feed["text_ids"][0], config, RngDraws(i))
+            assert done is None
+            results.update(batch.step()[0])
+        while batch.active:
+            ended, failed = batch.step()
+            assert not failed
+            results.update(ended)
+        assert batch.peak_rows == 6 and batch.cache.used_rows == 0
+        codes[name] = {i: r.codes for i, r in results.items()}
+    for i in range(len(configs)):
+        np.testing.assert_array_equal(codes["device"][i], codes["host"][i], err_msg=f"generation {i}")
+    device_steps.close()
