@@ -47,6 +47,7 @@ def row_bucket(rows: int, max_rows: int, buckets: Sequence[int] = ROW_BUCKETS) -
 class _Member:
     rows: list[int]              # its beams' rows, beam b in rows[b]
     max_positions: int           # the most positions any of its rows will hold
+    shared: int = 0              # positions [0, shared) are the same in all its rows (a batch-1 prefill)
 
 
 class BatchKVCache:
@@ -117,7 +118,7 @@ class BatchKVCache:
             self._reallocate(max(need_rows, self.rows), max(prompt, self._longest()), max_positions)
             free = [r for r in range(self.rows) if r not in self._taken()]
         rows = free[:beams]
-        self.members[key] = _Member(rows, max(max_positions, prompt))
+        self.members[key] = _Member(rows, max(max_positions, prompt), prompt if kv.shape[2] == 1 else 0)
         for b, r in enumerate(rows):
             np.copyto(self.buffer[:, :, r, :, :prompt], kv[:, :, b if kv.shape[2] > 1 else 0])
             self.buffer[:, :, r, :, prompt:] = 0.0
@@ -147,17 +148,18 @@ class BatchKVCache:
 
     def reorder(self, key: Hashable, beam_indices: np.ndarray) -> None:
         """Beam b of `key` takes the filled rows of its beam `beam_indices[b]` (within the member's rows)."""
-        rows = self.members[key].rows
-        n = int(self.lengths[rows[0]])                       # a member's beams hold the same positions
+        member = self.members[key]
+        rows = member.rows
+        a, n = member.shared, int(self.lengths[rows[0]])     # its beams hold the same positions; [0, a) alike
         for dst, src in reorder_moves(beam_indices):
             if dst == PARKED:
-                np.copyto(self._spare_slot()[:, :, :, :n], self.buffer[:, :, rows[src], :, :n])
+                np.copyto(self._spare_slot()[:, :, :, a:n], self.buffer[:, :, rows[src], :, a:n])
             elif src == PARKED:
-                np.copyto(self.buffer[:, :, rows[dst], :, :n], self._spare_slot()[:, :, :, :n])
+                np.copyto(self.buffer[:, :, rows[dst], :, a:n], self._spare_slot()[:, :, :, a:n])
             else:
                 for layer in self.buffer:                    # per (layer, K/V): disjoint views, no temporary
                     for kv in layer:
-                        np.copyto(kv[rows[dst], :, :n], kv[rows[src], :, :n])
+                        np.copyto(kv[rows[dst], :, a:n], kv[rows[src], :, a:n])
 
     # -- a step ---------------------------------------------------------------------------------------
     def ensure_room(self) -> None:

@@ -5,8 +5,9 @@ upstream: the `past_key_values` of HF GPT-2 under `indextts/gpt/transformers_gen
 is static instead (DESIGN.md §3): S comes from a small set of buckets, each layer's slice `buffer[i]`
 is a contiguous (2, B, heads, S, head_dim) view bound as decode input `kv_cache.<i>`, the decode graph
 returns only the new rows (`kv_new`), and `kv_mask` (B, S) marks the rows to attend to. A step's write
-is one strided copy; a beam reorder moves only the beams whose source changed, in place (a one-beam
-spare slot breaks permutation cycles); growth to the next bucket is one copy of the filled rows.
+is one strided copy; a beam reorder moves only the beams whose source changed, and of those only the
+generated positions (every beam holds the same prompt rows), in place (a one-beam spare slot breaks
+permutation cycles); growth to the next bucket is one copy of the filled rows.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class KVCache:
         self.buckets = tuple(buckets)
         self.dtype = np.dtype(dtype)
         self.length = 0                       # filled positions [0, length)
+        self.shared = 0                       # positions [0, shared) hold the same K/V in every beam
         self.version = 0                      # bumped when the arrays are reallocated (feeds must be rebuilt)
         self._spare: np.ndarray | None = None
         self._allocate(bucket_for(rows, self.buckets, max_rows))
@@ -101,6 +103,7 @@ class KVCache:
         self.mask[:, :rows] = 1.0
         self.mask[:, rows:] = 0.0
         self.length = rows
+        self.shared = rows if kv.shape[2] == 1 else 0      # a batch-1 prefill: every beam starts alike
 
     def append(self, kv_new: np.ndarray) -> None:
         """Write a decode step's `kv_new` (layers, 2, B, heads, 1, head_dim) at the next position."""
@@ -139,9 +142,10 @@ class KVCache:
         return self._spare
 
     def _copy_rows(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Filled rows between the cache and the spare slot (separate allocations: one strided copy)."""
-        n = self.length
-        np.copyto(dst[:, :, :, :n], src[:, :, :, :n])
+        """Filled rows between the cache and the spare slot (separate allocations: one strided copy); the
+        positions every beam shares (the prompt) are the same on both sides and are not copied."""
+        a, n = self.shared, self.length
+        np.copyto(dst[:, :, :, a:n], src[:, :, :, a:n])
 
     def _move_beam(self, dst: int, src: int) -> None:
         """Filled rows of beam `src` onto beam `dst` within the cache.
@@ -150,7 +154,7 @@ class KVCache:
         two views as disjoint. A single copy of the interleaved (layers, 2, ...) views would look
         overlapping to numpy's bounds check, which then copies the source to a temporary first.
         """
-        n = self.length
+        a, n = self.shared, self.length                      # the shared prompt positions stay
         for layer in self.buffer:
             for kv in layer:                                  # (B, heads, S, head_dim)
-                np.copyto(kv[dst, :, :n], kv[src, :, :n])
+                np.copyto(kv[dst, :, a:n], kv[src, :, a:n])
