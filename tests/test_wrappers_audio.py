@@ -44,6 +44,9 @@ LONG_SHAPES: dict[str, dict[str, int]] = {
 # Operators of these graphs, each checked against ONNX-TensorRT's operator support list (TensorRT 10):
 # a new operator type in an export must be checked there and added here deliberately.
 TRT10_CHECKED_OPS = frozenset({
+    # Abs, Greater, GatherElements (FP32/FP16/INT32/INT64; indices >= 0, as the clamp makes them): dit_step's
+    # per-row reflection (export/models/wavenet.py:reflect_pad_rows)
+    "Abs", "GatherElements", "Greater",
     "Add", "ArgMax", "BatchNormalization", "Cast", "Clip", "Concat", "Conv", "ConvTranspose", "Cos", "Div",
     "Equal", "Erf", "Expand", "Floor", "Gather", "Gemm", "GreaterOrEqual", "InstanceNormalization",
     "LayerNormalization", "Less", "MatMul", "Mish", "Mul", "Neg", "Not", "Pad", "Pow", "Range", "Reciprocal",
