@@ -189,6 +189,18 @@ def cmd_effect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_shipped
+    from .report import write_report
+
+    results = check_shipped(args.engines, args.calib, args.feeds, args.threads, progress=_progress)
+    bad = [r.graph for r in results if not r.ok]
+    print(f"{len(results) - len(bad)} of {len(results)} fp16 graphs within their bounds"
+          + (f"; out of bounds: {', '.join(bad)}" if bad else ""))
+    print(f"report -> {write_report(args.calib)}")
+    return 1 if bad else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -271,6 +283,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     e.add_argument("--keep-emulated", action="store_true")
     e.add_argument("--threads", type=int)
     e.set_defaults(func=cmd_effect)
+    k = sub.add_parser("check", help="the shipped fp16 graphs (emulated) against the bounds on held-out feeds")
+    k.add_argument("--engines", required=True, type=Path, help="export directory whose fp16 forms to check")
+    k.add_argument("--calib", required=True, type=Path)
+    k.add_argument("--feeds", type=int, default=2, help="held-out feeds per graph (default 2)")
+    k.add_argument("--threads", type=int)
+    k.set_defaults(func=cmd_check)
     r = sub.add_parser("report", help="write the Markdown report from the records")
     r.add_argument("--calib", required=True, type=Path)
     r.add_argument("--out", type=Path, help="default CALIB/REPORT.md")

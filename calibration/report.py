@@ -143,8 +143,26 @@ def render(calib: Path) -> str:
             lines.append(f"| {g} | {len(gf.feeds)} | {name} | {s.dtype} | {shape} | {_f(s.min)} | {_f(s.max)} | "
                          f"{_f(s.mean)} | {_f(s.std)} |")
     lines.append("")
+    lines += ["## Shipped fp16 graphs against the bounds", ""] + _check_section(_load(calib / "fp16_check.json")) + [""]
     lines += ["## INT8", ""] + _int8_section(gate) + [""]
     return "\n".join(lines)
+
+
+def _check_section(checks: list[dict[str, Any]] | None) -> list[str]:
+    """`python -m calibration check`: each shipped fp16 form's emulation against float32 on held-out feeds."""
+    if not checks:
+        return ["No check record: `python -m calibration check --engines OUT --calib CALIB` runs each shipped fp16 "
+                "form (made with this policy) on feeds the analysis did not see, against the bounds above."]
+    lines = ["Each fp16 form `export.build --precision-policy` wrote, emulated (fp16 rounding after every fp16 "
+             "node) against its float32 graph; limit = 2 × the analysis's worst + one fp16 step (integer outputs: "
+             "0.5 % less agreement). 'ORT CPU' = the form itself loads and runs on ONNX Runtime's CPU provider.", "",
+             "| graph | feeds | held out | output: worst (limit) | within | ORT CPU |", "|---|---:|---|---|---|---|"]
+    for c in checks:
+        outs = "; ".join(f"{n}: {_f(v)} ({_f(c['limits'][n])})" for n, v in c["worst"].items())
+        cpu = "runs" if c["runs_on_ort_cpu"] else f"cannot: {c['ort_cpu_error']}"
+        lines.append(f"| {c['graph']} | {c['feeds']} | {'yes' if c['held_out'] else 'no (all analysed)'} | {outs} | "
+                     f"{'yes' if not c['problems'] else 'NO: ' + '; '.join(c['problems'])} | {cpu} |")
+    return lines
 
 
 def _int8_section(gate: dict[str, Any] | None) -> list[str]:

@@ -717,3 +717,48 @@ def test_shipped_fp16_graphs_stay_within_the_calibrated_bounds_on_held_out_feeds
             found += problems(a.graph, bounds[a.graph], ref, emu)
             checked += 1
     assert checked >= len(analyses) and not found, found
+
+
+def test_check_holds_the_shipped_forms_to_the_bounds_on_held_out_feeds(tiny_calib, tiny_export, tiny_ckpt, tmp_path):
+    """`python -m calibration check`: analysed graphs' fp16 forms within their bounds on feeds the analysis
+    did not see, recorded and reported; a bound the form cannot meet is reported out of bounds."""
+    import shutil
+
+    from calibration.bounds import bounds_record, write_bounds
+    from calibration.check import CHECK_NAME, check_shipped
+    from calibration.cli import main as calibration_main
+    from export.dims import checkpoint_contracts
+    from export.layout import CheckpointLayout
+    from export.precision_forms import write_fp16_forms
+
+    out = Path(shutil.copytree(tiny_export[0], tmp_path / "out"))
+    calib = Path(shutil.copytree(tiny_calib[0], tmp_path / "calib"))
+    manifest = read_manifest(out)
+    store = FeedStore.open(calib)
+    graphs = ("campplus", "length_regulator", "dit_step")
+    analyses = [analyze_graph(g, manifest.graph(g).path(out), store, default_policy(), AnalysisLimits(max_feeds=1))
+                for g in graphs]
+    policy = calibrated_policy(default_policy(), analyses)
+    policy_file = write_policy(policy, calib)
+    record = bounds_record(analyses, policy.sha256())
+    write_bounds(record, calib)
+    contracts = checkpoint_contracts(manifest.dims, CheckpointLayout.open(tiny_ckpt).config)
+    entries, failed = write_fp16_forms(manifest.graphs, contracts, manifest.dims, out, policy_file)
+    assert not failed
+    import dataclasses
+
+    from runtime.manifest import write_manifest
+
+    write_manifest(dataclasses.replace(manifest, graphs={**manifest.graphs, **entries}), out)   # as export.build
+    results = check_shipped(out, calib, feeds=2)
+    assert [r.graph for r in results] == [g for g in manifest.graphs if g in graphs]
+    for r in results:
+        assert r.ok, r.problems
+        assert r.feeds >= 1 and set(r.worst) == set(record["graphs"][r.graph])
+        assert r.held_out == (len(store.records(r.graph)) > 1)
+    assert json.loads((calib / CHECK_NAME).read_text())[0]["graph"] == results[0].graph
+    record["graphs"]["dit_step"]["x_next"]["rel_err"] = -1.0            # a bound nothing can meet
+    write_bounds(record, calib)
+    assert calibration_main(["check", "--engines", str(out), "--calib", str(calib), "--feeds", "1"]) == 1
+    report = (calib / "REPORT.md").read_text()
+    assert "## Shipped fp16 graphs against the bounds" in report and "NO: dit_step.x_next" in report
