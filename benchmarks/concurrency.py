@@ -10,8 +10,9 @@ Three measurements, in one run on one Synthesizer (speaker cached, one unmeasure
 2. GPT phase, per beam count and level c: c generations submitted together to the scheduler's GPT worker
    (each its own request's conditioning, text and random stream; the stop token hidden so each makes
    exactly --gpt-tokens codes, benchmarks/backends.py:FixedLengthSteps): tokens/s = c x tokens / wall from
-   submit to the last one's end (prefills included), its ratio to c = 1, and the scheduler's step against
-   the graph call inside it (median of step / call over the steady steps, when all c are decoding).
+   submit to the last one's end (prefills and latent passes included, which run alone), decode tokens/s
+   = c / the median steady step (all c decoding), their ratios to c = 1, and the scheduler's step against
+   the graph call inside it (median of step / call over the steady steps).
 3. End to end, per level c: c client threads issue requests back to back (closed loop), --rounds
    requests each (c = 1 is the sequential baseline); requests/s, latency p50 / p95 and the time to the
    first chunk (whole segments, the default synthesize()).
@@ -205,15 +206,23 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"### Concurrency ({results['backend']}, {results['settings']['gpt_tokens']} codes per request)", "",
              "One `gpt_decode` call (256-position cache): " +
              ", ".join(f"{r} rows {s * 1e3:.0f} ms" for r, s in ceiling.items()) + ".", "",
-             "| beams | requests at once | decode rows | tokens/s | × alone | step / graph call | call at rows alone |",
-             "|---|---|---|---|---|---|---|"]
+             "Tokens/s of the whole GPT phase count each generation's prefill and latent pass (alone, not "
+             "batched) in the wall time; decode tokens/s = requests at once / the median steady step (every "
+             "generation decoding: one token each per step).", "",
+             "| beams | requests at once | decode rows | GPT phase tokens/s | × alone | decode tokens/s | × alone | "
+             "step / graph call | one call at these rows |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {r["beams"]: r["tokens_per_s"] for r in results["gpt_phase"] if r["level"] == 1}
+    decode = {(r["beams"], r["level"]): r["level"] / r["step_s_median"] if r["step_s_median"] else None
+              for r in results["gpt_phase"]}
     for r in results["gpt_phase"]:
         ratio = r["step_over_call"]
         call = ceiling.get(str(r["rows"]))
+        dec, dec1 = decode[(r["beams"], r["level"])], decode.get((r["beams"], 1))
         lines.append(f"| {r['beams']} | {r['level']} | {r['rows']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['tokens_per_s'] / base[r['beams']]:.2f} | {'n/a' if ratio is None else f'{ratio:.3f}'} | "
-                     f"{'n/a' if call is None else f'{call * 1e3:.0f} ms'} |")
+                     f"{r['tokens_per_s'] / base[r['beams']]:.2f} | {'n/a' if dec is None else f'{dec:.1f}'} | "
+                     f"{'n/a' if dec is None or not dec1 else f'{dec / dec1:.2f}'} | "
+                     f"{'n/a' if ratio is None else f'{ratio:.3f}'} | {'n/a' if call is None else f'{call * 1e3:.0f} ms'} |")
     lines += ["", "| clients | requests | requests/min | × sequential | latency p50 | p95 | first audio p50 | p95 | RTF |",
               "|---|---|---|---|---|---|---|---|---|"]
     seq = next((r["requests_per_s"] for r in results["end_to_end"] if r["level"] == 1), None)
