@@ -71,12 +71,17 @@ class Attention(nn.Module):
 
     def step(self, x: torch.Tensor, cache: torch.Tensor, cache_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B,1,D), cache (2,B,H,S,hd), cache_bias (B,1,1,S) -> (out (B,1,D), kv_new (2,B,H,1,hd))."""
+        # The cache is never indexed (cache[0] / cache[1] export as a Split that copies the whole cache,
+        # every layer, every step: 63 MB a row at 256 positions, 0.5 GB at 2048, 12 % of a 4-row CPU step).
+        # Both products run over K and V together instead and the unwanted half of each small result is
+        # dropped: twice the attention arithmetic (0.03 GFLOP a row at 256 positions, against 0.9 GFLOP for
+        # the weights), no copy. Each element is the same dot product as before.
         q, k, v = self._qkv(x)
-        past = torch.matmul(q, cache[0].transpose(-2, -1)) * self.scale + cache_bias   # (B,H,1,S)
-        own = (q * k).sum(dim=-1, keepdim=True) * self.scale                           # (B,H,1,1)
+        past = torch.matmul(q.unsqueeze(0), cache.transpose(-2, -1))[0] * self.scale + cache_bias  # (B,H,1,S)
+        own = (q * k).sum(dim=-1, keepdim=True) * self.scale                                        # (B,H,1,1)
         weights = torch.softmax(torch.cat([past, own], dim=-1), dim=-1)
         n_past = cache.shape[3]
-        out = torch.matmul(weights[..., :n_past], cache[1]) + weights[..., n_past:] * v
+        out = torch.matmul(weights[..., :n_past].unsqueeze(0), cache)[1] + weights[..., n_past:] * v
         return self._merge(out), torch.stack([k, v])
 
 
