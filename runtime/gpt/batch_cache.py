@@ -104,11 +104,16 @@ class BatchKVCache:
         return feed
 
     # -- members ------------------------------------------------------------------------------------
-    def join(self, key: Hashable, kv: np.ndarray, beams: int, max_positions: int) -> list[int]:
-        """Give `key` `beams` rows holding the prefill's K/V (layers, 2, 1 or beams, heads, P, head_dim).
-        Raises ValueError when the batch has no room (check `free_rows` first)."""
+    def join(self, key: Hashable, kv: np.ndarray, beams: int, max_positions: int, source: int | None = None) -> list[int]:
+        """Give `key` `beams` rows holding the prefill's K/V (layers, 2, 1 or beams, heads, P, head_dim), or,
+        with `source`, row `source` of a shared prefill's K/V for every beam. Raises ValueError when the batch
+        has no room (check `free_rows` first)."""
         if key in self.members:
             raise ValueError(f"decode batch: {key!r} is already a member")
+        if source is not None:
+            if not 0 <= source < kv.shape[2]:
+                raise ValueError(f"decode batch: prefill row {source} of a batch of {kv.shape[2]}")
+            kv = kv[:, :, source:source + 1]
         prompt = kv.shape[4]
         if beams > self.free_rows():
             raise ValueError(f"decode batch: {beams} rows requested, {self.free_rows()} free of {self.max_rows}")

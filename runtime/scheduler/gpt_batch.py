@@ -1,7 +1,8 @@
 """Continuous batching of the GPT decode: every active generation's beams are rows of ONE `gpt_decode` call.
 
-A generation joins after its own prefill (its prefix K/V copied into free rows of the shared cache,
-runtime/gpt/batch_cache.py), is stepped with everyone else, and leaves when its TokenSelector ends (the
+A generation joins after its prefill (its prefix K/V copied into free rows of the shared cache,
+runtime/gpt/batch_cache.py; generations joining together with prompts of one length share the prefill
+call), is stepped with everyone else, and leaves when its TokenSelector ends (the
 same selector the one-request loop runs, runtime/gpt/generate.py, so sampling, beams, repetition penalty
 and the request's own random stream are exactly as alone). Beam reorders stay within a generation's rows.
 
@@ -14,17 +15,30 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 
 from runtime.errors import BackendError
 from runtime.gpt.batch_cache import BatchKVCache
-from runtime.gpt.generate import GenerationConfig, GenerationResult, NextStep, TokenSelector, max_new_tokens, prefill_feed
+from runtime.gpt.generate import (GenerationConfig, GenerationResult, NextStep, TokenSelector, max_new_tokens,
+                                  prefill_text_ids)
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Joining:
+    """A generation about to join: its prompt, its settings, its random stream (`key` names it in the batch)."""
+
+    key: Hashable
+    spk_latent: np.ndarray       # (1, 32, D)
+    emovec: np.ndarray           # (1, D)
+    text_ids: np.ndarray         # (L,) the segment's ids
+    config: GenerationConfig
+    draws: DrawSource | None
 
 
 @dataclass
@@ -44,6 +58,7 @@ class GptBatch:
         self._feed: dict[str, np.ndarray] = {}
         self._feed_version = -1
         self.decode_calls = 0
+        self.prefill_calls = 0
         self.peak_rows = 0                 # the most member rows one call has stepped
         # the last steps: (member rows, decode rows incl. idle, graph call s, whole step s) (benchmarks)
         self.timeline: deque[tuple[int, int, float, float]] = deque(maxlen=100_000)
@@ -57,22 +72,49 @@ class GptBatch:
 
     def join(self, key: Hashable, spk_latent: np.ndarray, emovec: np.ndarray, text_ids: np.ndarray,
              config: GenerationConfig, draws: DrawSource | None) -> GenerationResult | None:
-        """Prefill `key`'s prompt (batch 1: the prefill graph has no padding mask, so prompts of different
-        lengths cannot share a call) and take its rows. Returns the result at once when the first token
+        """Prefill `key`'s prompt alone and take its rows. Returns the result at once when the first token
         already ends the generation (it then takes no rows), else None."""
+        return self.join_together([Joining(key, spk_latent, emovec, text_ids, config, draws)])[key]
+
+    def join_together(self, joining: Sequence[Joining]) -> dict[Hashable, GenerationResult | None]:
+        """Prefill prompts of the same length in ONE call, then each takes its rows as `join` does.
+        -> per key, its result when its first token already ended it, else None."""
+        return self.take_rows(joining, self.prefill(joining))
+
+    def prefill(self, joining: Sequence[Joining]) -> dict[str, Any]:
+        """The prefill call of prompts of one length (row b of the call is prompt b; a row's logits and K/V do
+        not depend on the other rows, so each is its prefill alone). Prompts of different lengths cannot share
+        a call: the prefill graph has no padding mask. Nothing is drawn from any random stream here."""
+        ids = [prefill_text_ids(j.text_ids) for j in joining]
+        if len({i.shape[1] for i in ids}) != 1:
+            raise ValueError("a shared prefill needs prompts of one length, got "
+                             f"{sorted({i.shape[1] for i in ids})}")
+        feed = {"spk_latent": np.ascontiguousarray(np.concatenate([j.spk_latent for j in joining]), np.float32),
+                "emovec": np.ascontiguousarray(np.concatenate([j.emovec for j in joining]), np.float32),
+                "text_ids": np.ascontiguousarray(np.concatenate(ids))}
+        out = self.steps.prefill(feed)
+        self.prefill_calls += 1
+        return out
+
+    def take_rows(self, joining: Sequence[Joining], prefill: dict[str, Any]) -> dict[Hashable, GenerationResult | None]:
+        """Each generation's first token from its row of `prefill`'s logits, then its rows of the shared cache
+        (from its row of the K/V: host or device array, valid until the next prefill)."""
         geom = self.steps.geometry
-        max_new = max_new_tokens(config, geom)
-        out = self.steps.prefill(prefill_feed(spk_latent, emovec, text_ids))
-        kv = out["kv"]
-        prompt_rows = kv.shape[4]
-        selector = TokenSelector(geom, config, draws, max_new, prompt_rows)
-        step = selector.first(out["logits"])
-        if step is None:
-            return selector.result()
-        self.cache.join(key, kv, config.num_beams, prompt_rows + max_new - 1)      # host or device array
-        self._set(key, step)
-        self.active[key] = _Active(selector, step)
-        return None
+        kv, prompt_rows = prefill["kv"], int(prefill["kv"].shape[4])
+        logits = np.asarray(prefill["logits"], np.float32)
+        results: dict[Hashable, GenerationResult | None] = {}
+        for b, j in enumerate(joining):
+            max_new = max_new_tokens(j.config, geom)
+            selector = TokenSelector(geom, j.config, j.draws, max_new, prompt_rows)
+            step = selector.first(logits[b:b + 1])
+            if step is None:
+                results[j.key] = selector.result()
+                continue
+            self.cache.join(j.key, kv, j.config.num_beams, prompt_rows + max_new - 1, source=b)
+            self._set(j.key, step)
+            self.active[j.key] = _Active(selector, step)
+            results[j.key] = None
+        return results
 
     def leave(self, key: Hashable) -> None:
         """Drop `key` (finished, cancelled or failed): its rows are idle from the next step."""

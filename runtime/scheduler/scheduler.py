@@ -8,6 +8,8 @@ Bounds (SchedulerConfig, each derived and logged at start):
   longest row, typically 256-512 positions, and only a row past 2048 positions, near the longest text and
   code limits, makes them up to 20 % larger), and at most the `gpt_decode` profile's batch maximum on backends
   with fixed profiles (TensorRT);
+- prefill and latent rows: `max_prefill_rows` generations of equal lengths per call, capped by the
+  `gpt_prefill` and `gpt_latent` profiles' batch maximum;
 - Euler rows: `max_euler_rows`, capped by the `dit_step` profile's batch maximum (the CFG batch is
   stacked inside, so the engine sees twice as many);
 - vocoder rows: `max_vocoder_rows`, capped by the `bigvgan` profile's batch maximum;
@@ -42,6 +44,8 @@ class SchedulerConfig:
 
     max_gpt_rows: int = 16              # decode rows (beams of all active generations)
     kv_budget_bytes: int = 8 << 30      # host or device memory for the shared decode KV cache
+    max_prefill_rows: int = 4           # prompts per gpt_prefill call, generations per gpt_latent call (equal
+                                        # lengths only: neither graph has a padding mask)
     max_euler_rows: int = 4             # solves per dit_step call
     max_vocoder_rows: int = 4           # windows per bigvgan call
     max_active_requests: int = 8        # requests in flight
@@ -49,7 +53,7 @@ class SchedulerConfig:
     queue_timeout_s: float | None = 300.0   # a waiting request gives up after this (QueueFull)
 
     def __post_init__(self) -> None:
-        for name in ("max_gpt_rows", "kv_budget_bytes", "max_euler_rows", "max_vocoder_rows", "max_active_requests"):
+        for name in ("max_gpt_rows", "kv_budget_bytes", "max_prefill_rows", "max_euler_rows", "max_vocoder_rows", "max_active_requests"):
             if getattr(self, name) < 1:
                 raise InputError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queued_requests < 0:
@@ -94,13 +98,17 @@ class Scheduler:
         if not manifest.dit_rows_alone:
             log.warning("this export's dit_step predates rows computed as alone: only segments of equal length "
                         "share Euler steps; re-export (python -m export.build) to batch them all")
-        self.gpt = GptWorker(gpt_steps, graphs["gpt_latent"], GptBatch(gpt_steps, cache) if cache is not None else None)
+        group_rows = _capped(_capped(config.max_prefill_rows, _profile_batch_max(manifest, "gpt_prefill", fixed_profiles)),
+                             _profile_batch_max(manifest, "gpt_latent", fixed_profiles))
+        self.gpt = GptWorker(gpt_steps, graphs["gpt_latent"], GptBatch(gpt_steps, cache) if cache is not None else None,
+                             group_rows)
         self.mel = MelWorker(graphs["length_regulator"],
                              EulerBatch(graphs["dit_step"], euler_rows, pad_rows=manifest.dit_rows_alone), regulate)
         self.vocoder = VocoderWorker(graphs["bigvgan"], vocoder_rows, lambda wav: to_pcm16(wav))
         self.admission = Admission(config.max_active_requests, config.max_queued_requests, config.queue_timeout_s)
-        log.info("scheduler: %s, %d Euler rows, %d vocoder rows, %d requests in flight + %d waiting",
-                 f"{self.gpt_rows} decode rows" if cache is not None else "one generation at a time", euler_rows,
+        log.info("scheduler: %s, %d prefill/latent rows, %d Euler rows, %d vocoder rows, %d requests in flight + "
+                 "%d waiting", f"{self.gpt_rows} decode rows" if cache is not None else "one generation at a time",
+                 group_rows, euler_rows,
                  vocoder_rows, config.max_active_requests, config.max_queued_requests)
 
     def close(self) -> None:

@@ -24,18 +24,18 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import numpy as np
 
 from runtime.errors import BackendError, Cancelled, InputError
 from runtime.executors.base import Executor
 from runtime.gpt.codes import SegmentCodes, finish_codes, segment_codes
-from runtime.gpt.generate import GenerationConfig
+from runtime.gpt.generate import GenerationConfig, prefill_text_ids
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 from runtime.scheduler.euler_batch import EulerBatch, start_row
-from runtime.scheduler.gpt_batch import GptBatch
+from runtime.scheduler.gpt_batch import GptBatch, Joining
 from runtime.streaming.vocoder import Window
 
 log = logging.getLogger(__name__)
@@ -165,18 +165,23 @@ class GptOutput:
 
 
 class GptWorker(StageWorker):
-    """Continuous batching of the GPT decode. A generation runs alone (start to end in one cycle) when the
-    steps have no batch cache (TensorRT for now) or when its job brings other steps than the worker's (a
-    caller that swapped `Synthesizer.gpt_steps` for one request, as calibration's teacher forcing does)."""
+    """Continuous batching of the GPT decode. Generations that join in the same cycle with prompts of one
+    length share the prefill call, and those that end in the same step with the same text and code lengths
+    share the latent pass (`group_rows` at most per call; neither graph has a padding mask, so unequal lengths
+    run alone). A generation runs alone (start to end in one cycle) when the steps have no batch cache
+    (calibration's forced steps, test fakes) or when its job brings other steps than the worker's (a caller
+    that swapped `Synthesizer.gpt_steps` for one request, as calibration's teacher forcing does)."""
 
     name = "gpt"
 
-    def __init__(self, steps: GptSteps, latent: Executor, batch: GptBatch | None) -> None:
+    def __init__(self, steps: GptSteps, latent: Executor, batch: GptBatch | None, group_rows: int = 1) -> None:
         super().__init__()
         self.steps, self.latent, self.batch = steps, latent, batch
+        self.group_rows = max(1, int(group_rows))
         self.pending: deque[GptJob] = deque()
         self.active: list[GptJob] = []
         self.max_rows = batch.cache.max_rows if batch is not None else None
+        self.latent_calls = 0
 
     def submit(self, job: Job) -> Future:
         beams = job.generation.num_beams
@@ -207,9 +212,15 @@ class GptWorker(StageWorker):
             self._alone(self.pending.popleft())
             if self.active:
                 break                       # the batch steps between generations run alone
+        joining: list[GptJob] = []
+        rows = 0
         while self.pending and not self._runs_alone(self.pending[0]) and \
-                self.batch.fits(self.pending[0].generation.num_beams):
-            self._join(self.pending.popleft())
+                self.batch.fits(rows + self.pending[0].generation.num_beams):
+            job = self.pending.popleft()
+            rows += job.generation.num_beams
+            joining.append(job)
+        for group in _groups(joining, lambda j: prefill_text_ids(j.text_ids).shape[1], self.group_rows):
+            self._join(group)
         if self.active:
             self._step()
 
@@ -222,22 +233,41 @@ class GptWorker(StageWorker):
         try:
             codes = segment_codes(job.steps or self.steps, job.spk_latent, job.emovec, list(job.text_ids), job.generation,
                                   job.draws, job.index)
-            self._finish(job, codes, time.perf_counter())
         except Exception as err:  # noqa: BLE001 — the job's own failure
             job.fail(err)
-
-    def _join(self, job: GptJob) -> None:
-        job.started = time.perf_counter()
-        try:
-            result = self.batch.join(job, job.spk_latent, job.emovec, job.text_ids, job.generation, job.draws)
-        except Exception as err:  # noqa: BLE001 — its prefill failed: this job alone
-            job.fail(err)
             return
-        if result is None:
-            self.active.append(job)
-        else:
-            self._finish(job, finish_codes(result, job.text_ids, self.steps.geometry.stop_mel_token, job.index,
-                                           job.generation), time.perf_counter())
+        self._finish([(job, codes)], time.perf_counter())
+
+    def _join(self, group: list[GptJob]) -> None:
+        """One prefill call for the group; when it fails, each again alone (the failure is one job's: nothing
+        was drawn from any job's random stream yet)."""
+        now = time.perf_counter()
+        for job in group:
+            job.started = now
+        joining = [Joining(job, job.spk_latent, job.emovec, job.text_ids, job.generation, job.draws) for job in group]
+        try:
+            prefill = self.batch.prefill(joining)
+        except Exception as err:  # noqa: BLE001 — its prefill failed: this job alone, or retry each alone
+            if len(group) == 1:
+                group[0].fail(err)
+            else:
+                for job in group:
+                    self._join([job])
+            return
+        try:
+            results = self.batch.take_rows(joining, prefill)
+        except Exception as err:  # noqa: BLE001 — a defect: the group's jobs fail, their rows are freed
+            for job in group:
+                self.batch.leave(job)
+                job.fail(err)
+            return
+        done = []
+        for job in group:
+            if results[job] is None:
+                self.active.append(job)
+            else:
+                done.append((job, self._codes(job, results[job])))
+        self._finish(done, time.perf_counter())
 
     def _step(self) -> None:
         try:
@@ -251,30 +281,61 @@ class GptWorker(StageWorker):
         for job, err in failed.items():
             self.active.remove(job)
             job.fail(err)
-        for job, result in ended.items():
+        for job in ended:
             self.active.remove(job)
-            self._finish(job, finish_codes(result, job.text_ids, self.steps.geometry.stop_mel_token, job.index,
-                                           job.generation), now)
+        self._finish([(job, self._codes(job, result)) for job, result in ended.items()], now)
+
+    def _codes(self, job: GptJob, result: Any) -> SegmentCodes:
+        return finish_codes(result, job.text_ids, self.steps.geometry.stop_mel_token, job.index, job.generation)
 
     def _leave(self, job: GptJob) -> None:
         if job in self.active:
             self.active.remove(job)
             self.batch.leave(job)
 
-    def _finish(self, job: GptJob, codes: SegmentCodes, decoded: float) -> None:
-        try:
-            s_infer = None
-            if codes.codes.size:
-                s_infer = self.latent.run({
-                    "spk_latent": job.spk_latent, "emovec": job.emovec,
-                    "text_ids": np.ascontiguousarray(codes.text_ids[None]),
-                    "codes": np.ascontiguousarray(codes.codes[None])})["s_infer"].copy()   # (1, N, sem_dim)
-        except Exception as err:  # noqa: BLE001 — this job's latent pass
-            job.fail(err)
-            return
+    def _finish(self, done: list[tuple[GptJob, SegmentCodes]], decoded: float) -> None:
+        """The latent pass of generations that ended together: one call for each group of equal text and code
+        lengths (row b of the call is generation b alone); a failed shared call is retried per generation."""
+        empty = [(job, codes) for job, codes in done if not codes.codes.size]
+        for job, codes in empty:
+            self._succeed(job, codes, None, decoded)
+        with_codes = [(job, codes) for job, codes in done if codes.codes.size]
+        for group in _groups(with_codes, lambda jc: (jc[1].text_ids.size, jc[1].codes.size), self.group_rows):
+            try:
+                s_infer = self._latent(group)
+            except Exception as err:  # noqa: BLE001 — this job's latent pass, or each again alone
+                if len(group) == 1:
+                    group[0][0].fail(err)
+                else:
+                    for one in group:
+                        self._finish([one], decoded)
+                continue
+            for b, (job, codes) in enumerate(group):
+                self._succeed(job, codes, s_infer[b:b + 1].copy(), decoded)
+
+    def _latent(self, group: list[tuple[GptJob, SegmentCodes]]) -> np.ndarray:
+        out = self.latent.run({
+            "spk_latent": np.ascontiguousarray(np.concatenate([job.spk_latent for job, _ in group]), np.float32),
+            "emovec": np.ascontiguousarray(np.concatenate([job.emovec for job, _ in group]), np.float32),
+            "text_ids": np.ascontiguousarray(np.stack([codes.text_ids for _, codes in group])),
+            "codes": np.ascontiguousarray(np.stack([codes.codes for _, codes in group]))})["s_infer"]
+        self.latent_calls += 1
+        return np.asarray(out)                                               # (B, N, sem_dim)
+
+    @staticmethod
+    def _succeed(job: GptJob, codes: SegmentCodes, s_infer: np.ndarray | None, decoded: float) -> None:
         done = time.perf_counter()
         job.succeed(GptOutput(codes, s_infer, {"gpt_wait": job.started - job.submitted,
                                                "gpt": decoded - job.started, "latent": done - decoded}))
+
+
+def _groups(items: list, key: Callable[[Any], Hashable], size: int) -> list[list]:
+    """`items` grouped by `key` (groups in order of their first item, items in order), each cut into runs of
+    at most `size`."""
+    by_key: dict[Hashable, list] = {}
+    for item in items:
+        by_key.setdefault(key(item), []).append(item)
+    return [group[i:i + size] for group in by_key.values() for i in range(0, len(group), size)]
 
 
 # -- s2mel --------------------------------------------------------------------------------------------

@@ -135,14 +135,18 @@ class DeviceBatchKVCache:
         return dict(self._feeds)
 
     # -- members ------------------------------------------------------------------------------------
-    def join(self, key: Hashable, kv: DeviceArray | np.ndarray, beams: int, max_positions: int) -> list[int]:
+    def join(self, key: Hashable, kv: DeviceArray | np.ndarray, beams: int, max_positions: int,
+             source: int | None = None) -> list[int]:
         """Give `key` `beams` rows holding the prefill's K/V (layers, 2, 1 or beams, heads, P, head_dim), on the
-        device (DeviceArray) or the host. Raises ValueError when the batch has no room (check `free_rows`)."""
+        device (DeviceArray) or the host; with `source`, row `source` of a shared prefill's K/V for every beam.
+        Raises ValueError when the batch has no room (check `free_rows`)."""
         if key in self.members:
             raise ValueError(f"decode batch: {key!r} is already a member")
         check_kv(kv, (self.layers, 2, None, self.heads, None, self.head_dim), "prefill kv")
         src_batch, prompt = int(kv.shape[2]), int(kv.shape[4])
-        if src_batch not in (1, beams):
+        if source is not None and not 0 <= source < src_batch:
+            raise ValueError(f"decode batch: prefill row {source} of a batch of {src_batch}")
+        if source is None and src_batch not in (1, beams):
             raise ContractError(f"KV cache: a prefill of batch {src_batch} cannot fill {beams} beams (needs 1 or "
                                 f"{beams})")
         if beams > self.free_rows():
@@ -156,7 +160,8 @@ class DeviceBatchKVCache:
         ops: list[Op] = []
         for b, r in enumerate(rows):
             ops += plan_row_clear(self.layout, r)
-            ops += plan_row_prefill(self.layout, r, prompt, src_batch, b if src_batch > 1 else 0)
+            src_row = source if source is not None else (b if src_batch > 1 else 0)
+            ops += plan_row_prefill(self.layout, r, prompt, src_batch, src_row)
         self._execute(ops, {PREFILL: source_region(kv)})
         self._sync()                  # the prefill buffer (or host array) may be rewritten as soon as we return
         self.members[key] = _Member(rows, max(max_positions, prompt))

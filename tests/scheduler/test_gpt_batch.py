@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 
 from runtime.errors import BackendError
+from runtime.gpt.codes import segment_codes
 from runtime.gpt.batch_cache import ROW_BUCKETS, BatchKVCache
 from runtime.gpt.generate import GenerationConfig, generate
 from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.sampling import RngDraws
 from runtime.scheduler.gpt_batch import GptBatch
-from tests.scheduler.fake_gpt import GEOMETRY, POISON, fake_steps
+from runtime.scheduler.gpt_batch import Joining
+from runtime.scheduler.workers import GptJob, GptWorker
+from tests.scheduler.fake_gpt import BROKEN, GEOMETRY, POISON, FakeLatent, fake_steps
 
 SPK, EMO = np.zeros((1, 32, 4), np.float32), np.zeros((1, 4), np.float32)
 BUCKETS = (16, 32, 64)
@@ -100,6 +103,78 @@ def test_leaving_mid_generation_frees_rows_and_keeps_the_others_exact() -> None:
         results.update(batch.step()[0])
     for i in (0, 2):
         np.testing.assert_array_equal(results[i].codes, _alone(*REQUESTS[i][:3]).codes)
+
+
+# -- prompts of one length share the prefill, generations ending together share the latent pass ---------
+SAME_LENGTH = [
+    (np.arange(2, 9), GenerationConfig(num_beams=3, max_mel_tokens=30), 1),
+    (np.arange(30, 37), GenerationConfig(num_beams=1, max_mel_tokens=30, top_k=5), 2),
+    (np.arange(11, 18), GenerationConfig(do_sample=False, num_beams=2, max_mel_tokens=20), 3),
+]
+
+
+def test_prompts_of_one_length_share_a_prefill_and_each_is_its_generation_alone() -> None:
+    steps = fake_steps()
+    batch = GptBatch(steps, steps.new_batch_cache(16, BUCKETS))
+    joined = batch.join_together([Joining(i, SPK, EMO, ids, config, _draws(config, seed))
+                                  for i, (ids, config, seed) in enumerate(SAME_LENGTH)])
+    assert joined == {0: None, 1: None, 2: None}
+    assert batch.prefill_calls == 1 and steps._prefill.rows_seen == [3]
+    results = {}
+    while batch.active:
+        results.update(batch.step()[0])
+    for i, (ids, config, seed) in enumerate(SAME_LENGTH):
+        alone = _alone(ids, config, seed)
+        np.testing.assert_array_equal(results[i].codes, alone.codes, err_msg=f"request {i}")
+        assert results[i].score == alone.score
+    with pytest.raises(ValueError, match="one length"):
+        batch.join_together([Joining(9, SPK, EMO, np.arange(3), GenerationConfig(), None),
+                             Joining(10, SPK, EMO, np.arange(4), GenerationConfig(), None)])
+
+
+def _alone_segment(ids, config, seed):
+    """The codes the one-request path hands on (stop token and trimming as runtime/gpt/codes.py)."""
+    return segment_codes(fake_steps(), SPK, EMO, list(ids), config, _draws(config, seed), 0).codes
+
+
+def _worker_run(jobs_spec, group_rows=4):
+    steps, latent = fake_steps(), FakeLatent()
+    worker = GptWorker(steps, latent, GptBatch(steps, steps.new_batch_cache(16, BUCKETS)), group_rows)
+    jobs = [GptJob(SPK, EMO, ids, config, _draws(config, seed), 0) for ids, config, seed in jobs_spec]
+    worker._inbox.extend(jobs)            # all arrive together: one cycle admits them (the thread is not started)
+    new, worker._inbox = worker._inbox, []
+    worker.cycle(new)
+    while worker.busy():
+        worker.cycle([])
+    return jobs, steps, latent, worker
+
+
+def test_the_worker_groups_prefills_and_latent_passes_by_length_and_each_is_alone() -> None:
+    spec = [*SAME_LENGTH, (np.arange(40, 44), GenerationConfig(num_beams=1, max_mel_tokens=30), 4),
+            (np.arange(50, 57), GenerationConfig(do_sample=False, num_beams=1, max_mel_tokens=5), 5),
+            (np.arange(60, 67), GenerationConfig(num_beams=2, max_mel_tokens=5), 6)]
+    jobs, steps, latent, worker = _worker_run(spec, group_rows=3)
+    assert steps._prefill.rows_seen == [3, 2, 1]              # 5 prompts of 7 ids (3 per call) and one of 4
+    for job, (ids, config, seed) in zip(jobs, spec):
+        out = job.wait()
+        np.testing.assert_array_equal(out.codes.codes, _alone_segment(ids, config, seed))
+        one = FakeLatent().run({"spk_latent": SPK, "emovec": EMO, "text_ids": out.codes.text_ids[None],
+                                "codes": out.codes.codes[None]})["s_infer"]
+        np.testing.assert_array_equal(out.s_infer, one)
+    assert 2 in latent.rows_seen and sum(latent.rows_seen) == len(spec)   # the last two ended together
+    assert worker.batch.cache.used_rows == 0
+
+
+def test_a_broken_prompt_in_a_shared_prefill_fails_alone() -> None:
+    broken = np.array([5, BROKEN, 9, 10, 11, 12, 13])
+    spec = [SAME_LENGTH[0], (broken, GenerationConfig(num_beams=1, max_mel_tokens=30), 9), SAME_LENGTH[1]]
+    jobs, steps, _, worker = _worker_run(spec)
+    with pytest.raises(RuntimeError, match="broken prompt"):
+        jobs[1].wait()
+    for i in (0, 2):
+        ids, config, seed = spec[i]
+        np.testing.assert_array_equal(jobs[i].wait().codes.codes, _alone_segment(ids, config, seed))
+    assert worker.batch.cache.used_rows == 0
 
 
 # -- the cache itself -------------------------------------------------------------------------------

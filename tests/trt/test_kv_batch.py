@@ -45,9 +45,9 @@ BUCKETS = (16, 32, 64)
 
 
 def _walk(seed: int, layers: int, heads: int, head_dim: int, max_rows: int, steps: int = 70) -> list[tuple]:
-    """Events (("join", key, kv, beams, max_positions), ("leave", key), ("reorder", key, parents),
+    """Events (("join", key, kv, beams, max_positions, source), ("leave", key), ("reorder", key, parents),
     ("tokens", key, tokens, position), ("ensure_room",), ("append", kv_new)) found by driving a host
-    BatchKVCache: joins when rows are free (batch-1 or per-beam prefills), leaves at random and when a member
+    BatchKVCache: joins when rows are free (batch-1, per-beam or shared prefills: one row of a batch of prompts), leaves at random and when a member
     is full, a reorder of every member each step (permutations with cycles, duplicates), then a step."""
     rng = np.random.default_rng(seed)
     host = BatchKVCache(layers, heads, head_dim, max_rows=max_rows, buckets=BUCKETS)
@@ -64,8 +64,10 @@ def _walk(seed: int, layers: int, heads: int, head_dim: int, max_rows: int, step
     for step in range(steps):
         if step % 5 == 0 and host.free_rows() >= 1:
             beams = int(rng.integers(1, min(4, host.free_rows()) + 1))
-            src = 1 if rng.random() < 0.7 else beams
-            do(("join", step, kv(src, int(rng.integers(3, 20))), beams, int(rng.integers(30, 65))))
+            pick = rng.random()
+            src = 1 if pick < 0.5 else beams if pick < 0.75 else int(rng.integers(2, 5))   # last: a shared prefill
+            source = int(rng.integers(0, src)) if pick >= 0.75 else None
+            do(("join", step, kv(src, int(rng.integers(3, 20))), beams, int(rng.integers(30, 65)), source))
         members = sorted(host.members)
         full = [k for k in members if host.lengths[host.member_rows(k)[0]] >= host.members[k].max_positions]
         if members and step % 9 == 4:
@@ -142,11 +144,12 @@ class _PlannedCache:
             apply_numpy(plan_compact(old_layout, self.layout, moves), {CACHE: new_cache, OLD_CACHE: self.cache})
             self.cache = new_cache
         if name == "join":
-            key, kv, beams = event[1:4]
+            key, kv, beams, _, source = event[1:6]
             ops = []
             for b, r in enumerate(host.member_rows(key)):
+                src_row = source if source is not None else b if kv.shape[2] > 1 else 0
                 ops += plan_row_clear(self.layout, r)
-                ops += plan_row_prefill(self.layout, r, kv.shape[4], kv.shape[2], b if kv.shape[2] > 1 else 0)
+                ops += plan_row_prefill(self.layout, r, kv.shape[4], kv.shape[2], src_row)
             self._apply(ops, {PREFILL: _bytes(kv)})
 
     def _apply(self, ops: list, extra: dict) -> None:
