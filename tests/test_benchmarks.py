@@ -378,7 +378,8 @@ def test_concurrency_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, ca
 
     out = tmp_path / "results"
     code = concurrency.main(["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--levels", "1,2",
-                             "--beams", "1,2", "--gpt-tokens", "6", "--rounds", "1", "--euler-steps", "2",
+                             "--beams", "1,2", "--gpt-tokens", "6", "--e2e-tokens", "4", "--rounds", "1",
+                             "--euler-steps", "2",
                              "--threads", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -388,6 +389,8 @@ def test_concurrency_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, ca
     for (beams, level), r in gpt.items():
         assert r["tokens"] == level * 6 and r["rows"] == beams * level
         assert r["steady_steps"] >= 1 and r["step_over_call"] >= 1.0      # a step includes its graph call
+        assert 1 <= r["prefill_calls"] <= level and 1 <= r["latent_calls"] <= level   # one text: shared calls
+    assert results["settings"]["e2e_tokens"] == "4"
     assert [r["level"] for r in results["end_to_end"]] == [1, 2]
     assert all(r["requests"] == r["level"] for r in results["end_to_end"])
     assert set(results["decode_ceiling_s"]) >= {"1", "2", "4"}
