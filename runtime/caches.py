@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
 from runtime.errors import InputError
+from runtime.frontend.audio import AudioBytes
 
 T = TypeVar("T")
 
@@ -55,8 +56,10 @@ class LRU(Generic[T]):
             return value
 
 
-def audio_key(path: str | Path, role: str) -> str:
-    """Cache key of a reference file: its content hash (and the role it is used in)."""
+def audio_key(path: "str | Path | AudioBytes", role: str) -> str:
+    """Cache key of a reference (a file or bytes in memory): its content hash (and the role it is used in)."""
+    if isinstance(path, AudioBytes):
+        return f"{role}:{hashlib.sha256(path.data).hexdigest()}"
     path = Path(path)
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.cli_args import (
+    attach_negative_values,
     add_generation_args,
     add_input_args,
     decoder_settings,
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("runtime").setLevel(logging.WARNING if quiet else logging.INFO)

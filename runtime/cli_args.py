@@ -114,6 +114,26 @@ def describe_settings(generation: GenerationConfig, decoder: DecoderSettings) ->
             f"{decoder.steps} Euler steps, CFG rate {decoder.cfg_rate}")
 
 
+#: options whose value may start with "-" (a negative number list argparse would take for an option)
+VALUE_OPTIONS = ("--emo-vector",)
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """`--emo-vector -1,0,...` -> `--emo-vector=-1,0,...`: argparse reads "-1,0,..." as an unknown option,
+    so the value reaches the vector check (which names the negative weight) instead."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] in VALUE_OPTIONS and value[:1] == "-" and value[1:2] in tuple("0123456789."):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def parse_emo_vector(text: str | None) -> tuple[float, ...] | None:
     """'0,0.5,0,0,0,0,0,0' -> floats (validated later: 8 non-negative values)."""
     if text is None:

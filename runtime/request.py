@@ -15,6 +15,7 @@ import numpy as np
 
 from runtime.emotion import EmotionPlan
 from runtime.errors import InputError
+from runtime.frontend.audio import AudioBytes
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,8 @@ class SynthesisRequest:
     """One `infer` call's inputs (upstream argument names and defaults, UPSTREAM §2.1)."""
 
     text: str
-    speaker: Path
-    emo_audio: Path | None = None
+    speaker: Path | AudioBytes                 # a file, or bytes in memory (a server's upload)
+    emo_audio: Path | AudioBytes | None = None
     emo_alpha: float = 1.0
     emo_vector: tuple[float, ...] | None = None
     use_emo_text: bool = False

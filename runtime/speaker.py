@@ -20,14 +20,13 @@ slightly different samples than the "base" one — reproduced, not simplified.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from runtime.errors import InputError
 from runtime.executors.base import Executor
-from runtime.frontend.audio import check_not_silent, load_audio
+from runtime.frontend.audio import AudioSource, check_not_silent, load_audio
 from runtime.frontend.features import campplus_features, seamless_features
 from runtime.frontend.mel import s2mel_mel
 from runtime.frontend.resample import resample_sinc
@@ -49,7 +48,7 @@ class SpeakerPrompt:
     base_emovec: np.ndarray       # (1, model_dim) emotion_conditioner(features)
 
 
-def semantic_features(graphs: Mapping[str, Executor], audio_16k: np.ndarray, path: str | Path) -> np.ndarray:
+def semantic_features(graphs: Mapping[str, Executor], audio_16k: np.ndarray, path: AudioSource) -> np.ndarray:
     """16 kHz audio (1, N) -> normalized layer-17 w2v-BERT features (1, T, sem_dim)."""
     feats, mask = seamless_features(audio_16k[0])
     if feats.shape[1] < MIN_FEATURE_FRAMES:
@@ -59,7 +58,7 @@ def semantic_features(graphs: Mapping[str, Executor], audio_16k: np.ndarray, pat
     return out["features"]
 
 
-def prepare_speaker(graphs: Mapping[str, Executor], path: str | Path) -> SpeakerPrompt:
+def prepare_speaker(graphs: Mapping[str, Executor], path: AudioSource) -> SpeakerPrompt:
     """Speaker reference file -> SpeakerPrompt."""
     audio_22k = load_audio(path, SPEAKER_SR)                                  # (1, N22)
     check_not_silent(audio_22k, path)
@@ -81,7 +80,7 @@ def emotion_vector(graphs: Mapping[str, Executor], features: np.ndarray) -> np.n
     return graphs["emotion_conditioner"].run({"features": features})["emovec"]
 
 
-def prepare_emotion(graphs: Mapping[str, Executor], path: str | Path) -> np.ndarray:
+def prepare_emotion(graphs: Mapping[str, Executor], path: AudioSource) -> np.ndarray:
     """Emotion reference file -> its emovec (1, model_dim); the audio is read straight at 16 kHz."""
     audio_16k = load_audio(path, SEMANTIC_SR)
     check_not_silent(audio_16k, path)

@@ -47,6 +47,7 @@ from runtime.errors import InputError
 from runtime.executors import OrtOptions
 from runtime.executors.base import Executor
 from runtime.frontend.text.tokenizer import text_segments
+from runtime.frontend.audio import AudioSource
 from runtime.gpt.codes import SegmentCodes
 from runtime.gpt.generate import GenerationConfig
 from runtime.gpt.sampling import DrawSource
@@ -185,13 +186,13 @@ class Synthesizer:
         self.close()
 
     # -- references -------------------------------------------------------------------------------
-    def speaker(self, path: str | Path) -> SpeakerPrompt:
+    def speaker(self, path: AudioSource) -> SpeakerPrompt:
         """The prepared speaker reference (cached by file content)."""
         key = audio_key(path, "speaker")
         with self._refs_lock:
             return self._speakers.get(key, lambda: prepare_speaker(self.graphs, path))
 
-    def emotion(self, path: str | Path) -> np.ndarray:
+    def emotion(self, path: AudioSource) -> np.ndarray:
         """The emotion reference's emovec (1, D) (cached by file content)."""
         key = audio_key(path, "emotion")
         with self._refs_lock:
@@ -271,7 +272,7 @@ class Synthesizer:
             raise
         return prep, _Admitted(stream_segments(self, prep, generation or self.generation_defaults,
                                                decoder or self.decoder_defaults, settings, started),
-                               admission.release)
+                               admission.release, prep.cancel)
 
     def synthesize_segments(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
                             decoder: DecoderSettings | None = None, seed: int | None = None,
@@ -360,9 +361,16 @@ class _Admitted:
     """A request's chunk iterator that gives its admission slot back when it ends, fails, is closed, or is
     dropped without being read (the request's cancel flag is set then too, freeing its batch rows)."""
 
-    def __init__(self, chunks: Iterator[AudioChunk], release) -> None:
+    def __init__(self, chunks: Iterator[AudioChunk], release, cancel: threading.Event | None = None) -> None:
         self._chunks, self._release = chunks, release
+        self._cancel = cancel if cancel is not None else threading.Event()
         self._open = True
+
+    def cancel(self) -> None:
+        """Stop the request from any thread (a server's client gone), even while another thread waits in
+        `next()`: its queued and batched work is dropped at the next step and that `next()` ends with
+        Cancelled. `close()` from the reading thread then gives the slot back (or `next()` does)."""
+        self._cancel.set()
 
     def __iter__(self) -> "_Admitted":
         return self

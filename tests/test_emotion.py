@@ -81,8 +81,8 @@ def test_normalize_rules() -> None:
 # ---- source resolution ------------------------------------------------------------------------------
 
 def test_resolve_audio_and_speaker() -> None:
-    plan = resolve_emotion_source("hi", "spk.wav", emo_audio_prompt="emo.wav", emo_alpha=1.7)
-    assert (plan.source, plan.emo_audio, plan.merge_alpha, plan.emo_vector) == ("audio", "emo.wav", 1.7, None)
+    plan = resolve_emotion_source("hi", "spk.wav", emo_audio_prompt="emo.wav", emo_alpha=0.7)
+    assert (plan.source, plan.emo_audio, plan.merge_alpha, plan.emo_vector) == ("audio", "emo.wav", 0.7, None)
     plan = resolve_emotion_source("hi", "spk.wav", emo_alpha=0.3)
     assert (plan.source, plan.emo_audio, plan.merge_alpha) == ("speaker", "spk.wav", 1.0)
 
@@ -116,6 +116,10 @@ def test_resolve_rejects_bad_input() -> None:
         resolve_emotion_source("hi", "spk.wav", emo_vector=[0.5] * 3)
     with pytest.raises(InputError, match="emo_alpha"):
         resolve_emotion_source("hi", "spk.wav", emo_alpha=float("nan"))
+    for alpha in (1e9, 1.01, -0.1):                   # upstream's UI range is 0..1; past it, extrapolation
+        with pytest.raises(InputError, match="between 0 and 1"):
+            resolve_emotion_source("hi", "spk.wav", emo_alpha=alpha)
+    assert resolve_emotion_source("hi", "spk.wav", emo_audio_prompt="emo.wav", emo_alpha=0.0).merge_alpha == 0.0
 
 
 # ---- matrices, cosine, mixing ------------------------------------------------------------------------

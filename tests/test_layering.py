@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCANNED = ("runtime", "engines", "export", "calibration", "benchmarks")
+SCANNED = ("runtime", "engines", "export", "calibration", "benchmarks", "serve")
 TORCH = ("torch", "torchaudio", "torchvision")
 
 #: package -> top-level names its modules must never import.
@@ -29,6 +29,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "runtime": (*TORCH, "transformers", "export", "engines", "calibration", "benchmarks", "serve"),
     "engines": ("export", "calibration", "benchmarks", "serve"),
     "export": ("calibration", "benchmarks", "serve"),
+    # the service sits on the runtime alone: no torch in a server process, no export or calibration code
+    "serve": (*TORCH, "transformers", "export", "calibration", "benchmarks"),
 }
 #: (module, top-level name) pairs allowed despite FORBIDDEN, with the reason.
 ALLOWED: dict[tuple[str, str], str] = {

@@ -286,6 +286,8 @@ def test_a_broken_export_directory_is_named(kind, message, export_copy, tiny_ckp
     ("empty_text", "the text to synthesize is empty"),
     ("bad_emo_vector", "8"),
     ("negative_emo_vector", "negative"),
+    ("negative_first_emo_weight", "negative"),
+    ("emo_alpha_past_one", "emo_alpha must be between 0 and 1"),
     ("unknown_backend", "unknown backend 'cuda-magic'"),
     ("trt_here", "backend trt cannot run here"),
     ("missing_out_folder", "does not exist"),
@@ -315,6 +317,10 @@ def test_bad_input_is_a_clear_error(case, message, tiny_export, tiny_ckpt, tmp_p
         args += ["--emo-vector", "0.1,0.2"]
     elif case == "negative_emo_vector":
         args += ["--emo-vector", "0,-0.5,0,0,0,0,0,0"]
+    elif case == "negative_first_emo_weight":              # argparse would take "-1,..." for an option
+        args += ["--emo-vector", "-1,0,0,0,0,0,0,0"]
+    elif case == "emo_alpha_past_one":
+        args += ["--emo-vector", "0,0.5,0,0,0,0,0,0", "--emo-alpha", "1e9"]
     elif case == "unknown_backend":
         args += ["--backend", "cuda-magic"]
     elif case == "trt_here":

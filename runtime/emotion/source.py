@@ -72,12 +72,18 @@ def resolve_emotion_source(
        vector order or 8 floats); 3. a vector is alpha-truncated; 4. without emotion audio the speaker
        prompt is used, with merge alpha 1.0 (so alpha only acts through the truncation in 2–3).
     In audio mode `emo_alpha` goes to merge_emovec as given (upstream does not clamp it there).
-    Our additions: vectors are validated (InputError), and a non-finite alpha is an InputError
+    Our additions: vectors are validated (InputError), an alpha outside [0, 1] (upstream's UI range) and a
+    non-finite alpha are InputErrors
     (upstream would silently turn a NaN alpha into 1.0 for vectors and NaN embeddings for audio).
     """
     alpha = float(emo_alpha)
     if not math.isfinite(alpha):
         raise InputError(f"emo_alpha must be a finite number, got {emo_alpha!r}")
+    if not 0.0 <= alpha <= 1.0:
+        # upstream's API takes any float, its web UI offers 0..1: past 1 the emotion embedding is
+        # extrapolated beyond the reference (audio) or the vector scaled past its own weights
+        raise InputError(f"emo_alpha must be between 0 and 1 (the emotion strength: 0 none, 1 the full "
+                         f"reference or vector), got {emo_alpha!r}")
     if use_emo_text or emo_vector is not None:
         emo_audio_prompt = None
     source: EmotionSourceKind

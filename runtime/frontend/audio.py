@@ -15,9 +15,12 @@ The speaker prompt is loaded at 22050 Hz and the emotion prompt directly at 16 k
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import soundfile as sf
@@ -30,21 +33,49 @@ log = logging.getLogger(__name__)
 SILENCE_PEAK = 1e-4   # below this peak amplitude (-80 dBFS) a reference carries no usable voice
 
 
-def _decode(path: Path) -> tuple[np.ndarray, int]:
+@dataclass(frozen=True)
+class AudioBytes:
+    """Reference audio held in memory (a server's upload): decoded from the bytes, never written to a file.
+    `name` stands for it in messages and logs (e.g. "voice v_1a2b…", "upload 'emo_audio'")."""
+
+    data: bytes = b""
+    name: str = "uploaded audio"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"AudioBytes({self.name!r}, {len(self.data)} bytes)"
+
+
+#: a reference: a file, or bytes in memory
+AudioSource = Union[str, Path, AudioBytes]
+
+
+def _read(source: Path | AudioBytes) -> tuple[np.ndarray, int]:
+    target = io.BytesIO(source.data) if isinstance(source, AudioBytes) else str(source)
+    try:
+        data, native_sr = sf.read(target, dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as err:
+        formats = ", ".join(sorted(sf.available_formats()))
+        raise InputError(f"{source}: cannot decode the audio ({err}); readable formats are those of "
+                         f"libsndfile: {formats}") from err
+    return data.T, int(native_sr)
+
+
+def _decode(path: Path | AudioBytes) -> tuple[np.ndarray, int]:
     """soundfile read -> ((C, N) or (N,) float32, native rate), every failure as InputError."""
+    if isinstance(path, AudioBytes):
+        if not path.data:
+            raise InputError(f"{path}: audio is empty (0 bytes)")
+        return _read(path)
     if not path.exists():
         raise InputError(f"{path}: audio file not found")
     if not path.is_file():
         raise InputError(f"{path}: is not a file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: audio file is empty (0 bytes)")
-    try:
-        data, native_sr = sf.read(str(path), dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as err:
-        formats = ", ".join(sorted(sf.available_formats()))
-        raise InputError(f"{path}: cannot decode the audio ({err}); readable formats are those of "
-                         f"libsndfile: {formats}") from err
-    return data.T, int(native_sr)
+    return _read(path)
 
 
 def _fix_length(y: np.ndarray, size: int) -> np.ndarray:
@@ -54,13 +85,13 @@ def _fix_length(y: np.ndarray, size: int) -> np.ndarray:
     return np.pad(y, (0, size - y.shape[-1]))
 
 
-def load_audio(path: str | Path, sr: int, max_seconds: float = 15.0) -> np.ndarray:
+def load_audio(path: AudioSource, sr: int, max_seconds: float = 15.0) -> np.ndarray:
     """Mono float32 audio (1, N) at `sr` Hz, at most `int(max_seconds * sr)` samples.
 
     Raises InputError naming the file when it is missing, empty, undecodable, holds no samples or
     holds non-finite samples. Silence is checked separately (`check_not_silent`).
     """
-    path = Path(path)
+    path = path if isinstance(path, AudioBytes) else Path(path)
     y, native_sr = _decode(path)
     if y.ndim > 1:                                             # (C, N) -> (N,), librosa.to_mono
         y = np.mean(y, axis=tuple(range(y.ndim - 1)))
