@@ -232,3 +232,34 @@ def test_the_shared_cache_refuses_what_does_not_fit() -> None:
         shared.join("b", np.zeros((g.layers, 2, 1, g.heads, 5, g.head_dim), np.float32), 2, 40)
     with pytest.raises(ValueError, match="already a member"):
         shared.join("a", np.zeros((g.layers, 2, 1, g.heads, 5, g.head_dim), np.float32), 1, 40)
+
+
+def test_a_beam_move_copies_only_where_the_histories_differ() -> None:
+    """Beams fed the same first tokens hold the same K/V there (a position's K/V follows from the tokens up
+    to it), so a reorder copies from the first differing token on: a sentinel in the common part stays."""
+    g = GEOMETRY
+    shared = BatchKVCache(g.layers, g.heads, g.head_dim, max_rows=4, buckets=BUCKETS)
+    prompt = 5
+    rows = shared.join("m", np.ones((g.layers, 2, 1, g.heads, prompt, g.head_dim), np.float32), 3, 40)
+    histories = [[7, 8, 9, 1], [7, 8, 9, 2], [7, 3, 3, 3]]       # beam 1 differs from 0 at the 4th token
+    for step in range(4):
+        shared.set_tokens("m", np.array([h[step] for h in histories]), prompt + step)
+        kv_new = np.zeros((g.layers, 2, shared.rows, g.heads, 1, g.head_dim), np.float32)
+        for b, r in enumerate(rows):
+            kv_new[:, :, r] = 10 * b + step                          # beams' K/V differ everywhere...
+        shared.append(kv_new)
+    shared.buffer[:, :, rows[1], :, prompt:prompt + 3] = -1.0       # ...but say beam 1's common part is alike
+    before_2 = shared.buffer[:, :, rows[2]].copy()
+    shared.reorder("m", np.array([0, 0, 2]))                         # beam 1 takes beam 0's place
+    np.testing.assert_array_equal(shared.buffer[:, :, rows[1], :, prompt:prompt + 3], -1.0)   # not copied
+    np.testing.assert_array_equal(shared.buffer[:, :, rows[1], :, prompt + 3], 3.0)           # copied: differs
+    np.testing.assert_array_equal(shared.buffer[:, :, rows[2]], before_2)                     # kept its own
+    row_0 = shared.buffer[:, :, rows[0]].copy()
+    shared.reorder("m", np.array([2, 1, 0]))                         # a swap: beam 0 <-> beam 2 (parked)
+    # beams 0 and 2 share their first token (7): only the 3 later positions are exchanged
+    np.testing.assert_array_equal(shared.buffer[:, :, rows[0], :, prompt + 1:prompt + 4],
+                                  before_2[:, :, :, prompt + 1:prompt + 4])
+    np.testing.assert_array_equal(shared.buffer[:, :, rows[2], :, prompt + 1:prompt + 4],
+                                  row_0[:, :, :, prompt + 1:prompt + 4])
+    np.testing.assert_array_equal(shared.buffer[:, :, rows[0], :, prompt], row_0[:, :, :, prompt])
+    np.testing.assert_array_equal(shared.buffer[:, :, rows[2], :, prompt], before_2[:, :, :, prompt])

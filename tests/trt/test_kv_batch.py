@@ -47,11 +47,14 @@ BUCKETS = (16, 32, 64)
 def _walk(seed: int, layers: int, heads: int, head_dim: int, max_rows: int, steps: int = 70) -> list[tuple]:
     """Events (("join", key, kv, beams, max_positions, source), ("leave", key), ("reorder", key, parents),
     ("tokens", key, tokens, position), ("ensure_room",), ("append", kv_new)) found by driving a host
-    BatchKVCache: joins when rows are free (batch-1, per-beam or shared prefills: one row of a batch of prompts), leaves at random and when a member
+    BatchKVCache: joins when rows are free (batch-1, per-beam or shared prefills: one row of a batch of prompts),
+    a new position's K/V drawn from its row's token history (as the model's: beams fed alike hold alike K/V,
+    which the host cache relies on to copy only where beams differ), leaves at random and when a member
     is full, a reorder of every member each step (permutations with cycles, duplicates), then a step."""
     rng = np.random.default_rng(seed)
     host = BatchKVCache(layers, heads, head_dim, max_rows=max_rows, buckets=BUCKETS)
     events: list[tuple] = []
+    history: dict[int, np.ndarray] = {}       # per member, a hash of each beam's tokens so far
 
     def do(event: tuple) -> None:
         events.append(event)
@@ -68,21 +71,31 @@ def _walk(seed: int, layers: int, heads: int, head_dim: int, max_rows: int, step
             src = 1 if pick < 0.5 else beams if pick < 0.75 else int(rng.integers(2, 5))   # last: a shared prefill
             source = int(rng.integers(0, src)) if pick >= 0.75 else None
             do(("join", step, kv(src, int(rng.integers(3, 20))), beams, int(rng.integers(30, 65)), source))
+            history[step] = np.zeros(beams, np.int64)
         members = sorted(host.members)
         full = [k for k in members if host.lengths[host.member_rows(k)[0]] >= host.members[k].max_positions]
         if members and step % 9 == 4:
             full.append(members[int(rng.integers(0, len(members)))])
         for key in sorted(set(full)):
             do(("leave", key))
+            history.pop(key, None)
         for key in sorted(host.members):
             beams = len(host.member_rows(key))
             kind = rng.integers(3)
             parents = (rng.permutation(beams) if kind == 0 else np.roll(np.arange(beams), 1) if kind == 1
                        else rng.integers(0, beams, beams))
             do(("reorder", key, parents))
-            do(("tokens", key, rng.integers(0, 50, beams), int(host.lengths[host.member_rows(key)[0]]) - 2))
+            tokens = rng.integers(0, 3, beams)                # few distinct tokens: beams share histories
+            do(("tokens", key, tokens, int(host.lengths[host.member_rows(key)[0]]) - 2))
+            history[key] = (history[key][parents] * 7 + tokens + 1) % 1_000_003
         do(("ensure_room",))
-        do(("append", kv(host.rows, 1)))
+        # a row's new K/V follows from its history (as the model's does), other rows' are noise
+        new = kv(host.rows, 1)
+        for key in host.members:
+            for b, r in enumerate(host.member_rows(key)):
+                local = np.random.default_rng(int(history[key][b]))
+                new[:, :, r] = (local.integers(-64, 64, new[:, :, r].shape) / 64).astype(np.float32)
+        do(("append", new))
     for key in sorted(host.members):
         do(("leave", key))
     return events
