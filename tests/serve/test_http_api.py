@@ -285,3 +285,25 @@ def test_voice_paths_are_never_taken_from_a_client(served) -> None:
     r = _http(server).post("/v1/audio/speech", json={"model": "indextts2", "voice": "/etc/passwd", "input": TEXT})
     assert r.status_code == 400 and "not found" in r.json()["error"]["message"]
     assert _http(server).delete("/v1/audio/voices/..%2F..%2Fetc").status_code == 404
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_load_test_drives_the_http_api(served, tmp_path, stream) -> None:
+    from benchmarks import load
+
+    server, _, _ = served
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    out = tmp_path / "load"
+    args = ["--url", server.url, "--concurrency", "1,2", "--requests", "3", "--options", '{"max_mel_tokens": 8}',
+            "--token-file", str(token), "--out", str(out)] + (["--stream"] if stream else [])
+    assert load.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["level"] for r in results["levels"]] == [1, 2] and results["settings"]["token"] == "***"
+    for r in results["levels"]:
+        assert r["requests"] == 3 and r["errors"] == 0 and r["audio_s_per_s"] > 0
+        assert 0 < r["first_audio_p50_s"] <= r["latency_p50_s"] and r["rtf_p50"] > 0
+    assert "| 2 |" in (out / "results.md").read_text()
+    bad = ["--url", server.url, "--concurrency", "1", "--requests", "1", "--out", str(out)]   # no token: 401s
+    assert load.main(bad) == 2
+    assert "401" in json.loads((out / "results.json").read_text())["levels"][0]["error_samples"][0]

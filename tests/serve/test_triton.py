@@ -147,3 +147,16 @@ def test_a_client_gone_mid_stream_frees_its_slot(triton) -> None:
     assert service.slots.in_use == 0, "a stream whose client went away kept its slot"
     audio, status, _ = _result(client.infer("indextts2", _inputs(options={"max_mel_tokens": 8, "seed": 1})))
     assert status == 200 and audio.size > 0
+
+
+def test_the_load_test_drives_triton_over_grpc(triton, tmp_path) -> None:
+    from benchmarks import load
+
+    _, _, config = triton
+    for stream in (False, True):
+        out = tmp_path / f"load-{stream}"
+        args = ["--url", f"grpc://127.0.0.1:{config.triton_grpc_port}", "--concurrency", "1,2", "--requests", "2",
+                "--options", '{"max_mel_tokens": 8}', "--out", str(out)] + (["--stream"] if stream else [])
+        assert load.main(args) == 0
+        levels = json.loads((out / "results.json").read_text())["levels"]
+        assert all(r["errors"] == 0 and r["audio_s_per_s"] > 0 for r in levels)
