@@ -44,18 +44,67 @@ def row_bucket(rows: int, max_rows: int, buckets: Sequence[int] = ROW_BUCKETS) -
 
 
 @dataclass
-class _Member:
+class BatchMember:
+    """One member's rows and what its beams were fed (the bookkeeping both batch caches keep: this host
+    cache and the device one, runtime/trt/kv_batch_device.py)."""
+
     rows: list[int]              # its beams' rows, beam b in rows[b]
     max_positions: int           # the most positions any of its rows will hold
     shared: int = 0              # positions [0, shared) are the same in all its rows (a batch-1 prefill)
-    fed: np.ndarray | None = None   # (beams, max_positions - shared) the tokens each beam was fed, in order
+    fed: np.ndarray | None = None   # (beams, max_positions - shared + 1) the tokens each beam was fed, in order
     steps: int = 0               # how many tokens each beam has been fed
+
+    @classmethod
+    def joining(cls, rows: list[int], max_positions: int, prompt: int, one_prompt: bool) -> "BatchMember":
+        """`one_prompt`: every beam starts from the same prefill row (its prompt positions are alike)."""
+        total = max(max_positions, prompt)
+        shared = prompt if one_prompt else 0
+        return cls(list(rows), total, shared, np.zeros((len(rows), total - shared + 1), np.int64))
+
+    def record(self, tokens: np.ndarray) -> None:
+        """The tokens its beams are fed at the next step."""
+        if self.shared and self.steps < self.fed.shape[1]:
+            self.fed[:, self.steps] = tokens
+            self.steps += 1
+
+    def moves(self, parents: np.ndarray, filled: int) -> list[tuple[int, int, int]]:
+        """The copies of a reorder (beam_moves), then its history follows the beams."""
+        parents = np.asarray(parents, np.int64)
+        moves = beam_moves(parents, self.fed[:, :self.steps] if self.shared else None, self.shared, filled)
+        if self.shared:
+            self.fed[:] = self.fed[parents]
+        return moves
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """How many leading entries `a` and `b` (same length) share."""
     differ = np.flatnonzero(a != b)
     return int(differ[0]) if differ.size else int(a.size)
+
+
+def beam_moves(parents: np.ndarray, fed: np.ndarray | None, shared: int, filled: int) -> list[tuple[int, int, int]]:
+    """The copies of a member's beam reorder: `reorder_moves` (dst, src; PARKED = the spare slot), each with the
+    first position it must copy. After a batch-1 prefill (`shared` > 0: the prompt positions are alike in
+    every beam) a position's K/V follows from the tokens fed up to it (a row's outputs do not depend on the
+    other rows: bitwise, measured on ONNX Runtime CPU), so a beam fed the same first c tokens as its new parent
+    already holds [0, shared + c): only [shared + c, filled) is copied, and nothing when the histories agree.
+    `fed` (beams, steps): the tokens each beam was fed, in order. Shared by the host and device batch caches."""
+    parents = np.asarray(parents, np.int64).reshape(-1)
+
+    def start(dst: int, src: int) -> int:
+        return shared + common_prefix(fed[dst], fed[src]) if shared and fed is not None else 0
+
+    moves: list[tuple[int, int, int]] = []
+    parked_from = 0
+    for dst, src in reorder_moves(parents):
+        if dst == PARKED:                                # parked for every beam that takes `src`
+            parked_from = min(start(d, src) for d in range(parents.size) if parents[d] == src and d != src)
+            moves.append((dst, src, parked_from))
+        elif src == PARKED:
+            moves.append((dst, src, max(start(dst, int(parents[dst])), parked_from)))
+        else:
+            moves.append((dst, src, start(dst, src)))
+    return [(d, s, lo) for d, s, lo in moves if lo < filled]
 
 
 class BatchKVCache:
@@ -71,7 +120,7 @@ class BatchKVCache:
         self.dtype = np.dtype(dtype)
         self.buckets, self.row_buckets = tuple(buckets), tuple(row_buckets)
         self.idle_token = idle_token
-        self.members: dict[Hashable, _Member] = {}
+        self.members: dict[Hashable, BatchMember] = {}
         self.version = 0                      # bumped when the arrays are reallocated (feeds must be rebuilt)
         self._spare: np.ndarray | None = None
         self._allocate(0, min(self.buckets))
@@ -131,9 +180,7 @@ class BatchKVCache:
             self._reallocate(max(need_rows, self.rows), max(prompt, self._longest()), max_positions)
             free = [r for r in range(self.rows) if r not in self._taken()]
         rows = free[:beams]
-        shared = prompt if kv.shape[2] == 1 else 0
-        total = max(max_positions, prompt)
-        self.members[key] = _Member(rows, total, shared, np.zeros((beams, total - shared + 1), np.int64))
+        self.members[key] = BatchMember.joining(rows, max_positions, prompt, kv.shape[2] == 1)
         for b, r in enumerate(rows):
             np.copyto(self.buffer[:, :, r, :, :prompt], kv[:, :, b if kv.shape[2] > 1 else 0])
             self.buffer[:, :, r, :, prompt:] = 0.0
@@ -158,48 +205,26 @@ class BatchKVCache:
     def set_tokens(self, key: Hashable, tokens: np.ndarray, position: int) -> None:
         """The member's beams are fed `tokens` at mel position `position` in the next step."""
         member = self.members[key]
-        rows = member.rows
-        self.mel_ids[rows, 0] = tokens
-        self.mel_pos[rows, 0] = position
-        if member.shared and member.steps < member.fed.shape[1]:
-            member.fed[:, member.steps] = tokens
-            member.steps += 1
+        self.mel_ids[member.rows, 0] = tokens
+        self.mel_pos[member.rows, 0] = position
+        member.record(tokens)
 
     def reorder(self, key: Hashable, beam_indices: np.ndarray) -> None:
-        """Beam b of `key` takes the filled rows of its beam `beam_indices[b]` (within the member's rows).
-
-        Only the positions where the two beams' histories differ are copied: after a batch-1 prefill the
-        prompt positions [0, shared) are alike in every beam, and a position's K/V depends only on the tokens
-        fed up to it (a row's outputs do not depend on the other rows: bitwise, measured on ONNX Runtime CPU),
-        so beams fed the same first c tokens hold the same K/V up to shared + c. Beam search mostly moves
-        beams that differ in their last few tokens: this copies those, not the whole generation."""
+        """Beam b of `key` takes the filled rows of its beam `beam_indices[b]` (within the member's rows), copying
+        only where the two beams' histories differ (`beam_moves`: beam search mostly moves beams that differ in
+        their last few tokens, so this copies those, not the whole generation)."""
         member = self.members[key]
         rows = member.rows
-        parents = np.asarray(beam_indices, np.int64)
         n = int(self.lengths[rows[0]])                       # its beams hold the same number of positions
-        a = member.shared
-        fed = member.fed[:, :member.steps] if a else None
-
-        def start(dst: int, src: int) -> int:                # first position where dst's K/V must change
-            return a + common_prefix(fed[dst], fed[src]) if a else 0
-
-        parked_from = 0
-        for dst, src in reorder_moves(parents):
-            if dst == PARKED:                                # parked for every beam that takes `src`
-                takers = [d for d in range(len(rows)) if parents[d] == src and d != src]
-                parked_from = min(start(d, src) for d in takers)
-                np.copyto(self._spare_slot()[:, :, :, parked_from:n], self.buffer[:, :, rows[src], :, parked_from:n])
+        for dst, src, lo in member.moves(beam_indices, n):
+            if dst == PARKED:
+                np.copyto(self._spare_slot()[:, :, :, lo:n], self.buffer[:, :, rows[src], :, lo:n])
             elif src == PARKED:
-                lo = max(start(dst, int(parents[dst])), parked_from)
                 np.copyto(self.buffer[:, :, rows[dst], :, lo:n], self._spare_slot()[:, :, :, lo:n])
             else:
-                lo = start(dst, src)
-                if lo < n:
-                    for layer in self.buffer:                # per (layer, K/V): disjoint views, no temporary
-                        for kv in layer:
-                            np.copyto(kv[rows[dst], :, lo:n], kv[rows[src], :, lo:n])
-        if a:
-            member.fed[:] = member.fed[parents]
+                for layer in self.buffer:                    # per (layer, K/V): disjoint views, no temporary
+                    for kv in layer:
+                        np.copyto(kv[rows[dst], :, lo:n], kv[rows[src], :, lo:n])
 
     # -- a step ---------------------------------------------------------------------------------------
     def ensure_room(self) -> None:

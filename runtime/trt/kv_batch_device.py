@@ -33,14 +33,13 @@ length, a reallocation starts from zeros), so a member's rows equal its host twi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
 import numpy as np
 
 from runtime.contracts import kv_cache_name
 from runtime.errors import ContractError
-from runtime.gpt.batch_cache import IDLE_POSITION, ROW_BUCKETS, row_bucket
+from runtime.gpt.batch_cache import IDLE_POSITION, ROW_BUCKETS, BatchMember, row_bucket
 from runtime.gpt.kv_cache import bucket_for
 from runtime.trt.cuda import DeviceArray, DeviceBuffer, Stream
 from runtime.trt.kv_device import Region, check_kv, execute_ops, source_region
@@ -65,12 +64,6 @@ from runtime.trt.kv_plan import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Member:
-    rows: list[int]              # its beams' rows, beam b in rows[b]
-    max_positions: int           # the most positions any of its rows will hold
-
-
 class DeviceBatchKVCache:
     """Rows of many members in one static device cache (BatchKVCache's interface; module docstring).
 
@@ -89,7 +82,7 @@ class DeviceBatchKVCache:
         self.buckets, self.row_buckets = tuple(sorted(buckets)), tuple(row_buckets)
         self.fixed_buckets = fixed_buckets
         self.idle_token = idle_token
-        self.members: dict[Hashable, _Member] = {}
+        self.members: dict[Hashable, BatchMember] = {}
         self.version = 0                      # bumped when the arrays are reallocated (feeds must be rebuilt)
         self._own_stream = stream is None
         self.stream = stream if stream is not None else Stream()
@@ -164,7 +157,7 @@ class DeviceBatchKVCache:
             ops += plan_row_prefill(self.layout, r, prompt, src_batch, src_row)
         self._execute(ops, {PREFILL: source_region(kv)})
         self._sync()                  # the prefill buffer (or host array) may be rewritten as soon as we return
-        self.members[key] = _Member(rows, max(max_positions, prompt))
+        self.members[key] = BatchMember.joining(rows, max_positions, prompt, src_batch == 1 or source is not None)
         for r in rows:
             self.mask[r, :prompt] = 1.0
             self.mask[r, prompt:] = 0.0
@@ -186,15 +179,17 @@ class DeviceBatchKVCache:
 
     def set_tokens(self, key: Hashable, tokens: np.ndarray, position: int) -> None:
         """The member's beams are fed `tokens` at mel position `position` in the next step."""
-        rows = self.members[key].rows
-        self.mel_ids[rows, 0] = tokens
-        self.mel_pos[rows, 0] = position
+        member = self.members[key]
+        self.mel_ids[member.rows, 0] = tokens
+        self.mel_pos[member.rows, 0] = position
+        member.record(tokens)
 
     def reorder(self, key: Hashable, beam_indices: np.ndarray) -> None:
         """Beam b of `key` takes the filled positions of its beam `beam_indices[b]` (within the member's rows):
-        one 3D copy per move (plan_member_reorder)."""
-        rows = self.members[key].rows
-        ops = plan_member_reorder(self.layout, rows, beam_indices, int(self.lengths[rows[0]]))
+        one 3D copy per move (plan_member_reorder), from where the beams' histories differ (beam_moves)."""
+        member = self.members[key]
+        filled = int(self.lengths[member.rows[0]])
+        ops = plan_member_reorder(self.layout, member.rows, beam_indices, filled, member.moves(beam_indices, filled))
         if not ops:
             return
         if self._spare is None and any(isinstance(op, Copy3D) and SPARE in (op.src, op.dst) for op in ops):

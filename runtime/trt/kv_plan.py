@@ -319,10 +319,11 @@ def plan_row_appends(layout: KVLayout, rows: Sequence[int], positions: Sequence[
 
 
 def plan_member_reorder(layout: KVLayout, rows: Sequence[int], beam_indices: Sequence[int] | np.ndarray,
-                        filled: int) -> list[Op]:
+                        filled: int, moves: Sequence[tuple[int, int, int]] | None = None) -> list[Op]:
     """A member's beam b (cache row rows[b]) takes the `filled` positions of its beam beam_indices[b]:
     runtime.gpt.kv_cache.reorder_moves' moves mapped onto the member's rows (PARKED = the spare slot, one row
-    (layers, 2, heads, S, head_dim)), each ONE 3D copy of the filled positions only."""
+    (layers, 2, heads, S, head_dim)), each ONE 3D copy of the filled positions only — from the move's first
+    position when `moves` gives them ((dst, src, first position), runtime.gpt.batch_cache.beam_moves)."""
     indices = np.asarray(beam_indices).reshape(-1)
     rows = [int(r) for r in rows]
     _check_rows(layout, rows)
@@ -332,13 +333,17 @@ def plan_member_reorder(layout: KVLayout, rows: Sequence[int], beam_indices: Seq
         raise ValueError(f"{filled} filled positions in a cache of {layout.capacity}")
     if filled == 0:
         return []
-    width, heads, depth = filled * layout.row_bytes, layout.heads, layout.layers * 2
-    spare = ((0, 0, 0), layout.seq_bytes, heads)
+    heads, depth = layout.heads, layout.layers * 2
+    if moves is None:
+        moves = [(dst, src, 0) for dst, src in reorder_moves(indices)]
     ops: list[Op] = []
-    for dst, src in reorder_moves(indices):
-        to = (SPARE, *spare) if dst == PARKED else (CACHE, *_cache_box(layout, rows[dst]))
-        frm = (SPARE, *spare) if src == PARKED else (CACHE, *_cache_box(layout, rows[src]))
-        ops.append(Copy3D(*to, *frm, width, heads, depth))
+    for dst, src, first in moves:
+        if not 0 <= first < filled:
+            raise ValueError(f"a move from position {first} of {filled} filled")
+        spare = ((first * layout.row_bytes, 0, 0), layout.seq_bytes, heads)
+        to = (SPARE, *spare) if dst == PARKED else (CACHE, *_cache_box(layout, rows[dst], first))
+        frm = (SPARE, *spare) if src == PARKED else (CACHE, *_cache_box(layout, rows[src], first))
+        ops.append(Copy3D(*to, *frm, (filled - first) * layout.row_bytes, heads, depth))
     return ops
 
 
