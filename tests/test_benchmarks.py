@@ -378,7 +378,7 @@ def test_concurrency_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, ca
 
     out = tmp_path / "results"
     code = concurrency.main(["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--levels", "1,2",
-                             "--beams", "1,2", "--gpt-tokens", "6", "--e2e-tokens", "4", "--rounds", "1",
+                             "--beams", "1,2", "--gpt-tokens", "6", "--e2e-tokens", "4", "--gpt-rounds", "2", "--rounds", "1",
                              "--euler-steps", "2",
                              "--threads", "2", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -390,6 +390,7 @@ def test_concurrency_cli_on_the_tiny_export(tiny_ckpt, tiny_export, tmp_path, ca
         assert r["tokens"] == level * 6 and r["rows"] == beams * level
         assert r["steady_steps"] >= 1 and r["step_over_call"] >= 1.0      # a step includes its graph call
         assert 1 <= r["prefill_calls"] <= level and 1 <= r["latent_calls"] <= level   # one text: shared calls
+        assert len(r["rounds"]) == 2 and min(r["rounds"]) <= r["tokens_per_s"] <= max(r["rounds"])
     assert results["settings"]["e2e_tokens"] == "4"
     assert [r["level"] for r in results["end_to_end"]] == [1, 2]
     assert all(r["requests"] == r["level"] for r in results["end_to_end"])
