@@ -17,7 +17,3 @@ class TooBusy(ToolkitError):
     """The process already holds its maximum of requests (HTTP 429, Retry-After)."""
 
     retryable = True
-
-
-class Unauthorized(ToolkitError):
-    """A missing or wrong bearer token (HTTP 401)."""

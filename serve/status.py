@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from runtime.errors import InputError, QueueFull, ToolkitError
-from serve.errors import NotFound, TooBusy, TooLarge, Unauthorized
+from serve.errors import NotFound, TooBusy, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +16,6 @@ def status_of(err: BaseException) -> tuple[int, str]:
         return 413, str(err)
     if isinstance(err, (NotFound, InputError)):
         return 400, str(err)
-    if isinstance(err, Unauthorized):
-        return 401, str(err)
     if isinstance(err, (TooBusy, QueueFull)):
         return 429, str(err)
     if getattr(err, "retryable", False):

@@ -62,17 +62,22 @@ class BatchMember:
         return cls(list(rows), total, shared, np.zeros((len(rows), total - shared + 1), np.int64))
 
     def record(self, tokens: np.ndarray) -> None:
-        """The tokens its beams are fed at the next step."""
-        if self.shared and self.steps < self.fed.shape[1]:
-            self.fed[:, self.steps] = tokens
-            self.steps += 1
+        """The tokens its beams are fed at the next step (the history grows if ever fed past its size: a
+        history cut short would make beams look alike where they are not)."""
+        if not self.shared:
+            return
+        if self.steps == self.fed.shape[1]:
+            self.fed = np.concatenate([self.fed, np.zeros_like(self.fed)], axis=1)
+        self.fed[:, self.steps] = tokens
+        self.steps += 1
 
     def moves(self, parents: np.ndarray, filled: int) -> list[tuple[int, int, int]]:
         """The copies of a reorder (beam_moves), then its history follows the beams."""
         parents = np.asarray(parents, np.int64)
-        moves = beam_moves(parents, self.fed[:, :self.steps] if self.shared else None, self.shared, filled)
-        if self.shared:
-            self.fed[:] = self.fed[parents]
+        fed = self.fed[:, :self.steps] if self.shared else None
+        moves = beam_moves(parents, fed, self.shared, filled)
+        if fed is not None and moves:            # no move: every beam kept its own history
+            fed[:] = fed[parents]
         return moves
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from runtime.errors import BackendError
 from runtime.gpt.batch_cache import BatchKVCache
 from runtime.gpt.generate import (GenerationConfig, GenerationResult, NextStep, TokenSelector, max_new_tokens,
-                                  prefill_text_ids)
+                                  prefill_feed)
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 
@@ -85,13 +85,11 @@ class GptBatch:
         """The prefill call of prompts of one length (row b of the call is prompt b; a row's logits and K/V do
         not depend on the other rows, so each is its prefill alone). Prompts of different lengths cannot share
         a call: the prefill graph has no padding mask. Nothing is drawn from any random stream here."""
-        ids = [prefill_text_ids(j.text_ids) for j in joining]
-        if len({i.shape[1] for i in ids}) != 1:
-            raise ValueError("a shared prefill needs prompts of one length, got "
-                             f"{sorted({i.shape[1] for i in ids})}")
-        feed = {"spk_latent": np.ascontiguousarray(np.concatenate([j.spk_latent for j in joining]), np.float32),
-                "emovec": np.ascontiguousarray(np.concatenate([j.emovec for j in joining]), np.float32),
-                "text_ids": np.ascontiguousarray(np.concatenate(ids))}
+        rows = [prefill_feed(j.spk_latent, j.emovec, j.text_ids) for j in joining]     # each as alone
+        lengths = sorted({r["text_ids"].shape[1] for r in rows})
+        if len(lengths) != 1:
+            raise ValueError(f"a shared prefill needs prompts of one length, got {lengths}")
+        feed = rows[0] if len(rows) == 1 else {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
         out = self.steps.prefill(feed)
         self.prefill_calls += 1
         return out

@@ -263,3 +263,14 @@ def test_a_beam_move_copies_only_where_the_histories_differ() -> None:
                                   row_0[:, :, :, prompt + 1:prompt + 4])
     np.testing.assert_array_equal(shared.buffer[:, :, rows[0], :, prompt], row_0[:, :, :, prompt])
     np.testing.assert_array_equal(shared.buffer[:, :, rows[2], :, prompt], before_2[:, :, :, prompt])
+
+
+def test_a_beam_history_fed_past_its_size_grows_rather_than_stops() -> None:
+    """A history cut short would make beams that differ later look alike (and skip their copy)."""
+    from runtime.gpt.batch_cache import BatchMember
+
+    member = BatchMember.joining([0, 1], max_positions=6, prompt=5, one_prompt=True)   # room for 2 tokens
+    for step in range(5):
+        member.record(np.array([7, 7 if step < 4 else 8]))
+    assert member.steps == 5 and member.fed.shape[1] >= 5
+    assert member.moves(np.array([0, 0]), 10) == [(1, 0, 9)]      # they differ at the 5th token: copy [9, 10)

@@ -5,6 +5,7 @@ server keeps serving the next request."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -60,8 +61,7 @@ def _wav_pcm(data: bytes) -> np.ndarray:
 def _alone(service, ckpt, **kw) -> np.ndarray:
     fields = {k: kw.pop(k) for k in ("quick_streaming_tokens", "max_text_tokens_per_segment") if k in kw}
     request = SynthesisRequest(text=kw.pop("text", TEXT), speaker=ckpt / "examples/speaker.wav", **fields)
-    generation = service.synth.generation_defaults.__class__(**{**service.synth.generation_defaults.__dict__,
-                                                                "max_mel_tokens": kw.pop("max_mel_tokens")})
+    generation = dataclasses.replace(service.synth.generation_defaults, max_mel_tokens=kw.pop("max_mel_tokens"))
     return service.synth.synthesize(request, generation, seed=kw.pop("seed")).pcm
 
 
@@ -120,8 +120,7 @@ def test_voices_are_registered_used_listed_and_deleted(served, tiny_ckpt) -> Non
         [f"{v['id']}.audio" for v in listed] + [f"{v['id']}.json" for v in listed])   # nothing else left
     audio = _client(server).audio.speech.create(model="indextts2", voice=vid, input=TEXT, extra_body=FAST)
     request = SynthesisRequest(text=TEXT, speaker=tiny_ckpt / "examples/emotion.wav")
-    generation = service.synth.generation_defaults.__class__(
-        **{**service.synth.generation_defaults.__dict__, "max_mel_tokens": 20})
+    generation = dataclasses.replace(service.synth.generation_defaults, max_mel_tokens=20)
     _same(_wav_pcm(audio.content), service.synth.synthesize(request, generation, seed=5).pcm, "registered voice")
     # emotion from a registered voice, by name
     by_name = _client(server).audio.speech.create(model="indextts2", voice="default", input=TEXT,
