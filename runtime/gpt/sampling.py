@@ -122,8 +122,7 @@ def top_p_(scores: np.ndarray, top_p: float, min_tokens_to_keep: int = 1, filter
     """
     ws = _ws(scores, ws)
     vocab = scores.shape[-1]
-    np.copyto(ws.a, scores)
-    ws.a.sort(axis=-1)                                     # (rows, V) ascending
+    _sorted_rows(scores, np.float32(filter_value), ws)      # ws.a: (rows, V) ascending
     softmax(ws.a, out=ws.b, ws=ws)
     np.copyto(ws.c64, ws.b)
     np.cumsum(ws.c64, axis=-1, out=ws.c64)                 # accumulated in double, as torch's CPU cumsum
@@ -143,6 +142,23 @@ def top_p_(scores: np.ndarray, top_p: float, min_tokens_to_keep: int = 1, filter
             mask[np.flatnonzero(ties)[:n_ties]] = True
         np.copyto(scores[row], np.float32(filter_value), where=mask)
     return scores
+
+
+def _sorted_rows(scores: np.ndarray, filter_value: np.float32, ws: Workspace) -> None:
+    """ws.a = each row of `scores` sorted ascending. After top-k most entries are `filter_value` (-inf): such a
+    row is built as the filter values followed by its few other values sorted, the same array as the full sort
+    (equal values are indistinguishable) at a fraction of its cost — the sort was most of a sampled step's
+    host time at the real vocabulary (0.6 of 0.9 ms per row)."""
+    vocab = scores.shape[-1]
+    for row in range(scores.shape[0]):
+        np.not_equal(scores[row], filter_value, out=ws.m1[row])
+        kept = np.count_nonzero(ws.m1[row])
+        if kept * 8 > vocab:
+            np.copyto(ws.a[row], scores[row])
+            ws.a[row].sort()
+            continue
+        ws.a[row, :vocab - kept] = filter_value
+        ws.a[row, vocab - kept:] = np.sort(scores[row][ws.m1[row]])
 
 
 @dataclass(frozen=True)
