@@ -480,3 +480,27 @@ def test_sampling_matches_upstream_statements(fixtures_root: Path, cfg: Generati
                     assert got.score == pytest.approx(want_score, abs=1e-4)
     finally:
         fx.close()
+
+
+@pytest.mark.parametrize("kept", [1, 5, 30, 1000, 8194])
+def test_top_p_sorted_rows_equal_the_full_sort(kept: int) -> None:
+    """top_p_ builds a mostly-filtered row's sorted copy from its few kept values: the same filtered scores as
+    sorting the whole row (ties, -inf logits and a kept -inf included)."""
+    rng = np.random.default_rng(kept)
+    rows = rng.standard_normal((3, 8194)).astype(np.float32).round(1)          # many ties
+    for r in range(3):
+        drop = rng.permutation(8194)[kept:]
+        rows[r, drop] = sampling.FILTER_VALUE
+    got = sampling.top_p_(rows.copy(), 0.8, 1)
+    ws = sampling.Workspace.create(*rows.shape)
+    np.copyto(ws.a, rows)
+    ws.a.sort(axis=-1)
+    want = rows.copy()
+    cum = np.cumsum(sampling.softmax(ws.a.copy()).astype(np.float64), axis=-1).astype(np.float32)
+    for r in range(3):
+        j = min(int(np.searchsorted(cum[r], np.float32(1 - 0.8), side="right")), 8194 - 1)
+        if j <= 0:
+            continue
+        order = np.argsort(rows[r], kind="stable")          # torch's CPU sort is stable
+        want[r, order[:j]] = sampling.FILTER_VALUE
+    np.testing.assert_array_equal(got, want)
