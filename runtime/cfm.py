@@ -31,6 +31,13 @@ def mel_length(n_codes: int) -> int:
     return int(np.float32(n_codes) * np.float32(MEL_FRAMES_PER_CODE))
 
 
+def mel_length_25(semantic_frames: int, duration_factor: float = 1.0) -> int:
+    """IndexTTS-2.5's target mel frames: `int(S_infer.shape[1] * 1.72 * duration_factor)` in Python floats
+    (float64, left to right, truncated), where S_infer has 2 frames per code (infer_v2_5.py:833;
+    UPSTREAM-2.5 quirk 7: float32 or an exact rational floor differ for some lengths and factors)."""
+    return int(semantic_frames * MEL_FRAMES_PER_CODE * float(duration_factor))
+
+
 def t_schedule(steps: int) -> np.ndarray:
     """(steps + 1,) float32 time points 0 .. 1 (see the module note on the last bit)."""
     return (np.arange(steps + 1, dtype=np.float64) / steps).astype(np.float32)
