@@ -100,7 +100,7 @@ def gpt_phase(synth: Any, level: int, beams: int, settings: Settings) -> dict[st
     jobs = []
     for i in range(level):
         prep = synth.prepare(request, settings.seed + i)
-        jobs.append(GptJob(prep.spk_latent, prep.emovec, np.asarray(prep.segments[0], np.int64), generation,
+        jobs.append(GptJob(prep.condition, prep.emovec, np.asarray(prep.segments[0], np.int64), generation,
                            prep.streams.gpt, 0, synth.gpt_steps))
     worker = synth.scheduler.gpt
     batch = worker.batch

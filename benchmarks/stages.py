@@ -90,7 +90,7 @@ class Workload:
     """Inputs shared by every backend, made once on the first backend."""
 
     feeds: dict[str, dict[int | None, dict[str, np.ndarray]]]
-    spk_latent: np.ndarray
+    gpt_condition: dict[str, np.ndarray]
     emovec: np.ndarray
     text_ids: np.ndarray
     condition: np.ndarray
@@ -133,7 +133,7 @@ def make_workload(backend: OpenedBackend, settings: Settings) -> Workload:
     if missing:
         raise RuntimeError(f"the recording synthesis did not call {missing} as expected")
     codes = np.ascontiguousarray(seg.codes[None])
-    s_infer = synth.graphs["gpt_latent"].run({"spk_latent": prep.spk_latent, "emovec": prep.emovec,
+    s_infer = synth.graphs["gpt_latent"].run({**prep.condition, "emovec": prep.emovec,
                                               "text_ids": np.ascontiguousarray(seg.text_ids[None]),
                                               "codes": codes})["s_infer"]
     frames = mel_length(codes.shape[1])
@@ -143,7 +143,7 @@ def make_workload(backend: OpenedBackend, settings: Settings) -> Workload:
     noise = np.random.default_rng(settings.seed).standard_normal((1, prompt.ref_mel.shape[1], condition.shape[1]),
                                                                  dtype=np.float32)
     decode = feeds["gpt_decode"][None]
-    return Workload(feeds, prep.spk_latent, prep.emovec, np.asarray(seg.text_ids), condition, prompt.ref_mel,
+    return Workload(feeds, dict(prep.condition), prep.emovec, np.asarray(seg.text_ids), condition, prompt.ref_mel,
                     prompt.style, noise, int(decode["mel_ids"].shape[0]), int(decode["kv_mask"].shape[1]))
 
 
@@ -192,7 +192,7 @@ def measure_all(backends: list[OpenedBackend], work: Workload, settings: Setting
 
     loop_label = f"GPT generate ({settings.gpt_tokens} tokens, {work.beams} beam(s))"
     stage(loop_label, {b.name: (lambda synth: lambda: generate(
-        synth.gpt_steps, work.spk_latent, work.emovec, work.text_ids, _generation(synth, settings.gpt_tokens),
+        synth.gpt_steps, work.gpt_condition, work.emovec, work.text_ids, _generation(synth, settings.gpt_tokens),
         seed=settings.seed))(b.synth) for b in backends}, timed=False)
     for r in results.values():
         # every token after the first costs one decode step (and the loop's host work: sampling, cache)

@@ -196,7 +196,8 @@ class IndexTTS2Config:
     spk_matrix: str = "feat1.pt"
     bpe_model: str = "bpe.model"
     qwen_emo_path: str = "qwen0.6bemo4-merge/"
-    version: str = "2.0"
+    version: str | None = None      # what the file says ("2.0", "2.5"), None if it says nothing; the checkpoint's
+                                    # keys decide the version (export/models/unified_voice.py:gpt_version_of)
 
 
 _NESTED: dict[tuple[str, str], type] = {

@@ -24,7 +24,7 @@ from runtime.gpt.batch_cache import BatchKVCache
 from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.steps import Feed, GptGeometry
 
-from .models.unified_voice import UnifiedVoice
+from .models.unified_voice import VERSION_20, UnifiedVoice
 
 
 def geometry_of(model: UnifiedVoice) -> GptGeometry:
@@ -54,13 +54,17 @@ class EagerGptSteps:
         self.geometry = geometry_of(model)
 
     def prefill(self, feed: Feed) -> Feed:
-        """{spk_latent (B,32,D) f32, emovec (B,D) f32, text_ids (B,L) i64}
-        -> {logits (B,V) f32, kv (layers,2,B,H,L+37,hd) f32}."""
-        spk = _tensor(feed, "spk_latent", np.float32)
+        """2.0 {spk_latent (B,32,D) f32, emovec (B,D) f32, text_ids (B,L) i64} -> {logits (B,V) f32,
+        kv (layers,2,B,H,L+37,hd) f32}; 2.5 {style (B,192) f32, lang_id (B,) i64, emovec, text_ids} -> kv of
+        L+6 positions."""
+        if self.model.version == VERSION_20:
+            speaker, lang_id = _tensor(feed, "spk_latent", np.float32), None
+        else:
+            speaker, lang_id = _tensor(feed, "style", np.float32), _tensor(feed, "lang_id", np.int64)
         emovec = _tensor(feed, "emovec", np.float32)
         text_ids = _tensor(feed, "text_ids", np.int64)
         with torch.inference_mode():
-            logits, kv = self.model.prefill(spk, emovec, text_ids)
+            logits, kv = self.model.prefill(speaker, emovec, text_ids, lang_id)
         return {"logits": logits.numpy(), "kv": kv.numpy()}
 
     def decode(self, feed: Feed) -> Feed:

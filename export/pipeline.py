@@ -150,7 +150,7 @@ class EagerIndexTTS2:
                  decoder: DecoderSettings) -> SegmentResult:
         laps = Laps()
         prompt, streams = prep.prompt, prep.streams
-        seg = segment_codes(self.gpt_steps, prep.spk_latent, prep.emovec, prep.segments[index], generation,
+        seg = segment_codes(self.gpt_steps, {"spk_latent": prep.spk_latent}, prep.emovec, prep.segments[index], generation,
                             streams.gpt, index)
         codes = seg.codes                                                       # (N,)
         laps.lap("gpt")

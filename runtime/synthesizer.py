@@ -49,7 +49,7 @@ from runtime.executors.base import Executor
 from runtime.frontend.text.tokenizer import text_segments
 from runtime.frontend.audio import AudioSource
 from runtime.gpt.codes import SegmentCodes
-from runtime.gpt.generate import GenerationConfig
+from runtime.gpt.generate import GenerationConfig, GptCondition
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 from runtime.manifest import Manifest, read_manifest
@@ -75,7 +75,7 @@ class PreparedRequest:
     plan: EmotionPlan
     streams: RandomStreams
     prompt: SpeakerPrompt
-    spk_latent: np.ndarray      # (1, 32, D)
+    condition: GptCondition     # the GPT prefill's speaker (/ language) inputs: 2.0 {spk_latent (1, 32, D)}
     emovec: np.ndarray          # (1, D)
     cancel: threading.Event = field(default_factory=threading.Event)   # set when its stream ends or is closed
 
@@ -229,7 +229,7 @@ class Synthesizer:
                               request.use_random, streams.choice)                   # (1, D)
         log.info("%d segment(s); emotion from %s; speaker %.2f s, emotion %.2f s", len(segments), plan.source,
                  t1 - t0, time.perf_counter() - t1)
-        return PreparedRequest(request, segments, plan, streams, prompt, prompt.spk_latent, emovec)
+        return PreparedRequest(request, segments, plan, streams, prompt, {"spk_latent": prompt.spk_latent}, emovec)
 
     def stream(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
                decoder: DecoderSettings | None = None, seed: int | None = None, gpt_draws: DrawSource | None = None,
@@ -300,7 +300,7 @@ class Synthesizer:
     def codes_stage(self, prep: PreparedRequest, index: int, generation: GenerationConfig) -> CodedSegment:
         """The GPT stage of one segment (on the scheduler's GPT worker, decoded with the other requests'
         generations): the codes and the GPT latent `s_infer` over them."""
-        job = GptJob(prep.spk_latent, prep.emovec, np.asarray(prep.segments[index], np.int64), generation,
+        job = GptJob(prep.condition, prep.emovec, np.asarray(prep.segments[index], np.int64), generation,
                      prep.streams.gpt, index, self.gpt_steps, cancel=prep.cancel)
         out = self._scheduler.gpt.run(job)
         return CodedSegment(index, out.codes, out.s_infer, out.timings)

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # pytester: tests/test_gpu_gating.py runs a small pytest session through the gate below
 pytest_plugins = ["pytester"]
 SHARED_FIXTURES = Path(os.environ.get("INDEXTTS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+SHARED_FIXTURES_25 = Path(os.environ.get("INDEXTTS_FIXTURES_25", REPO.parent / "shared" / "fixtures-2.5"))
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +23,14 @@ def fixtures_root() -> Path:
     if not (SHARED_FIXTURES / "README.md").is_file():
         pytest.fail(f"golden fixtures not found at {SHARED_FIXTURES} (set INDEXTTS_FIXTURES)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def fixtures25_root() -> Path:
+    """The IndexTTS-2.5 golden fixtures (computed by the original 2.5 code)."""
+    if not (SHARED_FIXTURES_25 / "README.md").is_file():
+        pytest.fail(f"IndexTTS-2.5 golden fixtures not found at {SHARED_FIXTURES_25} (set INDEXTTS_FIXTURES_25)")
+    return SHARED_FIXTURES_25
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ class Counting:
 def _conditioning(manifest):
     rng = np.random.default_rng(0)
     d = manifest.dims.model_dim
-    return (rng.standard_normal((1, 32, d)).astype(np.float32), rng.standard_normal((1, d)).astype(np.float32),
+    return ({"spk_latent": rng.standard_normal((1, 32, d)).astype(np.float32)}, rng.standard_normal((1, d)).astype(np.float32),
             rng.integers(2, manifest.dims.text_vocab, 10))
 
 

@@ -143,7 +143,7 @@ def test_fixed_length_generation_runs_to_the_cap(tiny_export) -> None:
             inner.close()
 
     rng = np.random.default_rng(0)
-    spk = rng.standard_normal((1, 32, m.dims.model_dim)).astype(np.float32)
+    spk = {"spk_latent": rng.standard_normal((1, 32, m.dims.model_dim)).astype(np.float32)}
     emo = rng.standard_normal((1, m.dims.model_dim)).astype(np.float32)
     text = rng.integers(2, m.dims.text_vocab, 12)
     cfg = GenerationConfig(do_sample=False, num_beams=1, max_mel_tokens=9)

@@ -110,7 +110,7 @@ def test_decode_steps_bind_nothing_new(tiny_export, manifest) -> None:
     rng = np.random.default_rng(0)
     spk = rng.standard_normal((1, 32, 64)).astype(np.float32)
     emo = rng.standard_normal((1, 64)).astype(np.float32)
-    result = generate(steps, spk, emo, np.arange(2, 12), GenerationConfig(num_beams=3, max_mel_tokens=30), seed=0)
+    result = generate(steps, {"spk_latent": spk}, emo, np.arange(2, 12), GenerationConfig(num_beams=3, max_mel_tokens=30), seed=0)
     inputs = len(manifest.graph("gpt_decode").inputs)
     assert len(result.codes) > 3, "too few decode steps to show anything"
     assert counting.inputs == inputs            # bound once, at the first step (one cache bucket)

@@ -138,9 +138,9 @@ def test_fp32_engines_equal_the_eager_pipeline(case, fp32_tts, eager, tiny_ckpt,
     assert prep_t.segments == prep_e.segments
     verdicts = []
     for i, ids in enumerate(prep_e.segments):
-        ref = generate(eager.gpt_steps, prep_e.spk_latent, prep_e.emovec, np.asarray(ids, np.int64), GREEDY,
+        ref = generate(eager.gpt_steps, {"spk_latent": prep_e.spk_latent}, prep_e.emovec, np.asarray(ids, np.int64), GREEDY,
                        record=True)
-        got = generate(tts.gpt_steps, prep_t.spk_latent, prep_t.emovec, np.asarray(ids, np.int64), GREEDY,
+        got = generate(tts.gpt_steps, prep_t.condition, prep_t.emovec, np.asarray(ids, np.int64), GREEDY,
                        record=True)
         verdicts.append(greedy_verdict(ref, got, f"{case} segment {i}"))
     report = "\n".join(r for _, r in verdicts)
@@ -202,7 +202,7 @@ def test_fp16_engines_within_bounds(engines, tiny_ckpt) -> None:
         ref = fp32.synthesize(request, generation, DECODER, seed=3)
         prep = fp32.prepare(request, seed=3)
         codes = ref.segments[0].codes
-        s_infer = fp32.graphs["gpt_latent"].run({"spk_latent": prep.spk_latent, "emovec": prep.emovec,
+        s_infer = fp32.graphs["gpt_latent"].run({**prep.condition, "emovec": prep.emovec,
                                                  "text_ids": ref.segments[0].text_ids[None],
                                                  "codes": np.ascontiguousarray(codes[None])})["s_infer"]
         cond = regulate(fp32.graphs["length_regulator"], s_infer, mel_length(codes.size))

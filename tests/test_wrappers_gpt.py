@@ -207,7 +207,7 @@ def test_generation_through_ort_matches_eager(config: GenerationConfig, models: 
     (the beam case feeds batch 3 and reorders the cache between steps)."""
     rng = np.random.default_rng(4)
     cfg = models.gpt.cfg
-    spk = rng.standard_normal((1, 32, cfg.model_dim)).astype(np.float32)
+    spk = {"spk_latent": rng.standard_normal((1, 32, cfg.model_dim)).astype(np.float32)}
     emovec = rng.standard_normal((1, cfg.model_dim)).astype(np.float32)
     text = np.concatenate([[0, 1], rng.integers(2, 300, 20)]).astype(np.int64)   # 0 / 1 are dropped by generate
     eager = generate(EagerGptSteps(models.gpt), spk, emovec, text, config, cache_buckets=(64, 128))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.gpt.generate import GenerationConfig, GenerationResult, generate
+from runtime.gpt.generate import GenerationConfig, GenerationResult, GptCondition, generate
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 
@@ -32,11 +32,11 @@ def cut_at_stop(codes: np.ndarray, stop_mel_token: int) -> np.ndarray:
     return codes[: hits[0]] if hits.size else codes
 
 
-def segment_codes(steps: GptSteps, spk_latent: np.ndarray, emovec: np.ndarray, text_ids: list[int],
+def segment_codes(steps: GptSteps, condition: GptCondition, emovec: np.ndarray, text_ids: list[int],
                   generation: GenerationConfig, draws: DrawSource, index: int) -> SegmentCodes:
     """Generate one segment's codes and cut them at the first stop token."""
     ids = np.asarray(text_ids, np.int64)                                         # (L,)
-    result = generate(steps, spk_latent, emovec, ids, generation, draws=draws)
+    result = generate(steps, condition, emovec, ids, generation, draws=draws)
     return finish_codes(result, ids, steps.geometry.stop_mel_token, index, generation)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -107,6 +107,12 @@ class GenerationResult:
     trace: StepTrace | None = None
 
 
+#: The `gpt_prefill` inputs that come from the speaker prompt and the request, by contract name: 2.0
+#: {spk_latent (1,32,D) f32}; 2.5 {style (1,192) f32, lang_id (1,) i64}. Separate from emovec (mixed per
+#: request) and text_ids (per segment), which every version has.
+GptCondition = Mapping[str, np.ndarray]
+
+
 def prefill_text_ids(text_ids: np.ndarray) -> np.ndarray:
     """(1, L') int64: the segment's ids without 0 / 1, which upstream's prefill drops (its left padding
     under attention mask 0 changes nothing the decode sees, so the rows are simply not there)."""
@@ -114,21 +120,22 @@ def prefill_text_ids(text_ids: np.ndarray) -> np.ndarray:
     return ids[(ids != 0) & (ids != 1)][None, :]
 
 
-def generate(steps: GptSteps, spk_latent: np.ndarray, emovec: np.ndarray, text_ids: np.ndarray,
+def generate(steps: GptSteps, condition: GptCondition, emovec: np.ndarray, text_ids: np.ndarray,
              config: GenerationConfig = GenerationConfig(), draws: DrawSource | None = None,
              seed: int | None = None, *, record: bool = False,
              cache_buckets: Sequence[int] = KV_BUCKETS) -> GenerationResult:
     """Generate one segment's mel codes: THE decode loop of one request (the scheduler's batched loop,
     runtime/scheduler/gpt_batch.py, drives the same TokenSelector over rows of a shared cache).
 
-    spk_latent (1, 32, D) f32, emovec (1, D) f32, text_ids (L,) or (1, L) (ids 0 / 1 are dropped here).
+    condition: the version's speaker / language inputs (GptCondition), emovec (1, D) f32, text_ids (L,) or
+    (1, L) (ids 0 / 1 are dropped here).
     `draws` supplies the sampling randomness (default: `RngDraws(seed)`); greedy and beam search use none.
     """
     geom = steps.geometry
     max_new = max_new_tokens(config, geom)
     if config.do_sample and draws is None:
         draws = RngDraws(seed)
-    out = steps.prefill(prefill_feed(spk_latent, emovec, text_ids))
+    out = steps.prefill(prefill_feed(condition, emovec, text_ids))
     kv = out["kv"]
     prompt_rows = kv.shape[4]
     beams = config.num_beams
@@ -151,10 +158,16 @@ def max_new_tokens(config: GenerationConfig, geom: GptGeometry) -> int:
     return max_new
 
 
-def prefill_feed(spk_latent: np.ndarray, emovec: np.ndarray, text_ids: np.ndarray) -> dict[str, np.ndarray]:
+def prefill_feed(condition: GptCondition, emovec: np.ndarray, text_ids: np.ndarray) -> dict[str, np.ndarray]:
     """The `gpt_prefill` inputs of one request (batch 1)."""
-    return {"spk_latent": np.ascontiguousarray(spk_latent, np.float32),
-            "emovec": np.ascontiguousarray(emovec, np.float32), "text_ids": prefill_text_ids(text_ids)}
+    feed = {name: np.ascontiguousarray(value) for name, value in condition.items()}
+    feed.update(emovec=np.ascontiguousarray(emovec, np.float32), text_ids=prefill_text_ids(text_ids))
+    return feed
+
+
+def stack_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batch-1 feeds of the same names and row shapes as one feed (rows in order)."""
+    return {name: np.ascontiguousarray(np.concatenate([f[name] for f in feeds])) for name in feeds[0]}
 
 
 class _Seen:

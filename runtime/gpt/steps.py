@@ -5,8 +5,10 @@ The loop (runtime/gpt/generate.py) only ever calls `prefill` and `decode` with f
 currency, `dict[str, np.ndarray]` keyed by the `gpt_prefill` / `gpt_decode` contract names of
 DESIGN.md §3, and reads their outputs by name:
 
-    prefill  {spk_latent (B,32,D) f32, emovec (B,D) f32, text_ids (B,L) i64}
-             -> {logits (B,V) f32, kv (layers,2,B,heads,P,head_dim) f32}          P = L + 37
+    prefill  {<condition>, emovec (B,D) f32, text_ids (B,L) i64}
+             -> {logits (B,V) f32, kv (layers,2,B,heads,P,head_dim) f32}
+             2.0: condition = spk_latent (B,32,D) f32, P = L + 37;
+             2.5: condition = style (B,192) f32 + lang_id (B,) i64, P = L + 6
     decode   {mel_ids (B,1) i64, mel_pos (B,1) i64, kv_cache.<i> (2,B,heads,S,head_dim) for every layer i,
               kv_mask (B,S) f32 (1 = attend to that cache row)}
              -> {logits (B,V) f32, kv_new (layers,2,B,heads,1,head_dim) f32}

@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.errors import BackendError
 from runtime.gpt.batch_cache import BatchKVCache
-from runtime.gpt.generate import (GenerationConfig, GenerationResult, NextStep, TokenSelector, max_new_tokens,
+from runtime.gpt.generate import (GenerationConfig, GenerationResult, GptCondition, NextStep, TokenSelector, max_new_tokens,
                                   prefill_feed)
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
@@ -34,7 +34,7 @@ class Joining:
     """A generation about to join: its prompt, its settings, its random stream (`key` names it in the batch)."""
 
     key: Hashable
-    spk_latent: np.ndarray       # (1, 32, D)
+    condition: GptCondition      # the version's speaker / language prefill inputs (batch 1)
     emovec: np.ndarray           # (1, D)
     text_ids: np.ndarray         # (L,) the segment's ids
     config: GenerationConfig
@@ -70,11 +70,11 @@ class GptBatch:
     def fits(self, beams: int) -> bool:
         return beams <= self.cache.free_rows()
 
-    def join(self, key: Hashable, spk_latent: np.ndarray, emovec: np.ndarray, text_ids: np.ndarray,
+    def join(self, key: Hashable, condition: GptCondition, emovec: np.ndarray, text_ids: np.ndarray,
              config: GenerationConfig, draws: DrawSource | None) -> GenerationResult | None:
         """Prefill `key`'s prompt alone and take its rows. Returns the result at once when the first token
         already ends the generation (it then takes no rows), else None."""
-        return self.join_together([Joining(key, spk_latent, emovec, text_ids, config, draws)])[key]
+        return self.join_together([Joining(key, condition, emovec, text_ids, config, draws)])[key]
 
     def join_together(self, joining: Sequence[Joining]) -> dict[Hashable, GenerationResult | None]:
         """Prefill prompts of the same length in ONE call, then each takes its rows as `join` does.
@@ -85,7 +85,7 @@ class GptBatch:
         """The prefill call of prompts of one length (row b of the call is prompt b; a row's logits and K/V do
         not depend on the other rows, so each is its prefill alone). Prompts of different lengths cannot share
         a call: the prefill graph has no padding mask. Nothing is drawn from any random stream here."""
-        rows = [prefill_feed(j.spk_latent, j.emovec, j.text_ids) for j in joining]     # each as alone
+        rows = [prefill_feed(j.condition, j.emovec, j.text_ids) for j in joining]     # each as alone
         lengths = sorted({r["text_ids"].shape[1] for r in rows})
         if len(lengths) != 1:
             raise ValueError(f"a shared prefill needs prompts of one length, got {lengths}")

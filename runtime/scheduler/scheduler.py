@@ -25,6 +25,7 @@ from runtime.cfm import regulate
 from runtime.contracts import KV_BUCKETS
 from runtime.errors import InputError
 from runtime.executors.base import Executor
+from runtime.gpt.s_infer import LatentPass
 from runtime.gpt.steps import GptSteps
 from runtime.manifest import Manifest
 from runtime.scheduler.admission import Admission
@@ -98,10 +99,10 @@ class Scheduler:
         if not manifest.dit_rows_alone:
             log.warning("this export's dit_step predates rows computed as alone: only segments of equal length "
                         "share Euler steps; re-export (python -m export.build) to batch them all")
+        s_infer = LatentPass(graphs["gpt_latent"])
         group_rows = _capped(_capped(config.max_prefill_rows, _profile_batch_max(manifest, "gpt_prefill", fixed_profiles)),
-                             _profile_batch_max(manifest, "gpt_latent", fixed_profiles))
-        self.gpt = GptWorker(gpt_steps, graphs["gpt_latent"], GptBatch(gpt_steps, cache) if cache is not None else None,
-                             group_rows)
+                             _profile_batch_max(manifest, s_infer.graph, fixed_profiles))
+        self.gpt = GptWorker(gpt_steps, s_infer, GptBatch(gpt_steps, cache) if cache is not None else None, group_rows)
         self.mel = MelWorker(graphs["length_regulator"],
                              EulerBatch(graphs["dit_step"], euler_rows, pad_rows=manifest.dit_rows_alone), regulate)
         self.vocoder = VocoderWorker(graphs["bigvgan"], vocoder_rows, lambda wav: to_pcm16(wav))

@@ -31,7 +31,8 @@ import numpy as np
 from runtime.errors import BackendError, Cancelled, InputError
 from runtime.executors.base import Executor
 from runtime.gpt.codes import SegmentCodes, finish_codes, segment_codes
-from runtime.gpt.generate import GenerationConfig, prefill_text_ids
+from runtime.gpt.generate import GenerationConfig, GptCondition, prefill_text_ids
+from runtime.gpt.s_infer import Finished, SInferPass
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 from runtime.scheduler.euler_batch import EulerBatch, start_row
@@ -148,7 +149,7 @@ def _drop_cancelled(jobs: deque) -> None:
 # -- GPT ----------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class GptJob(Job):
-    spk_latent: np.ndarray          # (1, 32, D)
+    condition: GptCondition         # the version's speaker / language prefill inputs (batch 1)
     emovec: np.ndarray              # (1, D)
     text_ids: np.ndarray            # (L,) int64
     generation: GenerationConfig
@@ -174,14 +175,14 @@ class GptWorker(StageWorker):
 
     name = "gpt"
 
-    def __init__(self, steps: GptSteps, latent: Executor, batch: GptBatch | None, group_rows: int = 1) -> None:
+    def __init__(self, steps: GptSteps, s_infer: SInferPass, batch: GptBatch | None, group_rows: int = 1) -> None:
         super().__init__()
-        self.steps, self.latent, self.batch = steps, latent, batch
+        self.steps, self.s_infer, self.batch = steps, s_infer, batch
         self.group_rows = max(1, int(group_rows))
         self.pending: deque[GptJob] = deque()
         self.active: list[GptJob] = []
         self.max_rows = batch.cache.max_rows if batch is not None else None
-        self.latent_calls = 0
+        self.latent_calls = 0               # calls of the S_infer pass (gpt_latent or semantic_decoder)
 
     def submit(self, job: Job) -> Future:
         beams = job.generation.num_beams
@@ -231,7 +232,7 @@ class GptWorker(StageWorker):
         """The generation start to end in this cycle, over its own cache."""
         job.started = time.perf_counter()
         try:
-            codes = segment_codes(job.steps or self.steps, job.spk_latent, job.emovec, list(job.text_ids), job.generation,
+            codes = segment_codes(job.steps or self.steps, job.condition, job.emovec, list(job.text_ids), job.generation,
                                   job.draws, job.index)
         except Exception as err:  # noqa: BLE001 — the job's own failure
             job.fail(err)
@@ -244,7 +245,7 @@ class GptWorker(StageWorker):
         now = time.perf_counter()
         for job in group:
             job.started = now
-        joining = [Joining(job, job.spk_latent, job.emovec, job.text_ids, job.generation, job.draws) for job in group]
+        joining = [Joining(job, job.condition, job.emovec, job.text_ids, job.generation, job.draws) for job in group]
         try:
             prefill = self.batch.prefill(joining)
         except Exception as err:  # noqa: BLE001 — its prefill failed: this job alone, or retry each alone
@@ -300,9 +301,11 @@ class GptWorker(StageWorker):
         for job, codes in empty:
             self._succeed(job, codes, None, decoded)
         with_codes = [(job, codes) for job, codes in done if codes.codes.size]
-        for group in _groups(with_codes, lambda jc: (jc[1].text_ids.size, jc[1].codes.size), self.group_rows):
+        finished = {id(job): Finished(job.condition, job.emovec, codes.text_ids, codes.codes) for job, codes in with_codes}
+        key = self.s_infer.group_key
+        for group in _groups(with_codes, lambda jc: key(finished[id(jc[0])]), self.group_rows):
             try:
-                s_infer = self._latent(group)
+                s_infer = self._s_infer([finished[id(job)] for job, _ in group])
             except Exception as err:  # noqa: BLE001 — this job's latent pass, or each again alone
                 if len(group) == 1:
                     group[0][0].fail(err)
@@ -313,14 +316,10 @@ class GptWorker(StageWorker):
             for b, (job, codes) in enumerate(group):
                 self._succeed(job, codes, s_infer[b:b + 1].copy(), decoded)
 
-    def _latent(self, group: list[tuple[GptJob, SegmentCodes]]) -> np.ndarray:
-        out = self.latent.run({
-            "spk_latent": np.ascontiguousarray(np.concatenate([job.spk_latent for job, _ in group]), np.float32),
-            "emovec": np.ascontiguousarray(np.concatenate([job.emovec for job, _ in group]), np.float32),
-            "text_ids": np.ascontiguousarray(np.stack([codes.text_ids for _, codes in group])),
-            "codes": np.ascontiguousarray(np.stack([codes.codes for _, codes in group]))})["s_infer"]
+    def _s_infer(self, group: list[Finished]) -> np.ndarray:
+        out = self.s_infer.run(group)                       # (B, N, D) 2.0 / (B, 2N, hidden) 2.5
         self.latent_calls += 1
-        return np.asarray(out)                                               # (B, N, sem_dim)
+        return out
 
     @staticmethod
     def _succeed(job: GptJob, codes: SegmentCodes, s_infer: np.ndarray | None, decoded: float) -> None:

@@ -146,7 +146,7 @@ def test_replay_recorded_logits(fixtures_root: Path, call: str) -> None:
     steps = ReplaySteps(logits, logits.shape[-1], prompt)
     cfg = GenerationConfig(do_sample=False, num_beams=s["num_beams"], repetition_penalty=s["repetition_penalty"],
                            length_penalty=s.get("length_penalty", 0.0), max_mel_tokens=s["max_generate_length"])
-    result = generate(steps, np.zeros((1, 32, 4)), np.zeros((1, 4)), np.arange(2, 12), cfg, record=True)
+    result = generate(steps, {"spk_latent": np.zeros((1, 32, 4))}, np.zeros((1, 4)), np.arange(2, 12), cfg, record=True)
     got = beam_outputs(result, prompt) if cfg.num_beams > 1 else greedy_outputs(result)
     tol = raw["tolerance"]
     for name, io_name in raw["outputs"].items():
@@ -367,7 +367,7 @@ def test_cached_loop_matches_recompute(cfg: GenerationConfig) -> None:
     spk, emovec = rng.normal(size=(1, 32, 8)).astype(np.float32), rng.normal(size=(1, 8)).astype(np.float32)
     text = np.array([5, 0, 9, 1, 12, 7, 30])
     fake = FakeSteps()
-    got = generate(fake, spk, emovec, text, cfg, sampling.RngDraws(11), record=True, cache_buckets=(40, 48, 56))
+    got = generate(fake, {"spk_latent": spk}, emovec, text, cfg, sampling.RngDraws(11), record=True, cache_buckets=(40, 48, 56))
     ref_codes, ref_logits = _reference_generate(fake, spk, emovec, text, cfg, sampling.RngDraws(11))
     assert np.array_equal(got.codes, ref_codes)
     np.testing.assert_allclose(got.trace.arrays()["logits"], np.stack(ref_logits), atol=1e-5, rtol=1e-5)
@@ -474,7 +474,7 @@ def test_sampling_matches_upstream_statements(fixtures_root: Path, cfg: Generati
                                             torch.from_numpy(io["beam.in.cond_lengths"]))
             for seed in (0, 1):
                 want_codes, want_score = _upstream_sampling_loop(model, spk, torch.from_numpy(emovec), text, cfg, seed)
-                got = generate(EagerGptSteps(model), spk.numpy(), emovec, text, cfg, TorchDraws(seed))
+                got = generate(EagerGptSteps(model), {"spk_latent": spk.numpy()}, emovec, text, cfg, TorchDraws(seed))
                 assert np.array_equal(got.codes, want_codes), (seed, got.codes, want_codes)
                 if want_score is not None:
                     assert got.score == pytest.approx(want_score, abs=1e-4)

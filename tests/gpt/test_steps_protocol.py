@@ -168,7 +168,7 @@ class SpySteps:
 def test_the_loop_writes_into_the_cache_the_steps_made(beams: int) -> None:
     steps = SpySteps()
     config = GenerationConfig(do_sample=False, num_beams=beams, repetition_penalty=1.0, max_mel_tokens=9)
-    result = generate(steps, np.zeros((1, 32, 4)), np.zeros((1, 4)), np.arange(2, 7), config, cache_buckets=(8, 16))
+    result = generate(steps, {"spk_latent": np.zeros((1, 32, 4))}, np.zeros((1, 4)), np.arange(2, 7), config, cache_buckets=(8, 16))
     prompt = result.prompt_rows
     assert prompt == 5 + 2
     assert len(steps.asked) == 1

@@ -14,10 +14,12 @@ from runtime.gpt.kv_cache import KVCache
 from runtime.gpt.sampling import RngDraws
 from runtime.scheduler.gpt_batch import GptBatch
 from runtime.scheduler.gpt_batch import Joining
+from runtime.gpt.s_infer import LatentPass
 from runtime.scheduler.workers import GptJob, GptWorker
 from tests.scheduler.fake_gpt import BROKEN, GEOMETRY, POISON, FakeLatent, fake_steps
 
 SPK, EMO = np.zeros((1, 32, 4), np.float32), np.zeros((1, 4), np.float32)
+COND = {"spk_latent": SPK}
 BUCKETS = (16, 32, 64)
 
 # (text ids, config, seed, join at step)
@@ -37,7 +39,7 @@ def _draws(config: GenerationConfig, seed: int):
 
 
 def _alone(ids, config, seed):
-    return generate(fake_steps(), SPK, EMO, ids, config, draws=_draws(config, seed), cache_buckets=BUCKETS)
+    return generate(fake_steps(), COND, EMO, ids, config, draws=_draws(config, seed), cache_buckets=BUCKETS)
 
 
 def _batched(requests, max_rows=16):
@@ -48,7 +50,7 @@ def _batched(requests, max_rows=16):
     while waiting or batch.active:
         while waiting and waiting[0][1][3] <= step and batch.fits(waiting[0][1][1].num_beams):
             i, (ids, config, seed, _) = waiting.pop(0)
-            done = batch.join(i, SPK, EMO, ids, config, _draws(config, seed))
+            done = batch.join(i, COND, EMO, ids, config, _draws(config, seed))
             if done is not None:
                 results[i] = done
         ended, broken = batch.step()
@@ -93,7 +95,7 @@ def test_leaving_mid_generation_frees_rows_and_keeps_the_others_exact() -> None:
     batch = GptBatch(steps, steps.new_batch_cache(16, BUCKETS))
     for i in range(3):
         ids, config, seed, _ = REQUESTS[i]
-        assert batch.join(i, SPK, EMO, ids, config, _draws(config, seed)) is None
+        assert batch.join(i, COND, EMO, ids, config, _draws(config, seed)) is None
     for _ in range(3):
         batch.step()
     batch.leave(1)                                                 # a cancelled request
@@ -116,7 +118,7 @@ SAME_LENGTH = [
 def test_prompts_of_one_length_share_a_prefill_and_each_is_its_generation_alone() -> None:
     steps = fake_steps()
     batch = GptBatch(steps, steps.new_batch_cache(16, BUCKETS))
-    joined = batch.join_together([Joining(i, SPK, EMO, ids, config, _draws(config, seed))
+    joined = batch.join_together([Joining(i, COND, EMO, ids, config, _draws(config, seed))
                                   for i, (ids, config, seed) in enumerate(SAME_LENGTH)])
     assert joined == {0: None, 1: None, 2: None}
     assert batch.prefill_calls == 1 and steps._prefill.rows_seen == [3]
@@ -128,19 +130,19 @@ def test_prompts_of_one_length_share_a_prefill_and_each_is_its_generation_alone(
         np.testing.assert_array_equal(results[i].codes, alone.codes, err_msg=f"request {i}")
         assert results[i].score == alone.score
     with pytest.raises(ValueError, match="one length"):
-        batch.join_together([Joining(9, SPK, EMO, np.arange(3), GenerationConfig(), None),
-                             Joining(10, SPK, EMO, np.arange(4), GenerationConfig(), None)])
+        batch.join_together([Joining(9, COND, EMO, np.arange(3), GenerationConfig(), None),
+                             Joining(10, COND, EMO, np.arange(4), GenerationConfig(), None)])
 
 
 def _alone_segment(ids, config, seed):
     """The codes the one-request path hands on (stop token and trimming as runtime/gpt/codes.py)."""
-    return segment_codes(fake_steps(), SPK, EMO, list(ids), config, _draws(config, seed), 0).codes
+    return segment_codes(fake_steps(), COND, EMO, list(ids), config, _draws(config, seed), 0).codes
 
 
 def _worker_run(jobs_spec, group_rows=4):
     steps, latent = fake_steps(), FakeLatent()
-    worker = GptWorker(steps, latent, GptBatch(steps, steps.new_batch_cache(16, BUCKETS)), group_rows)
-    jobs = [GptJob(SPK, EMO, ids, config, _draws(config, seed), 0) for ids, config, seed in jobs_spec]
+    worker = GptWorker(steps, LatentPass(latent), GptBatch(steps, steps.new_batch_cache(16, BUCKETS)), group_rows)
+    jobs = [GptJob(COND, EMO, ids, config, _draws(config, seed), 0) for ids, config, seed in jobs_spec]
     worker._inbox.extend(jobs)            # all arrive together: one cycle admits them (the thread is not started)
     new, worker._inbox = worker._inbox, []
     worker.cycle(new)

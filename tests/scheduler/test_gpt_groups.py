@@ -13,6 +13,7 @@ from runtime.gpt.graph_steps import GraphGptSteps
 from runtime.gpt.sampling import RngDraws
 from runtime.manifest import read_manifest
 from runtime.scheduler.gpt_batch import GptBatch
+from runtime.gpt.s_infer import LatentPass
 from runtime.scheduler.workers import GptJob, GptWorker
 
 # (text ids, config, seed): three prompts of 12 ids, one of 9; the first two end at max_mel_tokens together
@@ -53,13 +54,13 @@ def test_shared_prefill_and_latent_calls_give_each_generation_its_output_alone(t
 
         alone = []
         for (ids, config, seed), (spk, emo) in zip(SPECS, conds):
-            codes = segment_codes(backend.gpt_steps, spk, emo, list(ids), config, draws(config, seed), 0)
+            codes = segment_codes(backend.gpt_steps, {"spk_latent": spk}, emo, list(ids), config, draws(config, seed), 0)
             s_infer = latent.inner.run({"spk_latent": spk, "emovec": emo, "text_ids": codes.text_ids[None],
                                         "codes": codes.codes[None]})["s_infer"].copy()
             alone.append((codes, s_infer))
 
-        worker = GptWorker(steps, latent, GptBatch(steps, steps.new_batch_cache(16, KV_BUCKETS)), group_rows=4)
-        jobs = [GptJob(spk, emo, ids, config, draws(config, seed), 0)
+        worker = GptWorker(steps, LatentPass(latent), GptBatch(steps, steps.new_batch_cache(16, KV_BUCKETS)), group_rows=4)
+        jobs = [GptJob({"spk_latent": spk}, emo, ids, config, draws(config, seed), 0)
                 for (ids, config, seed), (spk, emo) in zip(SPECS, conds)]
         worker.cycle(jobs)                                   # all arrive together (the thread is not started)
         while worker.busy():

@@ -36,7 +36,7 @@ def test_open_backend_on_trt_opens_trt_gpt_steps_and_the_other_graphs(trt_here, 
     rng = np.random.default_rng(0)
     d = manifest.dims.model_dim
     spk, emo = rng.standard_normal((1, 32, d)).astype(np.float32), rng.standard_normal((1, d)).astype(np.float32)
-    generate(backend.gpt_steps, spk, emo, rng.integers(2, manifest.dims.text_vocab, 10),
+    generate(backend.gpt_steps, {"spk_latent": spk}, emo, rng.integers(2, manifest.dims.text_vocab, 10),
              GenerationConfig(num_beams=3, max_mel_tokens=6), seed=0)
     assert trt.cudart.device                                          # prefill kv, device cache, kv_new
     backend.close()

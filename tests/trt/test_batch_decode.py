@@ -153,7 +153,7 @@ def test_the_scheduler_batch_runs_on_tensorrt_steps_as_on_the_host(fake_engines,
         results = {}
         for i, config in enumerate(configs):
             feed = _request(manifest, 20 + i, 15 + 10 * i)
-            done = batch.join(i, feed["spk_latent"], feed["emovec"], feed["text_ids"][0], config, RngDraws(i))
+            done = batch.join(i, {"spk_latent": feed["spk_latent"]}, feed["emovec"], feed["text_ids"][0], config, RngDraws(i))
             assert done is None
             results.update(batch.step()[0])
         while batch.active:

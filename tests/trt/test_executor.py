@@ -310,9 +310,9 @@ def test_decode_loop_with_the_device_cache_equals_the_host_loop(fake_engines, ma
     bindings = set()                # the device cache each request decoded from (its K/V and mask addresses)
     for conditioning, seed in requests:                     # later requests reuse the steps' buffers
         spk, emo, text = _conditioning(manifest, conditioning, text_len)
-        want = generate(host_steps, spk, emo, text, gen, seed=seed, record=True)
+        want = generate(host_steps, {"spk_latent": spk}, emo, text, gen, seed=seed, record=True)
         replays = decode.graph_stats.replays
-        got = generate(steps, spk, emo, text, gen, seed=seed, record=True)
+        got = generate(steps, {"spk_latent": spk}, emo, text, gen, seed=seed, record=True)
         np.testing.assert_array_equal(got.codes, want.codes, err_msg=f"{config} conditioning {conditioning}")
         assert got.stopped == want.stopped and got.prompt_rows == want.prompt_rows
         decode_steps = len(got.trace.logits) - 1

@@ -217,8 +217,8 @@ def test_decode_loop_replaying_graphs_equals_plain_decode(trt_engines, engines_d
     try:
         steps["plain"] = open_trt_gpt_steps(manifest, engines_dir, "fp32", cuda_graphs=False)
         steps["graphs"] = open_trt_gpt_steps(manifest, engines_dir, "fp32", cuda_graphs=True)
-        want = generate(steps["plain"], spk, emo, text, gen, seed=5, record=True)
-        got = generate(steps["graphs"], spk, emo, text, gen, seed=5, record=True)
+        want = generate(steps["plain"], {"spk_latent": spk}, emo, text, gen, seed=5, record=True)
+        got = generate(steps["graphs"], {"spk_latent": spk}, emo, text, gen, seed=5, record=True)
         np.testing.assert_array_equal(got.codes, want.codes)
         np.testing.assert_array_equal(np.stack(got.trace.logits), np.stack(want.trace.logits))
         stats = steps["graphs"]._decode.graph_stats
