@@ -41,6 +41,25 @@ def read_torch_file(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: cannot be read with weights_only=True: {err}") from err
 
 
+def read_torch_keys(path: str | Path) -> list[str]:
+    """The state dict keys of a `.pt/.pth` file (or of its `['model']` entry) without reading the tensors: the
+    file is memory-mapped (PyTorch's zip format), so a 1.8 GB gpt.pth costs a fraction of a second."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError):           # the legacy (non-zip) format cannot be mapped: read it
+        obj = read_torch_file(path)
+    except (EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (truncated or corrupt?): {err}") from err
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return [str(k) for k in obj]
+
+
 def read_safetensors(path: str | Path) -> StateDict:
     """Read a `.safetensors` file into a CPU state dict."""
     from safetensors import SafetensorError

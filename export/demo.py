@@ -3,7 +3,7 @@
 Real checkpoints cannot be downloaded on the machines this toolkit is developed and tested on, so the
 tests and the quick start run on a directory written here, read by the SAME loaders as a real one:
 
-    python -m export.demo --out DIR --size tiny|full [--seed N]
+    python -m export.demo --out DIR --size tiny|full [--seed N] [--version 2.0|2.5]
 
 `tiny` writes in seconds and is what the tests use; `full` has the real config's sizes (for benchmarks;
 several GB). Random weights give noise, not speech. Layout written (UPSTREAM §1.1):
@@ -15,6 +15,12 @@ several GB). Random weights give noise, not speech. Layout written (UPSTREAM §1
     DIR/hf_cache/campplus_cn_common.bin
     DIR/hf_cache/bigvgan/{config.json, bigvgan_generator.pt}
     DIR/examples/speaker.wav, emotion.wav  (synthetic voice-like references at 24 / 16 kHz)
+
+IndexTTS-2.5 (`--version 2.5`, UPSTREAM-2.5 §2): no bpe.model and no MaskGCT codec; instead `codec.pth`
+(`{'model': sd}`, the codec decoder) and `multilingual_zh_ja_yue_char_del.tiktoken` (a small ranks file trained
+here, export/demo_tiktoken.py); gpt.pth in the 2.5 layout (spk_emb_proj, lang_embedding, no conditioning
+encoder / perceiver / speed_emb); `number_text_tokens` = the demo tokenizer's ranks + 1 673 specials (tiny) or
+the real 60 509 (full); config.yaml without `dataset` and with `version: 2.5`.
 
 One deliberate generalisation makes `tiny` small: upstream hard-codes the semantic width 1024 (w2v-BERT
 hidden size = codec width = gpt_layer output = conformer input); here it is `semantic_codec.hidden_size`
@@ -37,6 +43,8 @@ import torch
 import yaml
 
 from runtime.errors import ToolkitError
+
+from .layout import VERSION_20, VERSION_25
 
 from .config import (
     BigVGANConfig,
@@ -142,6 +150,10 @@ def config_yaml(cfg: IndexTTS2Config) -> str:
         "vocoder": {"type": "bigvgan", "name": "nvidia/bigvgan_v2_22khz_80band_256x"},
         "version": 2.0,
     }
+    if cfg.version == VERSION_25:                 # 2.5's config: no dataset block (UPSTREAM-2.5 §2)
+        del data["dataset"]
+        data["vocoder"] = {"name": "bigvgan_generator.pt"}
+        data["version"] = 2.5
     return "# DEMO checkpoint config (random weights), layout of IndexTTS-2 checkpoints/config.yaml\n" + \
         yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
@@ -180,8 +192,25 @@ def _generator(seed: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1000 + salt)
 
 
-def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a complete demo checkpoint directory; returns `out`."""
+#: The demo tokenizer of 2.5: 256 byte ranks + these merges (+ 1 673 specials).
+DEMO_TIKTOKEN_MERGES = 200
+REAL_TEXT_TOKENS_25 = 60509
+
+
+def spec_for_version(spec: DemoSpec, version: str, size: str) -> DemoSpec:
+    """The 2.5 variant of a size: its text vocabulary and `version`; everything else as 2.0's."""
+    if version == VERSION_20:
+        return spec
+    from runtime.frontend.text25.bpe import special_tokens
+
+    assert spec.config.gpt is not None
+    vocab = REAL_TEXT_TOKENS_25 if size == "full" else 256 + DEMO_TIKTOKEN_MERGES + len(special_tokens())
+    gpt = dataclasses.replace(spec.config.gpt, number_text_tokens=vocab)
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, gpt=gpt, version=VERSION_25))
+
+
+def write_demo(out: Path, size: str = "tiny", seed: int = 0, version: str = VERSION_20) -> Path:
+    """Write a complete demo checkpoint directory (IndexTTS2 `version` 2.0 or 2.5); returns `out`."""
     import soundfile as sf
 
     from .emotion_matrices import write_demo_emotion_matrices
@@ -193,9 +222,15 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     from .qwen_emotion import write_demo_qwen_emotion
     from .models.w2v_bert import write_demo_w2v_bert, write_demo_w2v_stats
 
+    from .demo_tiktoken import write_tiktoken
+    from .layout import TIKTOKEN_FILE, CODEC_FILE
+    from .models.semantic_decoder import write_demo_semantic_decoder
+
     if size not in SIZES:
         raise ToolkitError(f"unknown demo size {size!r}; choose one of {sorted(SIZES)}")
-    spec = SIZES[size]()
+    if version not in (VERSION_20, VERSION_25):
+        raise ToolkitError(f"unknown IndexTTS2 version {version!r}; choose {VERSION_20} or {VERSION_25}")
+    spec = spec_for_version(SIZES[size](), version, size)
     cfg = spec.config
     assert cfg.gpt is not None and cfg.s2mel is not None and cfg.semantic_codec is not None
     try:
@@ -206,7 +241,8 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     dim = cfg.semantic_codec.hidden_size
     steps = [
         ("config.yaml", lambda: (out / "config.yaml").write_text(config_yaml(cfg), encoding="utf-8")),
-        ("bpe.model", lambda: train_bpe(out / cfg.bpe_model, spec.bpe_vocab_size)),
+        ("bpe.model", lambda: train_bpe(out / cfg.bpe_model, spec.bpe_vocab_size)) if version == VERSION_20 else
+        (TIKTOKEN_FILE, lambda: write_tiktoken(out / TIKTOKEN_FILE, DEMO_TIKTOKEN_MERGES)),
         ("wav2vec2bert_stats.pt", lambda: write_demo_w2v_stats(out / cfg.w2v_stat, dim, _generator(seed, 1))),
         ("feat1.pt / feat2.pt", lambda: write_demo_emotion_matrices(
             out / cfg.spk_matrix, out / cfg.emo_matrix, _generator(seed, 2), emo_num=cfg.emo_num,
@@ -215,13 +251,15 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
                                                      spec.w2v.num_layers, spec.w2v.num_heads,
                                                      spec.w2v.intermediate_size, _generator(seed, 3))),
         ("semantic codec", lambda: write_demo_semantic_codec(out / "hf_cache/semantic_codec/model.safetensors",
-                                                             cfg.semantic_codec, _generator(seed, 4))),
+                                                             cfg.semantic_codec, _generator(seed, 4)))
+        if version == VERSION_20 else
+        (CODEC_FILE, lambda: write_demo_semantic_decoder(out / CODEC_FILE, cfg.semantic_codec, _generator(seed, 4))),
         ("campplus", lambda: write_demo_campplus(out / "hf_cache/campplus_cn_common.bin", spec.campplus,
                                                  _generator(seed, 5))),
         ("bigvgan", lambda: write_demo_bigvgan(out / "hf_cache/bigvgan", spec.bigvgan, _generator(seed, 6))),
         ("s2mel.pth", lambda: write_demo_s2mel(out / cfg.s2mel_checkpoint, cfg.s2mel, cfg.gpt.model_dim,
                                                _generator(seed, 7))),
-        ("gpt.pth", lambda: write_demo_gpt(out / cfg.gpt_checkpoint, cfg.gpt, dim, _generator(seed, 8))),
+        ("gpt.pth", lambda: write_demo_gpt(out / cfg.gpt_checkpoint, cfg.gpt, dim, _generator(seed, 8), version)),
         ("qwen0.6bemo4-merge", lambda: write_demo_qwen_emotion(out / cfg.qwen_emo_path, _generator(seed, 9))),
         ("examples/speaker.wav", lambda: sf.write(out / "examples/speaker.wav", synthetic_voice(seed=seed),
                                                   24000, subtype="PCM_16")),
@@ -234,7 +272,8 @@ def write_demo(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         step()
         log.info("[%d/%d] %s (%.1f s)", i, len(steps), name, time.perf_counter() - t0)
     (out / "DEMO.txt").write_text(
-        f"IndexTTS2 DEMO checkpoint, size {size}, seed {seed}: seeded RANDOM weights in the original layout.\n"
+        f"IndexTTS2 {version} DEMO checkpoint, size {size}, seed {seed}: seeded RANDOM weights in the original "
+        "layout.\n"
         "It exercises the loaders and the pipeline; it produces noise, not speech.\n", encoding="utf-8")
     return out
 
@@ -245,15 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory to write")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--version", choices=(VERSION_20, VERSION_25), default=VERSION_20,
+                        help="IndexTTS2 2.0 (default) or IndexTTS-2.5's layout and GPT")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
     try:
-        write_demo(args.out, args.size, args.seed)
+        write_demo(args.out, args.size, args.seed, args.version)
     except ToolkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.size} demo checkpoint to {args.out} in {time.perf_counter() - t0:.1f} s "
+    print(f"wrote {args.size} IndexTTS2 {args.version} demo checkpoint to {args.out} in {time.perf_counter() - t0:.1f} s "
           "(random weights: noise, not speech)")
     return 0
 

@@ -17,6 +17,11 @@ from runtime.errors import CheckpointError
 
 from .config import IndexTTS2Config, load_config
 
+VERSION_20, VERSION_25 = "2.0", "2.5"
+#: IndexTTS-2.5's top-level files that 2.0 does not have (upstream hard-codes both names; UPSTREAM-2.5 §2).
+CODEC_FILE = "codec.pth"
+TIKTOKEN_FILE = "multilingual_zh_ja_yue_char_del.tiktoken"
+
 # Candidate locations of the auxiliary models, relative to the checkpoint directory, in search order.
 # `*` is a glob (Hugging Face cache snapshots). The first entry is what the demo generator writes.
 AUX_CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -69,9 +74,31 @@ class CheckpointLayout:
             raise CheckpointError(f"{root}: checkpoint directory not found")
         return cls(root=root, config=load_config(root / "config.yaml"))
 
+    @property
+    def version(self) -> str:
+        """"2.0" or "2.5", from the GPT's keys (read without loading the tensors). Upstream loads with
+        strict=False, and a 2.5 download's root config.yaml was reported to be another model's (#739), so the
+        config is not trusted: when it states a version, it must agree, else the error names both."""
+        cached = self.__dict__.get("_version")
+        if cached is None:
+            from .checkpoint import read_torch_keys
+            from .models.unified_voice import gpt_version_of
+
+            gpt = self.require("gpt")
+            cached = gpt_version_of(dict.fromkeys(read_torch_keys(gpt)), str(gpt))
+            stated = self.config.version
+            if stated is not None and str(stated) != cached:
+                raise CheckpointError(f"{self.root}: gpt.pth is IndexTTS-{cached}'s (its keys) but config.yaml says "
+                                      f"version {stated}: use the config.yaml that belongs to these weights")
+            object.__setattr__(self, "_version", cached)
+        return cached
+
     def main_file(self, role: str) -> Path:
-        """A top-level file named by config.yaml: gpt, s2mel, bpe, w2v_stats, feat1, feat2, qwen_emo."""
+        """A top-level file: gpt, s2mel, bpe, w2v_stats, feat1, feat2, qwen_emo (named by config.yaml), and
+        IndexTTS-2.5's codec and tiktoken (fixed names upstream)."""
         names = {
+            "codec": CODEC_FILE,
+            "tiktoken": TIKTOKEN_FILE,
             "gpt": self.config.gpt_checkpoint,
             "s2mel": self.config.s2mel_checkpoint,
             "bpe": self.config.bpe_model,

@@ -177,7 +177,7 @@ def load_semantic_codec(path: str | Path, cfg: SemanticCodecConfig) -> SemanticC
 # Demo checkpoint
 
 
-def _random_param(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def random_param(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Fixture-style init: W ~ N(0, 1/fan_in), biases N(0, 0.1), norm scales 1 + N(0, 0.1), codebook N(0, 0.3).
 
     The ConvNeXt layer scale `gamma` is drawn small (N(0.1, 0.02)) so that 12 residual blocks add up
@@ -198,7 +198,7 @@ def demo_codec_state(cfg: SemanticCodecConfig, generator: torch.Generator) -> di
     """Random state dict with the full original key set (encoder, decoder mirror, weight-normed quantizer)."""
     shapes = {k: tuple(v.shape) for k, v in SemanticCodec(cfg).state_dict().items()}
     shapes.update({f"decoder.{k}": tuple(v.shape) for k, v in build_coder(cfg).state_dict().items()})
-    state = {name: _random_param(name, shapes[name], generator).float().contiguous() for name in sorted(shapes)}
+    state = {name: random_param(name, shapes[name], generator).float().contiguous() for name in sorted(shapes)}
     return unfold_weight_norm(state, [f"{QUANTIZER}.in_project.weight", f"{QUANTIZER}.out_project.weight"])
 
 

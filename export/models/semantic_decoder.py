@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import fold_weight_norm, load_into
+from runtime.errors import CheckpointError
+
+from ..checkpoint import as_state_dict, fold_weight_norm, load_into, read_torch_file
 from ..config import SemanticCodecConfig
-from .semantic_codec import FactorizedVQ, build_coder
+from .semantic_codec import FactorizedVQ, random_param, build_coder, demo_codec_state
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,26 @@ IGNORED = ["encoder.*", "down.*", "quantizer.quantizers.0.in_project.*"]
 def load_semantic_decoder(path: str | Path, cfg: SemanticCodecConfig) -> SemanticDecoder:
     """Read 2.5's `codec.pth` strictly (decode part), eval mode."""
     path = Path(path)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob["model"] if isinstance(blob, dict) and "model" in blob else blob
+    blob = read_torch_file(path)
+    if not (isinstance(blob, dict) and isinstance(blob.get("model"), dict)):
+        raise CheckpointError(f"{path}: expected IndexTTS-2.5's codec checkpoint {{'model': state dict}}, got "
+                              f"{type(blob).__name__}{' with keys ' + str(sorted(blob)[:5]) if isinstance(blob, dict) else ''}")
+    state = as_state_dict(blob["model"], path, "['model']")
     model = SemanticDecoder(cfg)
     load_into(model, fold_weight_norm(state), str(path), ignore=IGNORED)
     log.info("semantic decoder: loaded %s", path)
     return model.eval()
+
+
+def write_demo_semantic_decoder(path: str | Path, cfg: SemanticCodecConfig, generator: torch.Generator) -> Path:
+    """Write a seeded random `codec.pth` in 2.5's layout ({'model': state dict}): the MaskGCT codec's keys
+    (encoder, quantizer, decoder) plus `down` / `up` (Conv1d k3), as the real file holds."""
+    state = demo_codec_state(cfg, generator)
+    h = cfg.hidden_size
+    for name in ("down", "up"):
+        state[f"{name}.weight"] = random_param(f"{name}.weight", (h, h, 3), generator).float().contiguous()
+        state[f"{name}.bias"] = random_param(f"{name}.bias", (h,), generator).float().contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, path)
+    return path

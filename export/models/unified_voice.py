@@ -345,11 +345,12 @@ def _randomize(model: UnifiedVoice, generator: torch.Generator) -> None:
                 p.copy_(0.02 * noise)
 
 
-def write_demo_gpt(path: str | Path, cfg: GPTConfig, semantic_dim: int, generator: torch.Generator) -> None:
-    """Write a random-weight `gpt.pth` that `load_gpt` reads: a plain state dict in upstream's key layout,
-    with the unused `text_head.*` and the conformers' `embed.pos_enc.pe` sinusoid tables, no
+def write_demo_gpt(path: str | Path, cfg: GPTConfig, semantic_dim: int, generator: torch.Generator,
+                   version: str = VERSION_20) -> None:
+    """Write a random-weight `gpt.pth` that `load_gpt` reads: a plain state dict in upstream's key layout
+    (2.0 or 2.5), with the unused `text_head.*` and the conformers' `embed.pos_enc.pe` sinusoid tables, no
     `inference_model.*`. Random weights make noise codes, not speech (and rarely emit stop)."""
-    model = UnifiedVoice(cfg, semantic_dim=semantic_dim)
+    model = UnifiedVoice(cfg, semantic_dim=semantic_dim, version=version)
     _randomize(model, generator)
     state = dict(model.state_dict())
     n_text = cfg.number_text_tokens + 1
