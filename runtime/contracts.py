@@ -1,4 +1,6 @@
-"""The 11 graph contracts of DESIGN.md §3, declared once, as data.
+"""The graph contracts of DESIGN.md §3, declared once, as data: IndexTTS2 2.0's 11 graphs and IndexTTS-2.5's
+9 (UPSTREAM-2.5 §4: no semantic_codec / speaker_conditioner / gpt_latent; gpt_prefill takes the CAMPPlus style
+and the language id; a new semantic_decoder; longer mel axes at 25 codes/s and duration factors up to 2).
 
 Every other part reads these: the export wrappers (names and order of their inputs and outputs), the ONNX
 exporter (dynamic axes), the dummy-input generator and `export.verify` (shapes to test at), the engine
@@ -24,6 +26,10 @@ DYNAMIC_AXES = ("batch", "feat_len", "fbank_len", "text_len", "code_len", "seq_l
 # and the prefill's extra rows, P = L + 37: conditioning (34) + start/stop text (2) + start mel (1).
 CONDITIONING_ROWS = 34
 PREFILL_EXTRA_ROWS = CONDITIONING_ROWS + 3
+# IndexTTS-2.5: 3 conditioning rows ([proj(style) + emovec, 0, 0]), so P = L + 6.
+CONDITIONING_ROWS_25 = 3
+PREFILL_EXTRA_ROWS_25 = CONDITIONING_ROWS_25 + 3
+VERSIONS = ("2.0", "2.5")
 # The decode cache's sizes (cache_len): the host and device caches grow through these, and the TensorRT
 # engine has one static profile per bucket (plus the contract maximum).
 KV_BUCKETS: tuple[int, ...] = (256, 512, 1024, 2048)
@@ -31,6 +37,8 @@ KV_BUCKETS: tuple[int, ...] = (256, 512, 1024, 2048)
 # Derived axes: name -> (free axis, scale, offset): value = scale * free + offset.
 DERIVED_AXES: dict[str, tuple[str, int, int]] = {
     "prefill_len": ("text_len", 1, PREFILL_EXTRA_ROWS),
+    "prefill25_len": ("text_len", 1, PREFILL_EXTRA_ROWS_25),
+    "s_infer_len": ("code_len", 2, 0),      # 2.5's codec decoder doubles the code rate (nearest x2)
     "wav_len": ("mel_len", 256, 0),         # BigVGAN hop
 }
 STATIC_DIMS = ("sem_dim", "model_dim", "content_dim", "vocab", "layers", "heads", "head_dim", "style_dim",
@@ -159,6 +167,11 @@ FEAT = AxisRange(3, 250, 1024)          # w2v-BERT frames at 50 Hz; 15 s -> 750 
 TEXT = AxisRange(1, 40, 600)            # max_text_tokens
 CODE = AxisRange(1, 300, 1815)          # max_mel_tokens
 MEL = AxisRange(3, 800, 4500)           # prompt (<= 15 s = 1292) + generated (<= 1815 * 1.72)
+# 2.5: generated mel = int(2N * 1.72 * duration_factor), N <= 1815 codes, duration_factor <= 2 (the runtime's
+# bound): <= 12 487 frames, + the prompt's 1 292; the DiT's RoPE table holds 16 384 positions.
+MAX_DURATION_FACTOR_25 = 2.0
+GEN_MEL_25 = int(2 * 1815 * 1.72 * MAX_DURATION_FACTOR_25)
+MEL25 = AxisRange(3, 800, GEN_MEL_25 + 1292)
 
 
 def _decode_inputs(layers: int) -> tuple[TensorSpec, ...]:
@@ -166,9 +179,64 @@ def _decode_inputs(layers: int) -> tuple[TensorSpec, ...]:
     return (i64("mel_ids", "batch", 1), i64("mel_pos", "batch", 1)) + caches + (f32("kv_mask", "batch", "cache_len"),)
 
 
-def build_contracts(dims: ModelDims = ModelDims()) -> dict[str, GraphContract]:
-    """All 11 contracts for one checkpoint's sizes (gpt_decode's input count depends on `layers`)."""
-    contracts = [
+def build_contracts(dims: ModelDims = ModelDims(), version: str = "2.0") -> dict[str, GraphContract]:
+    """The contracts of one IndexTTS2 version for one checkpoint's sizes (gpt_decode's input count depends on
+    `layers`): 11 for 2.0, 9 for 2.5."""
+    if version not in VERSIONS:
+        raise ValueError(f"IndexTTS2 version {version!r}: expected one of {VERSIONS}")
+    contracts = _contracts_20(dims) if version == "2.0" else _contracts_25(dims)
+    out = {c.name: c for c in contracts}
+    for c in out.values():
+        missing = [a for a in c.axes() if a not in c.ranges]
+        if missing:
+            raise ValueError(f"contract {c.name}: no range for axes {missing}")
+    return out
+
+
+def graph_names(version: str = "2.0") -> tuple[str, ...]:
+    """The graphs an export of `version` holds, in contract order."""
+    return tuple(build_contracts(version=version))
+
+
+def _contracts_25(dims: ModelDims) -> list[GraphContract]:
+    """2.5: the 2.0 graphs it runs unchanged (longer mel axes), gpt_prefill with style + lang_id, and the codec
+    decoder; nothing of the conformer / perceiver speaker path or the latent pass."""
+    same = {c.name: c for c in _contracts_20(dims)}
+    seq = AxisRange(1, 300, 2 * CODE.max)                          # S_infer (2N frames) or the prompt's features
+    mel = AxisRange(1, 516, GEN_MEL_25)
+    return [
+        same["semantic_encoder"],
+        same["campplus"],
+        same["emotion_conditioner"],
+        GraphContract(
+            "gpt_prefill",
+            (f32("style", "batch", "style_dim"), i64("lang_id", "batch"), f32("emovec", "batch", "model_dim"),
+             i64("text_ids", "batch", "text_len")),
+            (f32("logits", "batch", "vocab"),
+             f32("kv", "layers", 2, "batch", "heads", "prefill25_len", "head_dim")),
+            {"batch": BATCH, "text_len": TEXT},
+            doc="[spk_emb_proj(style) + emovec, 0, 0] + text (+ lang_embedding) + start mel; P = L + 6"),
+        same["gpt_decode"],
+        GraphContract(
+            "semantic_decoder",
+            (i64("codes", "batch", "code_len"),),
+            (f32("s_infer", "batch", "s_infer_len", "sem_dim"),),
+            {"batch": BATCH, "code_len": CODE},
+            doc="codec vq2emb -> Vocos decoder -> Linear -> nearest x2 -> Conv1d k3: (B, N) -> (B, 2N, sem_dim)"),
+        GraphContract(
+            "length_regulator", same["length_regulator"].inputs, same["length_regulator"].outputs,
+            {"batch": BATCH, "seq_len": seq, "mel_len": mel}, doc=same["length_regulator"].doc),
+        GraphContract(
+            "dit_step", same["dit_step"].inputs, same["dit_step"].outputs, {"batch": BATCH, "mel_len": MEL25},
+            doc=same["dit_step"].doc),
+        GraphContract(
+            "bigvgan", same["bigvgan"].inputs, same["bigvgan"].outputs,
+            {"batch": BATCH, "mel_len": AxisRange(1, 500, GEN_MEL_25)}, doc=same["bigvgan"].doc),
+    ]
+
+
+def _contracts_20(dims: ModelDims) -> list[GraphContract]:
+    return [
         GraphContract(
             "semantic_encoder",
             (f32("input_features", "batch", "feat_len", "feat_dim"), i64("attention_mask", "batch", "feat_len")),
@@ -241,12 +309,6 @@ def build_contracts(dims: ModelDims = ModelDims()) -> dict[str, GraphContract]:
             {"batch": BATCH, "mel_len": AxisRange(1, 500, 3200)},
             doc="BigVGAN v2, weight norm folded"),
     ]
-    out = {c.name: c for c in contracts}
-    for c in out.values():
-        missing = [a for a in c.axes() if a not in c.ranges]
-        if missing:
-            raise ValueError(f"contract {c.name}: no range for axes {missing}")
-    return out
 
 
 GRAPH_NAMES = tuple(build_contracts().keys())

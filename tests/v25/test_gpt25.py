@@ -76,3 +76,22 @@ def test_the_2_5_gpt_has_no_latent_pass_and_needs_its_language(gpt25_file) -> No
                      torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="needs its lang_id"):
         model.prefill(torch.zeros(1, 192), torch.zeros(1, d), torch.ones(1, 3, dtype=torch.long))
+
+
+def test_contracts_per_version() -> None:
+    """2.5's graph set (UPSTREAM-2.5 §4): no conformer/perceiver speaker path, no latent pass; gpt_prefill takes
+    the style and the language, P = L + 6; the codec decoder doubles the code rate; longer mel axes."""
+    from runtime.contracts import ModelDims, build_contracts, graph_names
+
+    assert graph_names("2.5") == ("semantic_encoder", "campplus", "emotion_conditioner", "gpt_prefill",
+                                  "gpt_decode", "semantic_decoder", "length_regulator", "dit_step", "bigvgan")
+    c20, c25 = build_contracts(version="2.0"), build_contracts(version="2.5")
+    assert c25["gpt_prefill"].input_names == ("style", "lang_id", "emovec", "text_ids")
+    dims = ModelDims()
+    assert c25["gpt_prefill"].outputs[1].concrete(dims, {"batch": 1, "text_len": 10})[4] == 16
+    assert c20["gpt_prefill"].outputs[1].concrete(dims, {"batch": 1, "text_len": 10})[4] == 47
+    assert c25["semantic_decoder"].outputs[0].concrete(dims, {"batch": 2, "code_len": 7}) == (2, 14, 1024)
+    assert c25["dit_step"].ranges["mel_len"].max > 12487 >= c20["dit_step"].ranges["mel_len"].max
+    assert c25["gpt_decode"] == c20["gpt_decode"]
+    with pytest.raises(ValueError, match="version '3.0'"):
+        build_contracts(version="3.0")
