@@ -32,8 +32,9 @@ from .layout import CheckpointLayout
 from .models.bigvgan import load_bigvgan
 from .models.campplus import campplus_config_from_state, load_campplus
 from .models.cfm import cfm_inference
-from .models.s2mel import load_s2mel
+from .models.s2mel import PARTS as S2MEL_PARTS, load_s2mel
 from .models.semantic_codec import load_semantic_codec
+from .models.semantic_decoder import load_semantic_decoder
 from .models.unified_voice import load_gpt
 from .models.w2v_bert import load_semantic_encoder
 
@@ -41,19 +42,24 @@ log = logging.getLogger(__name__)
 
 SPEAKER_SR = 22050      # librosa.load default rate for the speaker prompt
 SEMANTIC_SR = 16000     # w2v-BERT and CAMPPlus rate
+#: 2.5's s2mel has no gpt_layer (its file still stores one, ignored: UPSTREAM-2.5 §2)
+S2MEL_PARTS_25 = ("length_regulator", "cfm")
 
 
 @dataclass
 class EagerModels:
-    """Every submodel except the GPT, in eval mode, from one checkpoint directory."""
+    """Every submodel, in eval mode, from one checkpoint directory (the GPT optional). 2.0 has the MaskGCT
+    codec (`semantic_codec`), 2.5 the codec decoder of codec.pth (`semantic_decoder`) instead."""
 
     layout: CheckpointLayout
     semantic_encoder: nn.Module
-    semantic_codec: nn.Module
+    semantic_codec: nn.Module | None
     campplus: nn.Module
     s2mel: nn.Module
     bigvgan: nn.Module
     gpt: nn.Module | None = None
+    semantic_decoder: nn.Module | None = None
+    version: str = "2.0"
 
     @classmethod
     def load(cls, checkpoints: str | Path, with_gpt: bool = True) -> "EagerModels":
@@ -64,17 +70,22 @@ class EagerModels:
                 raise CheckpointError(f"{layout.root / 'config.yaml'}: section '{section}' is missing")
         assert cfg.s2mel is not None and cfg.semantic_codec is not None
         gpt_dim = cfg.gpt.model_dim if cfg.gpt is not None else 1280
+        version = layout.version
         t0 = time.perf_counter()
+        v20 = version == "2.0"
         models = cls(
             layout=layout,
             semantic_encoder=load_semantic_encoder(layout.require("w2v_bert"), layout.require("w2v_stats")),
-            semantic_codec=load_semantic_codec(layout.require("semantic_codec"), cfg.semantic_codec),
+            semantic_codec=load_semantic_codec(layout.require("semantic_codec"), cfg.semantic_codec) if v20 else None,
             campplus=_load_campplus(layout.require("campplus")),
-            s2mel=load_s2mel(layout.require("s2mel"), cfg.s2mel, gpt_dim=gpt_dim),
+            s2mel=load_s2mel(layout.require("s2mel"), cfg.s2mel, gpt_dim=gpt_dim,
+                             parts=S2MEL_PARTS if v20 else S2MEL_PARTS_25),
             bigvgan=load_bigvgan(layout.require("bigvgan")),
             gpt=_load_gpt(layout) if with_gpt else None,
+            semantic_decoder=None if v20 else load_semantic_decoder(layout.require("codec"), cfg.semantic_codec),
+            version=version,
         )
-        log.info("loaded models from %s in %.1f s", layout.root, time.perf_counter() - t0)
+        log.info("loaded IndexTTS2 %s models from %s in %.1f s", version, layout.root, time.perf_counter() - t0)
         return models
 
 
@@ -83,7 +94,7 @@ def _load_gpt(layout: CheckpointLayout) -> nn.Module:
     if cfg.gpt is None:
         raise CheckpointError(f"{layout.root / 'config.yaml'}: section 'gpt' is missing")
     assert cfg.semantic_codec is not None
-    return load_gpt(layout.require("gpt"), cfg.gpt, semantic_dim=cfg.semantic_codec.hidden_size)
+    return load_gpt(layout.require("gpt"), cfg.gpt, semantic_dim=cfg.semantic_codec.hidden_size, version=layout.version)
 
 
 def _load_campplus(path: Path) -> nn.Module:
@@ -124,7 +135,10 @@ def prepare_speaker(models: EagerModels, path: str | Path) -> SpeakerPrompt:
     check_not_silent(audio_22k, path)
     audio_16k = resample_sinc(audio_22k, SPEAKER_SR, SEMANTIC_SR)           # (1, N16)
     spk_cond_emb = semantic_features(models, audio_16k)                     # (1, T, D)
-    _, s_ref = models.semantic_codec.quantize(spk_cond_emb)                 # (1, T, D)
+    if models.semantic_codec is not None:                                   # 2.0: the quantized features
+        _, s_ref = models.semantic_codec.quantize(spk_cond_emb)             # (1, T, D)
+    else:                                                                   # 2.5: the raw features (I5:651-656)
+        s_ref = spk_cond_emb
     ref_mel = torch.from_numpy(s2mel_mel(audio_22k))                        # (1, 80, T_ref)
     fbank = torch.from_numpy(campplus_features(audio_16k[0]))[None]         # (1, F, 80)
     style = models.campplus(fbank)                                          # (1, 192)
