@@ -25,6 +25,7 @@ from .layout import CheckpointLayout
 log = logging.getLogger(__name__)
 
 BPE_FILE = "bpe.model"
+TIKTOKEN_ASSET = "text.tiktoken"
 GLOSSARY_FILE = "glossary.yaml"
 MATRICES_FILE = "emotion_matrices.npz"
 
@@ -34,7 +35,10 @@ def write_assets(layout: CheckpointLayout, out: str | Path) -> RuntimeAssets:
     cfg = layout.config
     folder = Path(out) / ASSETS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    bpe = _copy(layout.require("bpe"), folder / BPE_FILE, out)
+    if layout.version == "2.0":
+        bpe, tiktoken = _copy(layout.require("bpe"), folder / BPE_FILE, out), None
+    else:                                   # IndexTTS-2.5: the tiktoken ranks file instead of bpe.model
+        bpe, tiktoken = None, _copy(layout.require("tiktoken"), folder / TIKTOKEN_ASSET, out)
     glossary_src = layout.root / GLOSSARY_FILE
     glossary = _copy(glossary_src, folder / GLOSSARY_FILE, out) if glossary_src.is_file() else None
     model_dim = cfg.gpt.model_dim if cfg.gpt is not None else None
@@ -45,7 +49,7 @@ def write_assets(layout: CheckpointLayout, out: str | Path) -> RuntimeAssets:
              emo_num=np.asarray(cfg.emo_num, np.int64))
     emotion = _write(buf.getvalue(), folder / MATRICES_FILE, out)
     llm = layout.main_file("qwen_emo")
-    record = RuntimeAssets(bpe=bpe, glossary=glossary, emotion_matrices=emotion,
+    record = RuntimeAssets(bpe=bpe, tiktoken=tiktoken, glossary=glossary, emotion_matrices=emotion,
                            emo_num=tuple(int(n) for n in cfg.emo_num),
                            emotion_llm=str(llm.resolve()) if llm.is_dir() else "")
     log.info("runtime assets written to %s (emotion LLM: %s)", folder, record.emotion_llm or "none")

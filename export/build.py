@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import json
 import logging
+from functools import partial
 import math
 import sys
 import tempfile
@@ -73,12 +74,24 @@ GRAPH_ROLES: dict[str, tuple[str, ...]] = {
     "gpt_prefill": ("gpt",),
     "gpt_decode": ("gpt",),
     "gpt_latent": ("gpt", "semantic_codec", "s2mel"),   # latent pass, vq2emb, s2mel.gpt_layer
+    "semantic_decoder": ("codec",),                     # IndexTTS-2.5
     "length_regulator": ("s2mel",),
     "dit_step": ("s2mel",),
     "bigvgan": ("bigvgan",),
 }
 ALL_ROLES = ("gpt", "s2mel", "w2v_stats", "w2v_bert", "semantic_codec", "campplus", "bigvgan")
+ALL_ROLES_25 = ("gpt", "s2mel", "w2v_stats", "w2v_bert", "codec", "campplus", "bigvgan")
 ASSET_ROLES = ("bpe", "feat1", "feat2")     # read by export.assets for the runtime
+ASSET_ROLES_25 = ("tiktoken", "feat1", "feat2")
+
+
+def all_roles(version: str) -> tuple[str, ...]:
+    """The checkpoint roles an export of `version` reads (2.5: codec.pth, not the MaskGCT codec)."""
+    return ALL_ROLES if version == "2.0" else ALL_ROLES_25
+
+
+def asset_roles(version: str) -> tuple[str, ...]:
+    return ASSET_ROLES if version == "2.0" else ASSET_ROLES_25
 
 #: Sources whose change changes what an export produces (plus each wrapper's own module file).
 CODE_SOURCES = ("export/models/*.py", "export/wrappers/base.py", "export/onnx_export.py", "export/eager.py",
@@ -150,12 +163,13 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
     _check_engine_inputs(options)
     layout = open_checkpoint(options.checkpoints)
     out = prepare_out(options.out)
+    version = layout.version
     if wrappers is None:
         from .wrappers import all_wrappers
 
-        wrappers = all_wrappers()
+        wrappers = all_wrappers(version)
     dims = model_dims(layout)
-    contracts = (contracts_for or checkpoint_contracts)(dims, layout.config)
+    contracts = (contracts_for or partial(checkpoint_contracts, version=version))(dims, layout.config)
     selected = select_graphs(contracts, wrappers, options.graphs)
     previous = previous_manifest(out)
     identity = checkpoint_identity(layout, previous.checkpoint if previous else None)
@@ -174,6 +188,7 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
         tools=tool_versions(), gpt=gpt_tokens(layout.config), assets=write_assets(layout, out),
         vocoder=vocoder_layout(load_bigvgan_config(layout.require("bigvgan") / "config.json")),
         dit_rows_alone=True,                       # export/wrappers/audio.py:DiTStepGraph (rows_alone)
+        version=version,
     )
     engine_results = run_engines(manifest, out, options.precision, options.precision_policy)
     path = write_manifest(manifest, out)
@@ -219,7 +234,7 @@ def _load_models(layout: CheckpointLayout, todo: Sequence[str]):
         return None
     from .eager import EagerModels
 
-    with_gpt = any("gpt" in GRAPH_ROLES.get(n, ALL_ROLES) for n in todo)
+    with_gpt = any("gpt" in GRAPH_ROLES.get(n, all_roles(layout.version)) for n in todo)
     log.info("loading the eager models from %s (%d graph(s) to export)", layout.root, len(todo))
     return EagerModels.load(layout.root, with_gpt=with_gpt)
 
@@ -249,12 +264,17 @@ def open_checkpoint(path: str | Path) -> CheckpointLayout:
     layout = CheckpointLayout.open(path)
     problems = [f"config.yaml has no '{s}' section" for s in ("gpt", "semantic_codec", "s2mel")
                 if getattr(layout.config, s) is None]
-    for role in ASSET_ROLES:
+    try:
+        version = layout.version
+    except CheckpointError as err:             # no readable gpt.pth: report it with the rest
+        problems.append(str(err))
+        version = "2.0"
+    for role in asset_roles(version):
         try:
             layout.require(role)
         except CheckpointError as err:
             problems.append(str(err))
-    for role in ALL_ROLES:
+    for role in all_roles(version):
         try:
             if not role_files(layout, role):
                 problems.append(f"{role}: {layout.require(role)} holds no files")
@@ -331,7 +351,7 @@ def checkpoint_identity(layout: CheckpointLayout, previous: CheckpointIdentity |
     known = previous.files if previous is not None and previous.path == str(root) else {}
     files: dict[str, CheckpointFile] = {}
     t0 = time.perf_counter()
-    for role in ALL_ROLES:
+    for role in all_roles(layout.version):
         for path in role_files(layout, role):
             rel = path.relative_to(layout.root).as_posix()
             stat = path.stat()
@@ -345,7 +365,7 @@ def checkpoint_identity(layout: CheckpointLayout, previous: CheckpointIdentity |
 
 
 def graph_checkpoint_files(layout: CheckpointLayout, identity: CheckpointIdentity, name: str) -> dict[str, str]:
-    rels = [p.relative_to(layout.root).as_posix() for role in GRAPH_ROLES.get(name, ALL_ROLES)
+    rels = [p.relative_to(layout.root).as_posix() for role in GRAPH_ROLES.get(name, all_roles(layout.version))
             for p in role_files(layout, role)]
     return {rel: identity.files[rel].sha256 for rel in sorted(rels)}
 

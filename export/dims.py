@@ -143,7 +143,7 @@ def clip_ranges(contract: GraphContract, limits: Mapping[str, int]) -> GraphCont
     return dataclasses.replace(contract, ranges=ranges)
 
 
-def checkpoint_contracts(dims: ModelDims, cfg: IndexTTS2Config) -> dict[str, GraphContract]:
-    """The 11 contracts at this checkpoint's sizes, ranges clipped to what the checkpoint can honour."""
+def checkpoint_contracts(dims: ModelDims, cfg: IndexTTS2Config, version: str = "2.0") -> dict[str, GraphContract]:
+    """The version's contracts at this checkpoint's sizes, ranges clipped to what the checkpoint can honour."""
     limits = axis_limits(cfg)
-    return {name: clip_ranges(c, limits) for name, c in build_contracts(dims).items()}
+    return {name: clip_ranges(c, limits) for name, c in build_contracts(dims, version).items()}

@@ -48,5 +48,5 @@ def torch_executors(models: EagerModels, manifest: Manifest) -> dict[str, TorchE
     """One TorchExecutor per graph of `manifest`, built from the loaded eager models."""
     from .wrappers import all_wrappers
 
-    wrappers = all_wrappers()
+    wrappers = all_wrappers(manifest.version)
     return {name: TorchExecutor(entry, wrappers[name].build(models)) for name, entry in manifest.graphs.items()}

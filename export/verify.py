@@ -21,6 +21,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -157,11 +158,14 @@ def verify(out: str | Path, graphs: Sequence[str] | None = None, checkpoints: st
     dims = model_dims(layout)
     if dims != manifest.dims:
         raise CheckpointError(f"{layout.root}: model sizes {dims} differ from the manifest's {manifest.dims}")
-    contracts = (contracts_for or checkpoint_contracts)(dims, layout.config)
+    if manifest.version != layout.version:
+        raise CheckpointError(f"{layout.root}: an IndexTTS2 {layout.version} checkpoint, but the export is "
+                              f"{manifest.version}'s")
+    contracts = (contracts_for or partial(checkpoint_contracts, version=layout.version))(dims, layout.config)
     if wrappers is None:
         from .wrappers import all_wrappers
 
-        wrappers = all_wrappers()
+        wrappers = all_wrappers(layout.version)
     _check_signatures(manifest, contracts, wrappers, names, dims)
     from .eager import EagerModels
 

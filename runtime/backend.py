@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
-from runtime.contracts import GRAPH_NAMES
+from runtime.contracts import graph_names
 from runtime.errors import ContractError
 from runtime.executors import GraphSet, OrtOptions, resolve_backend
 from runtime.executors.base import Executor
@@ -67,10 +67,11 @@ class Backend:
                        owned: Sequence[Closeable] = (), name: str | None = None) -> "Backend":
         """A Backend over given executors (every graph of the synthesizer, GPT steps included): GraphGptSteps
         over their `gpt_prefill` / `gpt_decode`. The executors are not closed unless their owner is in `owned`."""
-        missing = [g for g in GRAPH_NAMES if g not in executors]
+        names = graph_names(manifest.version)
+        missing = [g for g in names if g not in executors]
         if missing:
             raise ContractError(f"the given executors have no graph(s) {missing}; synthesis runs all of "
-                                f"{', '.join(GRAPH_NAMES)} (pass one executor per graph, keyed by its name)")
+                                f"{', '.join(names)} (pass one executor per graph, keyed by its name)")
         steps = GraphGptSteps(executors["gpt_prefill"], executors["gpt_decode"], geometry_of(manifest))
         return cls(name or _backend_name(executors), executors, steps, tuple(owned))
 
@@ -120,10 +121,11 @@ def open_backend(manifest: Manifest, root: str | Path, backend: str = "auto", *,
 
 def require_graphs(manifest: Manifest, root: str | Path) -> None:
     """ContractError unless the export directory has every graph synthesis runs."""
-    missing = [g for g in GRAPH_NAMES if g not in manifest.graphs]
+    names = graph_names(manifest.version)
+    missing = [g for g in names if g not in manifest.graphs]
     if missing:
         raise ContractError(f"{root}: the manifest has no graph(s) {missing}; synthesis needs all of "
-                            f"{', '.join(GRAPH_NAMES)} (python -m export.build --checkpoints CKPT --out "
+                            f"{', '.join(names)} (python -m export.build --checkpoints CKPT --out "
                             f"{root} --graphs {','.join(missing)})")
 
 

@@ -271,13 +271,14 @@ class RuntimeAssets:
     needs transformers + torch on the host (UPSTREAM §2.11: it is an LLM, not an exported graph)."""
 
     bpe: AssetFile | None = None
+    tiktoken: AssetFile | None = None              # IndexTTS-2.5's tokenizer ranks (instead of bpe)
     glossary: AssetFile | None = None
     emotion_matrices: AssetFile | None = None      # npz: feat1 (sum(emo_num), 192), feat2 (sum(emo_num), D)
     emo_num: tuple[int, ...] = DEFAULT_EMO_NUM
     emotion_llm: str = ""
 
     def files(self) -> dict[str, AssetFile]:
-        return {k: v for k, v in (("bpe", self.bpe), ("glossary", self.glossary),
+        return {k: v for k, v in (("bpe", self.bpe), ("tiktoken", self.tiktoken), ("glossary", self.glossary),
                                   ("emotion_matrices", self.emotion_matrices)) if v is not None}
 
 
@@ -301,6 +302,7 @@ class Manifest:
     # dit_step computes each row as its batch-1 call (export/models/dit.py, rows_alone): rows of different
     # lengths may share a call (runtime/scheduler/euler_batch.py). False: exported before that
     dit_rows_alone: bool = False
+    version: str = "2.0"                           # the IndexTTS2 version of the checkpoint (its graph set)
     contract_version: int = CONTRACT_VERSION
     format_version: int = FORMAT_VERSION
 
@@ -337,6 +339,7 @@ class Manifest:
                 assets=_assets_from(data.get("assets", {})),
                 vocoder=_vocoder_from(data.get("vocoder")),
                 dit_rows_alone=bool(data.get("dit_rows_alone", False)),
+                version=str(data.get("version", "2.0")),
                 contract_version=int(data["contract_version"]),
                 format_version=int(data["format_version"]),
             )
@@ -511,7 +514,7 @@ def _assets_from(d: Mapping[str, Any]) -> RuntimeAssets:
     def asset(v: Any) -> AssetFile | None:
         return None if v is None else AssetFile(str(v["file"]), str(v["sha256"]))
 
-    return RuntimeAssets(bpe=asset(d.get("bpe")), glossary=asset(d.get("glossary")),
+    return RuntimeAssets(bpe=asset(d.get("bpe")), tiktoken=asset(d.get("tiktoken")), glossary=asset(d.get("glossary")),
                          emotion_matrices=asset(d.get("emotion_matrices")),
                          emo_num=tuple(int(n) for n in d.get("emo_num", DEFAULT_EMO_NUM)),
                          emotion_llm=str(d.get("emotion_llm", "")))

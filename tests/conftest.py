@@ -64,6 +64,25 @@ def tiny_export(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny25_ckpt(tmp_path_factory) -> Path:
+    """The tiny IndexTTS-2.5 demo checkpoint (seed 0), written once per session; tests must not modify it."""
+    from export.demo import write_demo
+
+    return write_demo(tmp_path_factory.mktemp("ckpt25") / "ckpt", "tiny", 0, version="2.5")
+
+
+@pytest.fixture(scope="session")
+def tiny25_export(tiny25_ckpt, tmp_path_factory):
+    """Every graph of the tiny 2.5 demo exported (fp32) once per session -> (export directory, BuildReport)."""
+    from export.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("export25") / "out"
+    report = build(BuildOptions(tiny25_ckpt, out, "fp32"))
+    assert not report.failed, report.failed
+    return out, report
+
+
+@pytest.fixture(scope="session")
 def graph_kit(tiny_ckpt):
     """(dims, contracts at the tiny checkpoint's sizes, wrappers): what export.dummy.feed_for needs."""
     from export.dims import checkpoint_contracts, model_dims

@@ -51,7 +51,7 @@ def test_new_batch_cache_is_a_device_batch_within_the_profiles_bound(fake_cuda) 
 def _request(manifest, seed: int, text_len: int):
     rng = np.random.default_rng(seed)
     d = manifest.dims.model_dim
-    return prefill_feed(rng.standard_normal((1, 32, d)).astype(np.float32),
+    return prefill_feed({"spk_latent": rng.standard_normal((1, 32, d)).astype(np.float32)},
                         rng.standard_normal((1, d)).astype(np.float32),
                         rng.integers(2, manifest.dims.text_vocab, text_len).astype(np.int64))
 
