@@ -13,7 +13,7 @@ Counts are of concatenated strings: merges across a join count (fixtures-2.5 tex
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Iterable
 
 PROTECTED = re.compile(r"<\|SPECIAL_TOKEN_\d+\|>.*?<\|SPECIAL_TOKEN_\d+\|>")
 _BREAK_AFTER = re.compile(r"(?<=[，。！？、；：,\.!\?;:\n])")
@@ -29,6 +29,20 @@ def _pieces(text: str) -> list[tuple[str, bool]]:
         pos = m.end()
     if pos < len(text):
         out.append((text[pos:], False))
+    return out
+
+
+def _pack(pieces: Iterable[str], count: Callable[[str], int], budget: int) -> list[str]:
+    """Greedy: each piece joins the current string while the joined string's token count stays within budget."""
+    out, current = [], ""
+    for piece in pieces:
+        if current and count(current + piece) > budget:
+            out.append(current)
+            current = piece
+        else:
+            current += piece
+    if current:
+        out.append(current)
     return out
 
 
@@ -48,22 +62,6 @@ def split_by_tokens(text: str, count: Callable[[str], int], max_tokens: int, max
             if count(part) <= budget:
                 chunks.append(part)
                 continue
-            current = ""
-            for ch in part:
-                if current and count(current + ch) > budget:
-                    chunks.append(current)
-                    current = ch
-                else:
-                    current += ch
-            if current:
-                chunks.append(current)
-    segments, current = [], ""
-    for chunk in chunks:
-        if current and count(current + chunk) > budget:
-            segments.append(current)
-            current = chunk
-        else:
-            current += chunk
-    if current:
-        segments.append(current)
+            chunks.extend(_pack(part, count, budget))            # per character
+    segments = _pack(chunks, count, budget)
     return segments or [text]
