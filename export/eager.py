@@ -150,10 +150,18 @@ def prepare_speaker(models: EagerModels, path: str | Path) -> SpeakerPrompt:
 @torch.inference_mode()
 def codes_to_mel(models: EagerModels, prompt: SpeakerPrompt, codes: torch.Tensor, latent: torch.Tensor,
                  noise: torch.Tensor, steps: int = 25, cfg_rate: float = 0.7) -> torch.Tensor:
-    """codes (1, N) int64, latent (1, N, gpt_dim), noise (1, 80, T_ref + T_gen) -> mel (1, 80, T_gen)."""
+    """2.0: codes (1, N) int64, latent (1, N, gpt_dim), noise (1, 80, T_ref + T_gen) -> mel (1, 80, T_gen)."""
+    s_infer = models.semantic_codec.vq2emb(codes).transpose(1, 2) + models.s2mel.gpt_layer(latent)  # (1, N, D)
+    return s_infer_to_mel(models, prompt, s_infer, mel_length(codes.shape[1]), noise, steps, cfg_rate)
+
+
+@torch.inference_mode()
+def s_infer_to_mel(models: EagerModels, prompt: SpeakerPrompt, s_infer: torch.Tensor, frames: int,
+                   noise: torch.Tensor, steps: int = 25, cfg_rate: float = 0.7) -> torch.Tensor:
+    """S_infer (1, N', D) regulated to `frames` target frames, after the prompt, through the CFM -> the
+    generated mel (1, 80, frames). 2.0's S_infer is vq2emb + gpt_layer(latent), 2.5's the codec decoder's."""
     s2mel = models.s2mel
-    s_infer = models.semantic_codec.vq2emb(codes).transpose(1, 2) + s2mel.gpt_layer(latent)  # (1, N, D)
-    target = torch.tensor([mel_length(codes.shape[1])], dtype=torch.int64)
+    target = torch.tensor([frames], dtype=torch.int64)
     cond, _ = s2mel.length_regulator(s_infer, target)                       # (1, T_gen, C)
     cat_condition = torch.cat([prompt.prompt_condition, cond], dim=1)       # (1, T_ref + T_gen, C)
     x_lens = torch.tensor([cat_condition.shape[1]], dtype=torch.int64)

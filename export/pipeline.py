@@ -24,7 +24,11 @@ import torch
 from runtime.caches import LRU, audio_key
 from runtime.emotion import EmotionPlan, emotion_plan, final_emovec
 from runtime.frontend.text.normalize import TextNormalizer
+from runtime.cfm import mel_length_25
+from runtime.errors import InputError
 from runtime.frontend.text.tokenizer import TextTokenizer, text_segments
+from runtime.frontend.text25.bpe import BpeTokenizer
+from runtime.frontend.text25.frontend import TextFrontend25, request_segments
 from runtime.gpt.codes import segment_codes
 from runtime.gpt.generate import GenerationConfig
 from runtime.gpt.sampling import DrawSource
@@ -46,6 +50,7 @@ from .eager import (
     emotion_features,
     mel_length,
     prepare_speaker,
+    s_infer_to_mel,
     vocode,
 )
 from .emotion_matrices import load_emotion_matrices
@@ -60,11 +65,12 @@ SAMPLE_RATE = 22050
 class PreparedRequest:
     """A request made ready for the per-segment loop."""
 
+    request: SynthesisRequest
     segments: list[list[int]]
     plan: EmotionPlan
     streams: RandomStreams
     prompt: SpeakerPrompt
-    spk_latent: np.ndarray      # (1, 32, D)
+    condition: dict[str, np.ndarray]   # the GPT prefill's speaker (/ language) inputs, as the runtime's
     emovec: np.ndarray          # (1, D)
 
 
@@ -80,7 +86,13 @@ class EagerIndexTTS2:
         assert cfg.gpt is not None and self.models.gpt is not None
         text_normalizer = TextNormalizer(enable_glossary=True, backend=normalizer)
         text_normalizer.load_glossary_from_yaml(layout.root / "glossary.yaml")
-        self.tokenizer = TextTokenizer(layout.require("bpe"), normalizer=text_normalizer)
+        self.version = self.models.version
+        if self.version == "2.0":
+            self.tokenizer: TextTokenizer | TextFrontend25 = TextTokenizer(layout.require("bpe"),
+                                                                          normalizer=text_normalizer)
+        else:
+            self.tokenizer = TextFrontend25(BpeTokenizer(layout.require("tiktoken")), text_normalizer,
+                                            cfg.gpt.max_text_tokens)
         self.matrices = load_emotion_matrices(layout.require("feat1"), layout.require("feat2"), cfg.emo_num,
                                               model_dim=cfg.gpt.model_dim)
         self.gpt_steps = EagerGptSteps(self.models.gpt)
@@ -107,35 +119,53 @@ class EagerIndexTTS2:
     # -- conditioning -----------------------------------------------------------------------------
     @torch.inference_mode()
     def conditioning(self, request: SynthesisRequest, prompt: SpeakerPrompt, plan: EmotionPlan,
-                     streams: RandomStreams) -> tuple[np.ndarray, np.ndarray]:
-        """(spk_latent (1, 32, D), emovec (1, D)) for this request, as upstream computes them per segment."""
+                     streams: RandomStreams, lang_id: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(the GPT condition: 2.0 {spk_latent (1, 32, D)}, 2.5 {style (1, 192), lang_id (1,)}; emovec (1, D))
+        for this request, as upstream computes them per segment."""
         gpt = self.models.gpt
         spk = prompt.spk_cond_emb                                               # (1, T, F)
-        spk_latent = gpt.speaker_conditioner(spk, torch.tensor([spk.shape[1]]))    # (1, 32, D)
+        if lang_id is None:
+            condition = {"spk_latent": gpt.speaker_conditioner(spk, torch.tensor([spk.shape[1]])).numpy()}
+        else:
+            condition = {"style": prompt.style.numpy(), "lang_id": np.array([lang_id], np.int64)}
         emo = self.emotion_embedding(plan.emo_audio)                            # (1, T_e, F)
         base = gpt.emotion_conditioner(spk, torch.tensor([spk.shape[1]])).numpy()  # (1, D)
         target = gpt.emotion_conditioner(emo, torch.tensor([emo.shape[1]])).numpy()
         emovec = final_emovec(self.matrices, plan, base, target, prompt.style.numpy(), request.use_random,
                               streams.choice)                                   # (1, D)
-        return spk_latent.numpy(), emovec
+        return condition, emovec
 
     def segments(self, request: SynthesisRequest) -> list[list[int]]:
-        return text_segments(self.tokenizer, request)
+        return self._text(request)[0]
+
+    def _text(self, request: SynthesisRequest) -> tuple[list[list[int]], int | None]:
+        """(per-segment ids, the 2.5 lang_id or None), as the runtime's Synthesizer._text."""
+        if self.version == "2.0":
+            if request.lang is not None or request.duration_factor != 1.0:
+                raise InputError("lang and duration_factor are IndexTTS-2.5 inputs; this checkpoint is 2.0")
+            return text_segments(self.tokenizer, request), None
+        if not isinstance(request.text, str) or not request.text.strip():
+            raise InputError("the text to synthesize is empty")
+        return request_segments(self.tokenizer, request.text, request.lang, request.max_text_tokens_per_segment,
+                                request.quick_streaming_tokens)
+
+    def _frames(self, request: SynthesisRequest, n_codes: int) -> int:
+        return mel_length(n_codes) if self.version == "2.0" else mel_length_25(2 * n_codes, request.duration_factor)
 
     # -- synthesis --------------------------------------------------------------------------------
     def prepare(self, request: SynthesisRequest, seed: int | None = None,
                 gpt_draws: DrawSource | None = None) -> PreparedRequest:
         """Everything before the per-segment loop: segments, emotion plan, randomness, conditioning."""
-        segments = self.segments(request)
+        segments, lang_id = self._text(request)
         plan = emotion_plan(request, self._text_to_emotion)
         streams = RandomStreams.from_seed(seed, gpt_draws)
         t0 = time.perf_counter()
         prompt = self.speaker(request.speaker)
         t1 = time.perf_counter()
-        spk_latent, emovec = self.conditioning(request, prompt, plan, streams)
+        condition, emovec = self.conditioning(request, prompt, plan, streams, lang_id)
         log.info("%d segment(s); emotion from %s; speaker %.2f s, conditioning %.2f s", len(segments),
                  plan.source, t1 - t0, time.perf_counter() - t1)
-        return PreparedRequest(segments, plan, streams, prompt, spk_latent, emovec)
+        return PreparedRequest(request, segments, plan, streams, prompt, condition, emovec)
 
     def synthesize_segments(self, request: SynthesisRequest, generation: GenerationConfig = GenerationConfig(),
                             decoder: DecoderSettings = DecoderSettings(), seed: int | None = None,
@@ -150,22 +180,30 @@ class EagerIndexTTS2:
                  decoder: DecoderSettings) -> SegmentResult:
         laps = Laps()
         prompt, streams = prep.prompt, prep.streams
-        seg = segment_codes(self.gpt_steps, {"spk_latent": prep.spk_latent}, prep.emovec, prep.segments[index], generation,
+        seg = segment_codes(self.gpt_steps, prep.condition, prep.emovec, prep.segments[index], generation,
                             streams.gpt, index)
         codes = seg.codes                                                       # (N,)
         laps.lap("gpt")
         t_ref = prompt.ref_mel.shape[-1]
-        noise = streams.cfm_noise(t_ref + mel_length(codes.size), decoder.temperature)
+        frames = self._frames(prep.request, codes.size)
+        noise = streams.cfm_noise(t_ref + frames, decoder.temperature)
         if codes.size == 0:
             mel = np.zeros((1, 80, 0), np.float32)
             pcm = np.zeros(0, np.int16)
         else:
             codes_t = torch.from_numpy(codes)[None]                             # (1, N)
-            latent = self.models.gpt.latent(torch.from_numpy(prep.spk_latent), torch.from_numpy(prep.emovec),
-                                            torch.from_numpy(seg.text_ids)[None], codes_t)   # (1, N, D)
-            laps.lap("latent")
-            mel_t = codes_to_mel(self.models, prompt, codes_t, latent, torch.from_numpy(noise),
-                                 steps=decoder.steps, cfg_rate=decoder.cfg_rate)  # (1, 80, T_gen)
+            if self.version == "2.0":
+                latent = self.models.gpt.latent(torch.from_numpy(prep.condition["spk_latent"]),
+                                                torch.from_numpy(prep.emovec), torch.from_numpy(seg.text_ids)[None],
+                                                codes_t)                        # (1, N, D)
+                laps.lap("latent")
+                mel_t = codes_to_mel(self.models, prompt, codes_t, latent, torch.from_numpy(noise),
+                                     steps=decoder.steps, cfg_rate=decoder.cfg_rate)  # (1, 80, T_gen)
+            else:                                                               # 2.5: the codec decoder
+                s_infer = self.models.semantic_decoder(codes_t)                 # (1, 2N, D)
+                laps.lap("latent")
+                mel_t = s_infer_to_mel(self.models, prompt, s_infer, frames, torch.from_numpy(noise),
+                                       steps=decoder.steps, cfg_rate=decoder.cfg_rate)
             mel = mel_t.numpy()
             laps.lap("s2mel")
             pcm = to_pcm16(vocode(self.models, mel_t))

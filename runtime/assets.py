@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from runtime.errors import CheckpointError
 from runtime.frontend.text.normalize import TextNormalizer
 from runtime.frontend.text.tokenizer import TextTokenizer
 from runtime.manifest import AssetFile, Manifest
+
+if TYPE_CHECKING:
+    from runtime.frontend.text25.frontend import TextFrontend25
 
 REBUILD = "re-run python -m export.build --checkpoints CKPT --out DIR (graphs are reused, the assets written)"
 
@@ -32,11 +36,21 @@ def asset_path(manifest: Manifest, root: str | Path, role: str) -> Path:
     return path
 
 
-def load_tokenizer(manifest: Manifest, root: str | Path, normalizer: str = "auto") -> TextTokenizer:
-    """SentencePiece model + text normalizer (with the checkpoint's glossary when it has one)."""
+def load_tokenizer(manifest: Manifest, root: str | Path, normalizer: str = "auto") -> "TextTokenizer | TextFrontend25":
+    """The export's text front-end: 2.0's SentencePiece model, or 2.5's tiktoken ranks with its front-end; both
+    with the text normalizer (and the checkpoint's glossary when it has one)."""
     text_normalizer = TextNormalizer(enable_glossary=True, backend=normalizer)
     if manifest.assets.glossary is not None:
         text_normalizer.load_glossary_from_yaml(asset_path(manifest, root, "glossary"))
+    if manifest.version == "2.5":
+        from runtime.frontend.text25.bpe import BpeTokenizer
+        from runtime.frontend.text25.frontend import TextFrontend25
+
+        bpe = BpeTokenizer(asset_path(manifest, root, "tiktoken"))
+        if bpe.vocab_size > manifest.dims.text_vocab:
+            raise CheckpointError(f"{root}: the tokenizer has {bpe.vocab_size} ids, the GPT's text table "
+                                  f"{manifest.dims.text_vocab}: the assets come from another checkpoint. {REBUILD}")
+        return TextFrontend25(bpe, text_normalizer, manifest.dims.max_text_tokens)
     return TextTokenizer(asset_path(manifest, root, "bpe"), normalizer=text_normalizer)
 
 

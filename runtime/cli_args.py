@@ -51,7 +51,13 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--quick-streaming-tokens", type=int, default=None,
                    help="upstream's quick_streaming_tokens: the first N text tokens are cut into segments of at most "
                         "half --max-text-tokens-per-segment, so the first audio comes sooner (default 0; with "
-                        f"--stream {STREAM_QUICK_STREAMING_TOKENS})")
+                        f"--stream {STREAM_QUICK_STREAMING_TOKENS}; IndexTTS-2.5: the first segment holds at most "
+                        "min(N, half the maximum) tokens)")
+    v = parser.add_argument_group("IndexTTS-2.5 exports")
+    v.add_argument("--lang", help="the text's language: zh, en, ja, es, ar, ... (default: zh if the text has a CJK "
+                                  "ideograph, else en); codes outside the model's table use its 'common' embedding")
+    v.add_argument("--duration-factor", type=float, default=1.0,
+                   help="scales the length of the speech (0.5 - 2.0; upstream's only duration control)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser,
@@ -168,4 +174,5 @@ def synthesis_request(args: argparse.Namespace) -> SynthesisRequest:
         emo_vector=parse_emo_vector(args.emo_vector), use_emo_text=args.use_emo_text or args.emo_text is not None,
         emo_text=args.emo_text, use_random=args.use_random, interval_silence_ms=args.interval_silence,
         max_text_tokens_per_segment=args.max_text_tokens_per_segment,
-        quick_streaming_tokens=quick_streaming_tokens(args))
+        quick_streaming_tokens=quick_streaming_tokens(args), lang=getattr(args, "lang", None),
+        duration_factor=getattr(args, "duration_factor", 1.0))

@@ -18,6 +18,11 @@ from runtime.errors import InputError
 from runtime.frontend.audio import AudioBytes
 
 
+#: IndexTTS-2.5's duration factor bounds: upstream's UI range (its `infer` does not check); the 2.5 contracts'
+#: DiT axis is sized for the upper bound (runtime/contracts.py MAX_DURATION_FACTOR_25).
+MIN_DURATION_FACTOR, MAX_DURATION_FACTOR = 0.5, 2.0
+
+
 @dataclass(frozen=True)
 class SynthesisRequest:
     """One `infer` call's inputs (upstream argument names and defaults, UPSTREAM §2.1)."""
@@ -33,8 +38,19 @@ class SynthesisRequest:
     interval_silence_ms: int = 200
     max_text_tokens_per_segment: int = 120
     quick_streaming_tokens: int = 0
+    # IndexTTS-2.5 only (an error on a 2.0 export): the text's language (zh, en, ja, es, ar, ... ; None: zh when
+    # the text has a CJK ideograph, else en) and the duration factor on the target mel length (0.5-2.0)
+    lang: str | None = None
+    duration_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.duration_factor, (int, float)) or not np.isfinite(self.duration_factor) or \
+                not MIN_DURATION_FACTOR <= self.duration_factor <= MAX_DURATION_FACTOR:
+            raise InputError(f"duration_factor must be a number in [{MIN_DURATION_FACTOR}, {MAX_DURATION_FACTOR}], "
+                             f"got {self.duration_factor!r}")
+        if self.lang is not None and (not isinstance(self.lang, str) or not self.lang.strip()
+                                      or any(c in self.lang for c in "|<> \n")):
+            raise InputError(f"lang must be a language code such as zh, en, ja, es, got {self.lang!r}")
         if self.interval_silence_ms < 0:
             raise InputError(f"interval_silence_ms must be >= 0, got {self.interval_silence_ms}")
         if self.max_text_tokens_per_segment < 1:

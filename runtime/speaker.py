@@ -11,6 +11,9 @@ Upstream recomputes the conditioners per segment; their inputs depend only on th
 speaker latent (`speaker_conditioner`) and the speaker's own emotion vector (`emotion_conditioner`)
 are computed once here and cached with the rest.
 
+IndexTTS-2.5 (UPSTREAM-2.5 §1, I5:651-656): no codec quantization and no speaker latent; the prompt condition
+is the length regulator over the RAW features, and the GPT reads the style instead.
+
 Emotion audio: loaded directly at 16 kHz (not resampled from 22.05 kHz, as upstream), features,
 `semantic_encoder`, `emotion_conditioner`. Without an emotion reference upstream uses the speaker file
 through this same 16 kHz path, so the "target" emotion vector of a plain voice clone is computed from
@@ -42,9 +45,9 @@ class SpeakerPrompt:
 
     features: np.ndarray          # (1, T, sem_dim) normalized w2v-BERT layer-17 features (spk_cond_emb)
     style: np.ndarray             # (1, 192) CAMPPlus embedding
-    prompt_condition: np.ndarray  # (1, T_ref, content_dim) length-regulated quantized features
+    prompt_condition: np.ndarray  # (1, T_ref, content_dim) length-regulated quantized (2.5: raw) features
     ref_mel: np.ndarray           # (1, 80, T_ref) 22.05 kHz log-mel of the reference
-    spk_latent: np.ndarray        # (1, 32, model_dim) speaker_conditioner(features)
+    spk_latent: np.ndarray | None  # (1, 32, model_dim) speaker_conditioner(features); None for 2.5
     base_emovec: np.ndarray       # (1, model_dim) emotion_conditioner(features)
 
 
@@ -58,19 +61,20 @@ def semantic_features(graphs: Mapping[str, Executor], audio_16k: np.ndarray, pat
     return out["features"]
 
 
-def prepare_speaker(graphs: Mapping[str, Executor], path: AudioSource) -> SpeakerPrompt:
-    """Speaker reference file -> SpeakerPrompt."""
+def prepare_speaker(graphs: Mapping[str, Executor], path: AudioSource, version: str = "2.0") -> SpeakerPrompt:
+    """Speaker reference file -> SpeakerPrompt (the graphs of an IndexTTS2 `version` export)."""
     audio_22k = load_audio(path, SPEAKER_SR)                                  # (1, N22)
     check_not_silent(audio_22k, path)
     audio_16k = resample_sinc(audio_22k, SPEAKER_SR, SEMANTIC_SR)            # (1, N16)
     features = semantic_features(graphs, audio_16k, path)                    # (1, T, D)
-    s_ref = graphs["semantic_codec"].run({"features": features})["quantized"]   # (1, T, D)
+    v20 = version == "2.0"
+    s_ref = graphs["semantic_codec"].run({"features": features})["quantized"] if v20 else features   # (1, T, D)
     ref_mel = s2mel_mel(audio_22k)                                           # (1, 80, T_ref)
     fbank = np.ascontiguousarray(campplus_features(audio_16k[0])[None])      # (1, F, 80)
     style = graphs["campplus"].run({"fbank": fbank})["style"]                # (1, 192)
     t_ref = np.array([ref_mel.shape[-1]], np.int64)
     prompt_condition = graphs["length_regulator"].run({"s": s_ref, "ylens": t_ref})["cond"]   # (1, T_ref, C)
-    spk_latent = graphs["speaker_conditioner"].run({"features": features})["spk_latent"]     # (1, 32, D)
+    spk_latent = graphs["speaker_conditioner"].run({"features": features})["spk_latent"] if v20 else None
     base_emovec = emotion_vector(graphs, features)                           # (1, D)
     return SpeakerPrompt(features, style, prompt_condition, ref_mel, spk_latent, base_emovec)
 

@@ -41,12 +41,13 @@ import numpy as np
 from runtime.assets import load_emotion_matrices, load_tokenizer
 from runtime.backend import Backend, open_backend, require_graphs
 from runtime.caches import LRU, audio_key
-from runtime.cfm import mel_length
+from runtime.cfm import mel_length, mel_length_25
 from runtime.emotion import EmotionPlan, emotion_plan, final_emovec
 from runtime.errors import InputError
 from runtime.executors import OrtOptions
 from runtime.executors.base import Executor
 from runtime.frontend.text.tokenizer import text_segments
+from runtime.frontend.text25.frontend import request_segments
 from runtime.frontend.audio import AudioSource
 from runtime.gpt.codes import SegmentCodes
 from runtime.gpt.generate import GenerationConfig, GptCondition
@@ -190,7 +191,7 @@ class Synthesizer:
         """The prepared speaker reference (cached by file content)."""
         key = audio_key(path, "speaker")
         with self._refs_lock:
-            return self._speakers.get(key, lambda: prepare_speaker(self.graphs, path))
+            return self._speakers.get(key, lambda: prepare_speaker(self.graphs, path, self.manifest.version))
 
     def emotion(self, path: AudioSource) -> np.ndarray:
         """The emotion reference's emovec (1, D) (cached by file content)."""
@@ -214,12 +215,33 @@ class Synthesizer:
 
     # -- a request --------------------------------------------------------------------------------
     def segments(self, request: SynthesisRequest) -> list[list[int]]:
-        return text_segments(self.tokenizer, request)
+        return self._text(request)[0]
+
+    def _text(self, request: SynthesisRequest) -> tuple[list[list[int]], int | None]:
+        """(per-segment ids, the 2.5 lang_id or None). The 2.5-only fields on a 2.0 export are refused."""
+        if self.manifest.version == "2.0":
+            if request.lang is not None or request.duration_factor != 1.0:
+                raise InputError("lang and duration_factor are IndexTTS-2.5 inputs; this export is IndexTTS2 2.0 "
+                                 f"({self.root})")
+            return text_segments(self.tokenizer, request), None
+        if not isinstance(request.text, str) or not request.text.strip():
+            raise InputError("the text to synthesize is empty")
+        segments, lang_id = request_segments(self.tokenizer, request.text, request.lang,
+                                             request.max_text_tokens_per_segment, request.quick_streaming_tokens)
+        if not segments:
+            raise InputError(f"the text {request.text[:40]!r} gives no tokens to speak")
+        return segments, lang_id
+
+    def mel_frames(self, request: SynthesisRequest, n_codes: int) -> int:
+        """A segment's target mel length: 2.0 int(N * 1.72) in float32; 2.5 int(2N * 1.72 * duration_factor)."""
+        if self.manifest.version == "2.0":
+            return mel_length(n_codes)
+        return mel_length_25(2 * n_codes, request.duration_factor)
 
     def prepare(self, request: SynthesisRequest, seed: int | None = None,
                 gpt_draws: DrawSource | None = None) -> PreparedRequest:
         """Everything before the per-segment loop: segments, emotion plan, randomness, conditioning."""
-        segments = self.segments(request)
+        segments, lang_id = self._text(request)
         plan = emotion_plan(request, self._text_to_emotion)
         streams = RandomStreams.from_seed(seed, gpt_draws)
         t0 = time.perf_counter()
@@ -229,7 +251,11 @@ class Synthesizer:
                               request.use_random, streams.choice)                   # (1, D)
         log.info("%d segment(s); emotion from %s; speaker %.2f s, emotion %.2f s", len(segments), plan.source,
                  t1 - t0, time.perf_counter() - t1)
-        return PreparedRequest(request, segments, plan, streams, prompt, {"spk_latent": prompt.spk_latent}, emovec)
+        if lang_id is None:
+            condition = {"spk_latent": prompt.spk_latent}
+        else:                                            # 2.5: the GPT reads the style and the language
+            condition = {"style": prompt.style, "lang_id": np.array([lang_id], np.int64)}
+        return PreparedRequest(request, segments, plan, streams, prompt, condition, emovec)
 
     def stream(self, request: SynthesisRequest, generation: GenerationConfig | None = None,
                decoder: DecoderSettings | None = None, seed: int | None = None, gpt_draws: DrawSource | None = None,
@@ -311,7 +337,7 @@ class Synthesizer:
         scheduler's s2mel worker (sharing dit_step calls with other requests); the generated part of the mel."""
         prompt = prep.prompt
         t_ref = prompt.ref_mel.shape[-1]
-        frames = mel_length(coded.codes.codes.size)
+        frames = self.mel_frames(prep.request, coded.codes.codes.size)
         noise = prep.streams.cfm_noise(t_ref + frames, decoder.temperature)
         if coded.s_infer is None:
             return MelSegment(np.zeros((1, prompt.ref_mel.shape[1], 0), np.float32), 0, {})

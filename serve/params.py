@@ -55,6 +55,9 @@ class SpeechOptions(BaseModel):
     interval_silence_ms: int | None = Field(None, ge=0, le=10000)
     max_text_tokens_per_segment: int | None = Field(None, ge=1, le=600)
     quick_streaming_tokens: int | None = Field(None, ge=0, le=10000)
+    lang: str | None = Field(None, max_length=16, description="IndexTTS-2.5: the text's language (zh, en, ja, es, "
+                                                              "ar, ...; default: zh for CJK text, else en)")
+    duration_factor: float | None = Field(None, ge=0.5, le=2.0, description="IndexTTS-2.5: speech length scale")
 
 
 class SpeechBody(SpeechOptions):
@@ -134,7 +137,8 @@ def to_speech(options: SpeechOptions, text: str, speaker: AudioBytes, emo_audio:
         raise InputError(f"max_mel_tokens {given['max_mel_tokens']} is more than this model's {max_mel_tokens}")
     generation = dataclasses.replace(defaults, **given)
     optional = {k: getattr(options, k) for k in ("interval_silence_ms", "max_text_tokens_per_segment",
-                                                 "quick_streaming_tokens") if getattr(options, k) is not None}
+                                                 "quick_streaming_tokens", "lang", "duration_factor")
+                if getattr(options, k) is not None}
     if streamed:
         optional.setdefault("quick_streaming_tokens", stream_quick_tokens)
     if options.emo_text is not None and not options.use_emo_text:

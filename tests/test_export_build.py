@@ -88,7 +88,7 @@ def toy_spec(seeds=None) -> WrapperSpec:
 def toys(*names: str):
     """(wrappers, contracts_for) for toy graphs called `names`."""
     wrappers = {n: toy_spec() for n in names}
-    return wrappers, (lambda dims, cfg: {n: toy_contract(n) for n in names})
+    return wrappers, (lambda dims, cfg, version="2.0": {n: toy_contract(n) for n in names})
 
 
 class Counter:
@@ -371,7 +371,7 @@ def test_verify_reports_a_mismatch(tiny_ckpt, tmp_path, monkeypatch):
     from export import verify as verify_mod
     import export.wrappers
 
-    monkeypatch.setattr(export.wrappers, "all_wrappers", lambda: {"toy": toy_spec(itertools.count(1))})
+    monkeypatch.setattr(export.wrappers, "all_wrappers", lambda version="2.0": {"toy": toy_spec(itertools.count(1))})
     monkeypatch.setattr(verify_mod, "checkpoint_contracts", contracts_for)
     assert verify_mod.main([str(out)]) == 1
 

@@ -138,7 +138,7 @@ def test_fp32_engines_equal_the_eager_pipeline(case, fp32_tts, eager, tiny_ckpt,
     assert prep_t.segments == prep_e.segments
     verdicts = []
     for i, ids in enumerate(prep_e.segments):
-        ref = generate(eager.gpt_steps, {"spk_latent": prep_e.spk_latent}, prep_e.emovec, np.asarray(ids, np.int64), GREEDY,
+        ref = generate(eager.gpt_steps, prep_e.condition, prep_e.emovec, np.asarray(ids, np.int64), GREEDY,
                        record=True)
         got = generate(tts.gpt_steps, prep_t.condition, prep_t.emovec, np.asarray(ids, np.int64), GREEDY,
                        record=True)

@@ -88,7 +88,7 @@ def test_emotion_modes_change_the_conditioning(tts: EagerIndexTTS2, ckpt: Path) 
     vector = tts.prepare(_request(ckpt, emo_vector=(0, 0.9, 0, 0, 0, 0, 0, 0)), seed=0)
     audio = tts.prepare(_request(ckpt, emo_audio=ckpt / "examples/emotion.wav", emo_alpha=1.0), seed=0)
     assert not np.allclose(plain.emovec, vector.emovec) and not np.allclose(plain.emovec, audio.emovec)
-    np.testing.assert_array_equal(plain.spk_latent, vector.spk_latent)
+    np.testing.assert_array_equal(plain.condition["spk_latent"], vector.condition["spk_latent"])
 
 
 def test_same_seed_same_output_and_different_seed_differs(tts: EagerIndexTTS2, ckpt: Path) -> None:

@@ -25,7 +25,7 @@ from runtime.cfm import regulate
 from runtime.contracts import KV_BUCKETS
 from runtime.errors import InputError
 from runtime.executors.base import Executor
-from runtime.gpt.s_infer import LatentPass
+from runtime.gpt.s_infer import CodecDecoderPass, LatentPass
 from runtime.gpt.steps import GptSteps
 from runtime.manifest import Manifest
 from runtime.scheduler.admission import Admission
@@ -99,7 +99,8 @@ class Scheduler:
         if not manifest.dit_rows_alone:
             log.warning("this export's dit_step predates rows computed as alone: only segments of equal length "
                         "share Euler steps; re-export (python -m export.build) to batch them all")
-        s_infer = LatentPass(graphs["gpt_latent"])
+        s_infer = LatentPass(graphs["gpt_latent"]) if manifest.version == "2.0" else \
+            CodecDecoderPass(graphs["semantic_decoder"])
         group_rows = _capped(_capped(config.max_prefill_rows, _profile_batch_max(manifest, "gpt_prefill", fixed_profiles)),
                              _profile_batch_max(manifest, s_infer.graph, fixed_profiles))
         self.gpt = GptWorker(gpt_steps, s_infer, GptBatch(gpt_steps, cache) if cache is not None else None, group_rows)

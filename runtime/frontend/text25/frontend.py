@@ -16,6 +16,7 @@ upstream: indextts/infer_v2_5.py:700-727, in this order:
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -24,8 +25,10 @@ from runtime.frontend.text.normalize import TextNormalizer, apply_punct_map
 from .annotations import apply_annotations
 from .bpe import BpeTokenizer
 from .japanese import JapaneseWords
-from .languages import LOWER_CASED, NEMO_NORMALIZED, NORMALIZED, UPPER_CASED, lang_id, lang_prefix
+from .languages import LOWER_CASED, NEMO_NORMALIZED, NORMALIZED, UPPER_CASED, is_known, lang_id, lang_prefix
 from .splitter import split_by_tokens
+
+log = logging.getLogger(__name__)
 
 #: infer_v2_5's default max_text_tokens_per_segment.
 DEFAULT_SEGMENT_TOKENS = 120
@@ -81,3 +84,36 @@ class TextFrontend25:
         segments = self.split(final, prefix, max_tokens)
         return TextStages(cleaned, normalized, cased, annotated, g2p, final, prefix, segments,
                           [self.encode_segment(s, prefix) for s in segments], lang_id(lang))
+
+
+_IDEOGRAPH = re.compile(r"[\u4e00-\u9fff]")
+
+
+def request_language(text: str, lang: str | None) -> str:
+    """The request's language: as given, or (none given; upstream requires one) zh when the text has a CJK
+    ideograph, else en — the 2.0 normalizer's own language rule."""
+    if lang:
+        return lang
+    return "zh" if _IDEOGRAPH.search(text) else "en"
+
+
+def request_segments(frontend: TextFrontend25, text: str, lang: str | None, max_tokens: int,
+                     quick_tokens: int = 0) -> tuple[list[list[int]], int]:
+    """A request's text -> (per-segment ids, lang_id).
+
+    `quick_tokens` > 0 (a short first segment for streaming; upstream 2.5 accepts quick_streaming_tokens and
+    ignores it): the first segment is cut from the front by the same splitter at a budget of
+    min(quick_tokens, max_tokens // 2) — what 2.0's rule does to the first segment — and the rest is segmented
+    as usual; 0 gives upstream's segments exactly.
+    """
+    code = request_language(text, lang)
+    if not is_known(code) and code.lower() != "zhen":
+        log.warning("lang %r is not in IndexTTS-2.5's language table: its 'common' embedding is used", code)
+    stages = frontend.stages(text, code, True, max_tokens)
+    segments = stages.segments
+    quick = min(quick_tokens, max(1, max_tokens // 2))
+    if quick_tokens > 0 and segments and frontend.tokenizer.count(segments[0]) > quick:
+        first = frontend.split(stages.final, stages.lang_prefix, quick + frontend.tokenizer.count(stages.lang_prefix))[0]
+        segments = [first, *frontend.split(stages.final[len(first):], stages.lang_prefix, max_tokens)]
+    ids = [frontend.encode_segment(s, stages.lang_prefix) for s in segments if s]
+    return ids, stages.lang_id
