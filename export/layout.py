@@ -11,6 +11,7 @@ found is a `CheckpointError` that names every place that was looked at.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from runtime.errors import CheckpointError
@@ -74,24 +75,21 @@ class CheckpointLayout:
             raise CheckpointError(f"{root}: checkpoint directory not found")
         return cls(root=root, config=load_config(root / "config.yaml"))
 
-    @property
+    @cached_property
     def version(self) -> str:
         """"2.0" or "2.5", from the GPT's keys (read without loading the tensors). Upstream loads with
         strict=False, and a 2.5 download's root config.yaml was reported to be another model's (#739), so the
         config is not trusted: when it states a version, it must agree, else the error names both."""
-        cached = self.__dict__.get("_version")
-        if cached is None:
-            from .checkpoint import read_torch_keys
-            from .models.unified_voice import gpt_version_of
+        from .checkpoint import read_torch_keys
+        from .models.unified_voice import gpt_version_of
 
-            gpt = self.require("gpt")
-            cached = gpt_version_of(dict.fromkeys(read_torch_keys(gpt)), str(gpt))
-            stated = self.config.version
-            if stated is not None and str(stated) != cached:
-                raise CheckpointError(f"{self.root}: gpt.pth is IndexTTS-{cached}'s (its keys) but config.yaml says "
-                                      f"version {stated}: use the config.yaml that belongs to these weights")
-            object.__setattr__(self, "_version", cached)
-        return cached
+        gpt = self.require("gpt")
+        version = gpt_version_of(dict.fromkeys(read_torch_keys(gpt)), str(gpt))
+        stated = self.config.version
+        if stated is not None and str(stated) != version:
+            raise CheckpointError(f"{self.root}: gpt.pth is IndexTTS-{version}'s (its keys) but config.yaml says "
+                                  f"version {stated}: use the config.yaml that belongs to these weights")
+        return version
 
     def main_file(self, role: str) -> Path:
         """A top-level file: gpt, s2mel, bpe, w2v_stats, feat1, feat2, qwen_emo (named by config.yaml), and

@@ -22,7 +22,7 @@ import numpy as np
 from runtime.errors import BackendError
 from runtime.gpt.batch_cache import BatchKVCache
 from runtime.gpt.generate import (GenerationConfig, GenerationResult, GptCondition, NextStep, TokenSelector, max_new_tokens,
-                                  prefill_feed)
+                                  prefill_feed, stack_feeds)
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 
@@ -89,7 +89,7 @@ class GptBatch:
         lengths = sorted({r["text_ids"].shape[1] for r in rows})
         if len(lengths) != 1:
             raise ValueError(f"a shared prefill needs prompts of one length, got {lengths}")
-        feed = rows[0] if len(rows) == 1 else {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+        feed = rows[0] if len(rows) == 1 else stack_feeds(rows)
         out = self.steps.prefill(feed)
         self.prefill_calls += 1
         return out

@@ -16,7 +16,7 @@ from runtime.errors import InputError
 from runtime.gpt.generate import GenerationConfig
 from runtime.request import SynthesisRequest
 from runtime.synthesizer import Synthesizer
-from tests.test_runtime_parity import DECODER, SEED, assert_same_audio
+from tests.test_runtime_parity import DECODER, SEED, _request, assert_same_audio
 
 GEN = GenerationConfig(max_mel_tokens=30)
 CASES: dict[str, tuple] = {     # name -> (request fields, generation settings[, seed])
@@ -42,14 +42,6 @@ def eager25(tiny25_ckpt: Path) -> EagerIndexTTS2:
 @pytest.fixture(scope="module")
 def synth25(tiny25_export) -> Synthesizer:
     return Synthesizer(tiny25_export[0], "ort-cpu", emo_text_max_new_tokens=8)
-
-
-def _request(ckpt: Path, kw: dict) -> SynthesisRequest:
-    kw = dict(kw)
-    kw.setdefault("text", "Hello world. This is a test!")
-    if "emo_audio" in kw:
-        kw["emo_audio"] = ckpt / kw["emo_audio"]
-    return SynthesisRequest(speaker=ckpt / "examples/speaker.wav", **kw)
 
 
 @pytest.mark.parametrize("case", list(CASES))
