@@ -1,7 +1,8 @@
 """A benchmark's results (the dict benchmarks/stages.py returns) as JSON, a Markdown table and a PNG chart.
 
-Ratios are against eager PyTorch (`torch`) when it was measured: backend median / torch median, so
-0.5 means twice as fast as eager. The chart needs matplotlib (the `bench` extra); without it the PNG is
+Ratios are against eager PyTorch (`torch`) of the same export when it was measured: backend median / torch
+median, so 0.5 means twice as fast as eager. With several exports measured in one run (IndexTTS2 2.0 and
+2.5), each backend also gets the later versions against the first one, stage by stage. The chart needs matplotlib (the `bench` extra); without it the PNG is
 skipped with a note.
 """
 
@@ -35,26 +36,56 @@ def _cell(stats: dict[str, Any] | None) -> str:
 
 
 def stage_names(results: dict[str, Any]) -> list[str]:
+    """Every column's stages in pipeline order: a stage only some columns have (another version's graph)
+    goes right after the stage it follows in those columns."""
     names: list[str] = []
     for backend in results["backends"].values():
+        previous = None
         for name in backend["stages"]:
             if name not in names:
-                names.append(name)
+                names.insert(names.index(previous) + 1 if previous is not None else 0, name)
+            previous = name
     return names
 
 
-def ratio(results: dict[str, Any], backend: str, stage: str) -> float | None:
-    """backend median / eager median of one stage (None without both)."""
-    ref = results["backends"].get(REFERENCE, {}).get("stages", {}).get(stage)
+def reference_of(results: dict[str, Any], column: str) -> str:
+    """The eager column a column is compared with: `torch` of the same export ("2.5 ort-cpu" -> "2.5 torch")."""
+    backend = results["backends"][column].get("backend", column)
+    prefix = column[:-len(backend)] if column.endswith(backend) else ""
+    return prefix + REFERENCE
+
+
+def ratio(results: dict[str, Any], backend: str, stage: str, reference: str | None = None) -> float | None:
+    """backend median / reference median of one stage (None without both); the reference defaults to the
+    eager column of the same export."""
+    ref_name = reference if reference is not None else reference_of(results, backend)
+    ref = results["backends"].get(ref_name, {}).get("stages", {}).get(stage)
     got = results["backends"][backend]["stages"].get(stage)
     if not ref or not got or not ref["median_ms"] or ref["median_ms"] != ref["median_ms"]:
         return None
     return got["median_ms"] / ref["median_ms"]
 
 
+def version_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(title, column, first-version column) for each backend measured on the first export and a later one."""
+    exports = results["settings"].get("exports") or []
+    if len(exports) < 2:
+        return []
+    cols = results["backends"]
+    first = exports[0]["version"]
+    pairs = []
+    for e in exports[1:]:
+        for name, col in cols.items():
+            base = [n for n, c in cols.items() if c.get("backend") == col.get("backend") and c.get("version") == first]
+            if col.get("version") == e["version"] and base:
+                pairs.append((f"{e['version']} / {first} ({col['backend']})", name, base[0]))
+    return pairs
+
+
 def markdown(results: dict[str, Any]) -> str:
     backends = list(results["backends"])
-    others = [b for b in backends if b != REFERENCE] if REFERENCE in backends else []
+    others = [b for b in backends if reference_of(results, b) != b and reference_of(results, b) in backends]
+    pairs = version_pairs(results)
     s = results["settings"]
     m = results["machine"]
     lines = ["## Per stage", "",
@@ -63,13 +94,25 @@ def markdown(results: dict[str, Any]) -> str:
              f"{s['threads']} CPU thread(s); GPT fixed at "
              f"{s['gpt_tokens']} codes per segment ({s['fixed_gpt_length']}), {s['beams']} beam(s); decode step "
              f"at a {s['decode_cache_len']}-row KV cache; {s['euler_steps']} Euler steps.", ""]
-    head = ["stage"] + backends + [f"{b} / {REFERENCE}" for b in others]
+    for e in s.get("exports") or []:
+        if len(s["exports"]) > 1:
+            lines.append(f"- IndexTTS2 {e['version']}: `{e['engines']}` (checkpoint `{e['checkpoint']}`)")
+    if pairs:
+        per_s = ", ".join(f"{b} {results['backends'][b]['codes_per_audio_second']:.2f}" for b in backends
+                          if "codes_per_audio_second" in results["backends"][b])
+        lines += ["", f"Codes per second of audio: {per_s}. Stages a version does not run are empty; the "
+                  "version ratio columns are later / first version of the same backend.", ""]
+    head = ["stage"] + backends + [f"{b} / {reference_of(results, b)}" for b in others] + [p[0] for p in pairs]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage in stage_names(results):
-        row = [stage] + [_cell(results["backends"][b]["stages"].get(stage)) for b in backends]
+        row = [stage] + [_cell(results["backends"][b]["stages"].get(stage)) if stage in results["backends"][b]["stages"]
+                         else "–" for b in backends]
         for b in others:
             r = ratio(results, b, stage)
-            row.append("n/a" if r is None else f"{r:.2f}×")
+            row.append("–" if stage not in results["backends"][b]["stages"] else "n/a" if r is None else f"{r:.2f}×")
+        for _, b, base in pairs:
+            r = ratio(results, b, stage, base)
+            row.append("–" if r is None else f"{r:.2f}×")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## End to end", "",
               "Speaker reference cached (a service keeps its voices warm); first audio = the first segment's "
@@ -84,6 +127,14 @@ def markdown(results: dict[str, Any]) -> str:
             rtf = "n/a" if e["rtf"] is None else f"{e['rtf']:.2f}"
             lines.append(f"| {b} | {e['text_chars']} chars | {e['segments']} | {e['audio_s']:.2f} s | "
                          f"{_cell(e['wall'])} | {rtf} | {_cell(e['first_audio'])} | {peak} | {models} |")
+    for title, b, base in pairs:
+        lines += ["", f"End to end, {title}: wall time and RTF of the same texts.", "",
+                  "| text | wall | RTF | audio |", "|---|---|---|---|"]
+        for e, e0 in zip(results["backends"][b]["e2e"], results["backends"][base]["e2e"]):
+            wall = e["wall"]["median_ms"] / e0["wall"]["median_ms"] if e0["wall"]["median_ms"] else None
+            rtf = e["rtf"] / e0["rtf"] if e["rtf"] and e0["rtf"] else None
+            lines.append(f"| {e['text_chars']} chars | {'n/a' if wall is None else f'{wall:.2f}×'} | "
+                         f"{'n/a' if rtf is None else f'{rtf:.2f}×'} | {e['audio_s'] / e0['audio_s']:.2f}× |")
     roof = results["roofline"]
     lines += ["", "## Decode-step roofline", "",
               f"Memory bandwidth measured in this run: {roof['bandwidth_gbs']:.1f} GB/s ({roof['measured_by']}). "

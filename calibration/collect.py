@@ -125,7 +125,7 @@ def collect(export_dir: str | Path, out: str | Path, texts: Sequence[Calibration
     generation = replace(synth.generation_defaults, max_mel_tokens=settings.gpt_tokens)
     decoder = DecoderSettings(steps, synth.decoder_defaults.cfg_rate)
     manifest = synth.manifest
-    store.meta = {"export": str(export_dir.resolve()), "backend": settings.backend,
+    store.meta = {"export": str(export_dir.resolve()), "version": manifest.version, "backend": settings.backend,
                   "settings": asdict(settings) | {"euler_steps": steps},
                   "generation": asdict(generation),
                   "graphs": {g: {"sha256": e.sha256, "fingerprint": e.fingerprint} for g, e in manifest.graphs.items()},

@@ -59,7 +59,7 @@ def render(calib: Path) -> str:
     settings = meta.get("settings", {})
     refs = sorted({i["reference"] for i in store.items})
     texts = sorted({(i["lang"], i["text"]) for i in store.items})
-    lines += [f"Export: `{meta.get('export', '?')}`; feeds collected with the **{meta.get('backend', '?')}** backend "
+    lines += [f"Export: `{meta.get('export', '?')}` (IndexTTS2 {meta.get('version', '2.0')}); feeds collected with the **{meta.get('backend', '?')}** backend "
               f"on {meta.get('created', '?')}: {len(store.items)} syntheses = {len(texts)} texts "
               f"({', '.join(sorted({t[0] for t in texts}))}) × {len(refs)} reference voices; GPT capped at "
               f"{settings.get('gpt_tokens', '?')} codes, {settings.get('euler_steps', '?')} Euler steps "
