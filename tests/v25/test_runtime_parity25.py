@@ -1,7 +1,8 @@
 """End-to-end parity for IndexTTS-2.5 on the tiny 2.5 demo (the 2.0 gate, tests/test_runtime_parity.py): the
 runtime over ONNX Runtime reproduces the eager 2.5 pipeline (export/pipeline.py) for the same seed — identical
-codes, mel within 1e-4, waveform within 2 LSB — for voice cloning, emotion audio / vector, a multi-segment
-zh / en text, beam sampling, greedy and duration factors; plus the 2.5-only request fields."""
+codes, mel within 1e-4, waveform within 2 LSB — for voice cloning, emotion audio / vector / text, a multi-segment
+zh / en text, beam sampling, greedy and duration factors 0.75 and 1.5; plus the 2.5-only request fields and both
+CLIs' --lang / --duration-factor."""
 
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ CASES: dict[str, tuple] = {     # name -> (request fields, generation settings[,
     "auto_language_zh": ({"text": "今天天气很好，我们去公园。"}, GEN),
     "emotion_audio": ({"emo_audio": "examples/emotion.wav", "emo_alpha": 0.6, "lang": "en"}, GEN),
     "emotion_vector": ({"emo_vector": (0, 0.4, 0, 0, 0, 0, 0.3, 0), "emo_alpha": 0.8, "lang": "en"}, GEN),
+    "emotion_text": ({"use_emo_text": True, "emo_text": "so happy today", "lang": "en"}, GEN),
     "multi_segment_zh_en": ({"text": "The train was late. 今天天气很好。Please read slowly, then pause.",
                              "lang": "zh", "max_text_tokens_per_segment": 12}, GEN),
     "beam_sampling_3": ({"text": "A longer sentence, to let the beams run for a while.", "lang": "en"},
                         GenerationConfig(do_sample=True, num_beams=3, max_mel_tokens=40), 11),
     "greedy": ({"lang": "en"}, GenerationConfig(do_sample=False, num_beams=1, max_mel_tokens=30)),
-    "duration_factor_slow": ({"lang": "en", "duration_factor": 1.75}, GEN),
-    "duration_factor_fast": ({"lang": "en", "duration_factor": 0.7}, GEN),
+    "duration_factor_slow": ({"lang": "en", "duration_factor": 1.5}, GEN),
+    "duration_factor_fast": ({"lang": "en", "duration_factor": 0.75}, GEN),
 }
 
 
@@ -86,3 +88,34 @@ def test_a_quick_first_segment_joins_back_to_the_text(synth25, tiny25_ckpt) -> N
 
     assert text_of(quick) == text_of(whole) and text_of(whole).startswith("the train was late")
     assert np.all(np.array([s[-1] for s in quick]) == 1)
+
+
+def test_both_clis_take_lang_and_duration_factor(tiny25_export, tiny25_ckpt, tmp_path, capsys) -> None:
+    """`--lang` / `--duration-factor` in the runtime and the eager CLI: the same codes at every factor (the GPT
+    does not see it), 1.5x the audio at 1.5, and the two CLIs write the same audio."""
+    import soundfile as sf
+
+    from export import synthesize as eager_cli
+    from runtime import cli
+
+    common = ["--speaker", str(tiny25_ckpt / "examples/speaker.wav"), "--text", "Hello world, this is a test.",
+              "--lang", "en", "--greedy", "--max-mel-tokens", "24", "--steps", "3", "--seed", "0"]
+    audio, codes = {}, {}
+    for factor in ("1.0", "1.5"):
+        for name, run, where in (("runtime", cli.main, ["synthesize", "--engines", str(tiny25_export[0])]),
+                                 ("eager", eager_cli.main, ["--checkpoints", str(tiny25_ckpt)])):
+            out = tmp_path / f"{name}-{factor}.wav"
+            assert run([*where, *common, "--duration-factor", factor, "--out", str(out)]) == 0
+            printed = capsys.readouterr().out
+            codes[name, factor] = int(printed.split(" codes")[0].rsplit(" ", 1)[1])
+            audio[name, factor], sr = sf.read(out, dtype="int16")
+            assert sr == 22050
+    assert len(set(codes.values())) == 1 and codes["runtime", "1.0"] > 0          # same codes everywhere
+    n = codes["runtime", "1.0"]
+    for name in ("runtime", "eager"):
+        assert audio[name, "1.0"].size == mel_length_25(2 * n, 1.0) * 256
+        assert audio[name, "1.5"].size == mel_length_25(2 * n, 1.5) * 256
+        assert audio[name, "1.5"].size / audio[name, "1.0"].size == pytest.approx(1.5, abs=0.02)
+    for factor in ("1.0", "1.5"):
+        diff = np.abs(audio["runtime", factor].astype(np.int32) - audio["eager", factor].astype(np.int32))
+        assert diff.max() <= 2, factor
