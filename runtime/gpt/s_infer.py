@@ -34,6 +34,7 @@ class Finished:
 
 class SInferPass(Protocol):
     graph: str                  # the graph it runs (messages, benchmarks)
+    stage: str                  # its name in a segment's timings ("latent" / "codec_decoder")
 
     def group_key(self, item: Finished) -> Hashable: ...
 
@@ -44,6 +45,7 @@ class LatentPass:
     """2.0: the `gpt_latent` graph -> (B, N, D)."""
 
     graph = "gpt_latent"
+    stage = "latent"
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
@@ -63,6 +65,7 @@ class CodecDecoderPass:
     """2.5: the `semantic_decoder` graph over the codes -> (B, 2N, hidden)."""
 
     graph = "semantic_decoder"
+    stage = "codec_decoder"
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor

@@ -321,11 +321,10 @@ class GptWorker(StageWorker):
         self.latent_calls += 1
         return out
 
-    @staticmethod
-    def _succeed(job: GptJob, codes: SegmentCodes, s_infer: np.ndarray | None, decoded: float) -> None:
+    def _succeed(self, job: GptJob, codes: SegmentCodes, s_infer: np.ndarray | None, decoded: float) -> None:
         done = time.perf_counter()
         job.succeed(GptOutput(codes, s_infer, {"gpt_wait": job.started - job.submitted,
-                                               "gpt": decoded - job.started, "latent": done - decoded}))
+                                               "gpt": decoded - job.started, self.s_infer.stage: done - decoded}))
 
 
 def _groups(items: list, key: Callable[[Any], Hashable], size: int) -> list[list]:
