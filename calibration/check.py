@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from runtime.manifest import read_manifest
 
 from .bounds import BOUNDS_NAME, deviation, problems, read_bounds
 from .feeds import FeedStore
-from .fp16_emulation import emulate_form, session
+from .fp16_emulation import emulate_form, save_model, session
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +72,24 @@ def check_graph(graph: str, fp32_path: Path, form_path: Path, store: FeedStore, 
     except Exception as err:  # noqa: BLE001 — what ONNX Runtime says is the finding
         result.runs_on_ort_cpu = False
         result.ort_cpu_error = str(err).splitlines()[0][:300]
-    emu_sess = session(emulate_form(onnx.load(str(form_path))), threads)
-    for record in held:
-        feed = {k: v for k, v in store.load(record).items() if k in inputs}
-        ref = dict(zip(names, ref_sess.run(None, feed)))
-        emu = dict(zip(names, emu_sess.run(None, feed)))
-        result.problems += problems(graph, bounds, ref, emu)
-        for name, bound in bounds.items():
-            kind, value = deviation(ref[name], emu[name])
-            prev = result.worst.get(name)
-            result.worst[name] = value if prev is None else (max(prev, value) if kind == "float" else min(prev, value))
-            result.limits[name] = bound.limit()
-        result.feeds += 1
+    # through a file: an emulated form may exceed one protobuf's 2 GB (the 2.5 prefill's 60 510-row text table
+    # in float32 beside the GPT's weights), which ONNX Runtime cannot take as bytes
+    with tempfile.TemporaryDirectory(prefix=f"check-{graph}-") as tmp:
+        emu_path = save_model(emulate_form(onnx.load(str(form_path))), Path(tmp) / f"{graph}.onnx")
+        emu_sess = session(emu_path, threads)
+        for record in held:
+            feed = {k: v for k, v in store.load(record).items() if k in inputs}
+            ref = dict(zip(names, ref_sess.run(None, feed)))
+            emu = dict(zip(names, emu_sess.run(None, feed)))
+            result.problems += problems(graph, bounds, ref, emu)
+            for name, bound in bounds.items():
+                kind, value = deviation(ref[name], emu[name])
+                prev = result.worst.get(name)
+                worse = max if kind == "float" else min
+                result.worst[name] = value if prev is None else worse(prev, value)
+                result.limits[name] = bound.limit()
+            result.feeds += 1
+        del emu_sess
     result.seconds = time.perf_counter() - t0
     return result
 
