@@ -60,3 +60,26 @@ def test_codec_file_in_another_layout_is_refused(tmp_path: Path, demo25: Path) -
     torch.save(torch.load(demo25 / "codec.pth", weights_only=True)["model"], path)        # no {'model': ...}
     with pytest.raises(CheckpointError, match=r"expected IndexTTS-2\.5's codec checkpoint \{'model'"):
         load_semantic_decoder(path, load_config(demo25 / "config.yaml").semantic_codec)
+
+
+def test_a_2_0_checkpoint_with_a_2_5_config_is_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, bad)
+    cfg = yaml.safe_load((bad / "config.yaml").read_text())
+    cfg["version"] = 2.5
+    (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=r"gpt\.pth is IndexTTS-2\.0's .* config\.yaml says version 2\.5"):
+        CheckpointLayout.open(bad).version
+
+
+@pytest.mark.parametrize("name", ["codec.pth", "multilingual_zh_ja_yue_char_del.tiktoken"])
+def test_a_2_5_checkpoint_without_its_codec_or_tokenizer_is_refused_before_any_export(demo25: Path, tmp_path: Path,
+                                                                                         name: str) -> None:
+    from export.build import BuildOptions, build
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(demo25, bad)
+    (bad / name).unlink()
+    with pytest.raises(CheckpointError, match=rf"{name}: required checkpoint file \(\w+\) not found"):
+        build(BuildOptions(bad, tmp_path / "out", "fp32"))
+    assert not (tmp_path / "out").exists()

@@ -60,6 +60,13 @@ def test_runtime_on_ort_equals_the_eager_2_5_pipeline(case, eager25, synth25, ti
         assert len(want.segments) >= 2
 
 
+def test_an_unknown_lang_uses_common_with_a_warning(synth25, tiny25_ckpt, caplog) -> None:
+    with caplog.at_level("WARNING"):
+        prep = synth25.prepare(_request(tiny25_ckpt, {"lang": "tlh"}), seed=0)
+    assert int(prep.condition["lang_id"][0]) == 105                     # upstream's "common" row
+    assert "lang 'tlh' is not in IndexTTS-2.5's language table" in caplog.text
+
+
 def test_lang_picks_the_prefix_and_the_embedding(synth25, tiny25_ckpt) -> None:
     en = synth25.segments(_request(tiny25_ckpt, {"lang": "en"}))
     zh = synth25.segments(_request(tiny25_ckpt, {"lang": "zh"}))
