@@ -21,8 +21,8 @@ import numpy as np
 
 from runtime.errors import BackendError
 from runtime.gpt.batch_cache import BatchKVCache
-from runtime.gpt.generate import (GenerationConfig, GenerationResult, GptCondition, NextStep, TokenSelector, max_new_tokens,
-                                  prefill_feed, stack_feeds)
+from runtime.gpt.generate import (GenerationConfig, GenerationResult, GptCondition, NextStep, TokenSelector,
+                                  max_new_tokens, prefill_feed, stack_feeds)
 from runtime.gpt.sampling import DrawSource
 from runtime.gpt.steps import GptSteps
 

@@ -139,25 +139,32 @@ class Gates:
         self.started[i].wait(60)                   # the decode may end sooner: start anyway then
 
 
-def test_concurrent_requests_share_calls_and_each_is_its_audio_alone(synth, tiny_ckpt, monkeypatch) -> None:
-    alone = [_run(synth, tiny_ckpt, spec) for spec in REQUESTS]
+def assert_concurrent_requests_are_alone(synth, ckpt, monkeypatch, what: str) -> None:
+    """REQUESTS alone, then together through the Gates: each equals its run alone, they shared decode steps,
+    Euler steps and S_infer calls, and every row is freed (shared by the 2.0 and the 2.5 tests)."""
+    alone = [_run(synth, ckpt, spec) for spec in REQUESTS]
     gpt, mel = synth.scheduler.gpt.batch, synth.scheduler.mel.euler
-    calls_alone = gpt.decode_calls
+    calls_alone, s_infer_alone = gpt.decode_calls, synth.scheduler.gpt.latent_calls
     assert gpt.peak_rows == 3 and mel.peak_rows == 1            # alone: a request's own beams, one solve
     gates = Gates(synth)
     gates.install(monkeypatch)
 
     def client(i):
         gates.wait_turn(i)
-        return _run(synth, tiny_ckpt, REQUESTS[i])
+        return _run(synth, ckpt, REQUESTS[i])
 
     results, errors = _concurrently({i: (lambda i=i: client(i)) for i in range(len(REQUESTS))})
     assert not errors, errors
     for i, want in enumerate(alone):
-        assert_same_audio(want, results[i], f"request {i} under concurrency")
+        assert_same_audio(want, results[i], f"{what}: request {i} under concurrency")
     assert gpt.peak_rows > 3 and mel.peak_rows > 1              # they really shared graph calls
     assert gpt.decode_calls - calls_alone < calls_alone
+    assert synth.scheduler.gpt.latent_calls - s_infer_alone <= s_infer_alone
     assert gpt.cache.used_rows == 0 and not len(mel) and not synth.scheduler.gpt.busy()
+
+
+def test_concurrent_requests_share_calls_and_each_is_its_audio_alone(synth, tiny_ckpt, monkeypatch) -> None:
+    assert_concurrent_requests_are_alone(synth, tiny_ckpt, monkeypatch, "2.0")
 
 
 def test_a_failing_and_a_cancelled_request_fail_alone(synth, tiny_ckpt, monkeypatch) -> None:

@@ -9,9 +9,9 @@ import pytest
 
 from runtime.gpt.generate import GenerationConfig
 from runtime.synthesizer import Synthesizer
-from tests.scheduler.test_concurrent import REQUESTS, Gates, _concurrently, _run
+from tests.scheduler.test_concurrent import assert_concurrent_requests_are_alone
 from tests.streaming.test_stream import DECODER, _chunks, assert_stream_is_offline
-from tests.test_runtime_parity import _request, assert_same_audio
+from tests.test_runtime_parity import _request
 
 STREAM_CASES = {
     "voice_cloning_en": ({"lang": "en"}, GenerationConfig(max_mel_tokens=30), 3),
@@ -41,21 +41,4 @@ def test_the_2_5_stream_is_the_offline_audio(case, synth25, tiny25_ckpt) -> None
 
 
 def test_concurrent_2_5_requests_share_calls_and_each_is_its_audio_alone(synth25, tiny25_ckpt, monkeypatch) -> None:
-    alone = [_run(synth25, tiny25_ckpt, spec) for spec in REQUESTS]
-    gpt, mel = synth25.scheduler.gpt.batch, synth25.scheduler.mel.euler
-    calls_alone, s_infer_alone = gpt.decode_calls, synth25.scheduler.gpt.latent_calls
-    gates = Gates(synth25)
-    gates.install(monkeypatch)
-
-    def client(i):
-        gates.wait_turn(i)
-        return _run(synth25, tiny25_ckpt, REQUESTS[i])
-
-    results, errors = _concurrently({i: (lambda i=i: client(i)) for i in range(len(REQUESTS))})
-    assert not errors, errors
-    for i, want in enumerate(alone):
-        assert_same_audio(want, results[i], f"2.5 request {i} under concurrency")
-    assert gpt.peak_rows > 3 and mel.peak_rows > 1              # they really shared graph calls
-    assert gpt.decode_calls - calls_alone < calls_alone
-    assert synth25.scheduler.gpt.latent_calls - s_infer_alone <= s_infer_alone
-    assert gpt.cache.used_rows == 0 and not len(mel) and not synth25.scheduler.gpt.busy()
+    assert_concurrent_requests_are_alone(synth25, tiny25_ckpt, monkeypatch, "2.5")
