@@ -3,7 +3,7 @@ wrappers that make their timings comparable.
 
 - `torch`: the export wrappers run eagerly (export/torch_executor.py) under the runtime's own orchestration,
   so "torch" and "ort-cpu" differ only in what runs the graphs (the eager PyTorch model vs its ONNX graph).
-- `ort-cpu`, `ort-cuda`, `trt`: the runtime's executors.
+- `ort-cpu`, `ov-cpu`, `cpu-auto` (the export's CPU plan), `ort-cuda`, `trt`: the runtime's executors.
 
 `FixedLengthSteps` hides the GPT's stop token so that every backend generates exactly the same number of
 codes: with random demo weights the stop token is rarely drawn, and with real weights the stop position
@@ -28,7 +28,7 @@ from runtime.gpt.steps import GptSteps, KVCacheLike
 
 log = logging.getLogger(__name__)
 
-BENCH_BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt")
+BENCH_BACKENDS = ("torch", "ort-cpu", "ov-cpu", "cpu-auto", "ort-cuda", "trt")
 DECODE_CALL = 8          # which decode call's feed is kept (mid-generation: the cache holds prompt + 8 rows)
 
 

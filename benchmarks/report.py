@@ -66,6 +66,24 @@ def ratio(results: dict[str, Any], backend: str, stage: str, reference: str | No
     return got["median_ms"] / ref["median_ms"]
 
 
+#: CPU columns also compared with ONNX Runtime float32 of the same export (issue 22: the plan's targets)
+CPU_COMPARED = ("cpu-auto", "ov-cpu")
+CPU_BASE = "ort-cpu"
+
+
+def cpu_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(column, its export's ort-cpu column) for every cpu-auto / ov-cpu column that has one."""
+    cols = results["backends"]
+    pairs = []
+    for name, col in cols.items():
+        backend = col.get("backend", name)
+        if backend in CPU_COMPARED:
+            base = name[:-len(backend)] + CPU_BASE if name.endswith(backend) else CPU_BASE
+            if base in cols:
+                pairs.append((name, base))
+    return pairs
+
+
 def version_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(title, column, first-version column) for each backend measured on the first export and a later one."""
     exports = results["settings"].get("exports") or []
@@ -102,7 +120,9 @@ def markdown(results: dict[str, Any]) -> str:
                           if "codes_per_audio_second" in results["backends"][b])
         lines += ["", f"Codes per second of audio: {per_s}. Stages a version does not run are empty; the "
                   "version ratio columns are later / first version of the same backend.", ""]
-    head = ["stage"] + backends + [f"{b} / {reference_of(results, b)}" for b in others] + [p[0] for p in pairs]
+    cpu = cpu_pairs(results)
+    head = (["stage"] + backends + [f"{b} / {reference_of(results, b)}" for b in others] + [p[0] for p in pairs]
+            + [f"{b} / {base}" for b, base in cpu])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage in stage_names(results):
         row = [stage] + [_cell(results["backends"][b]["stages"].get(stage)) if stage in results["backends"][b]["stages"]
@@ -111,6 +131,9 @@ def markdown(results: dict[str, Any]) -> str:
             r = ratio(results, b, stage)
             row.append("–" if stage not in results["backends"][b]["stages"] else "n/a" if r is None else f"{r:.2f}×")
         for _, b, base in pairs:
+            r = ratio(results, b, stage, base)
+            row.append("–" if r is None else f"{r:.2f}×")
+        for b, base in cpu:
             r = ratio(results, b, stage, base)
             row.append("–" if r is None else f"{r:.2f}×")
         lines.append("| " + " | ".join(row) + " |")
@@ -127,6 +150,20 @@ def markdown(results: dict[str, Any]) -> str:
             rtf = "n/a" if e["rtf"] is None else f"{e['rtf']:.2f}"
             lines.append(f"| {b} | {e['text_chars']} chars | {e['segments']} | {e['audio_s']:.2f} s | "
                          f"{_cell(e['wall'])} | {rtf} | {_cell(e['first_audio'])} | {peak} | {models} |")
+    for b, base in cpu:
+        ref = reference_of(results, b)
+        eager = results["backends"].get(ref)
+        lines += ["", f"End to end, {b} against {base}" + (f" and {ref}" if eager else "") +
+                  ": speed-up of the wall time (how many times faster), same texts.", "",
+                  f"| text | {b} wall | × vs {base} | × vs {ref} |", "|---|---|---|---|"]
+        for k, e in enumerate(results["backends"][b]["e2e"]):
+            e_base = results["backends"][base]["e2e"][k]
+            e_ref = eager["e2e"][k] if eager and k < len(eager["e2e"]) else None
+            x_base = e_base["wall"]["median_ms"] / e["wall"]["median_ms"] if e["wall"]["median_ms"] else None
+            x_ref = (e_ref["wall"]["median_ms"] / e["wall"]["median_ms"]
+                     if e_ref is not None and e["wall"]["median_ms"] else None)
+            lines.append(f"| {e['text_chars']} chars, {e['segments']} segment(s) | {_cell(e['wall'])} | "
+                         f"{'n/a' if x_base is None else f'{x_base:.2f}×'} | {'n/a' if x_ref is None else f'{x_ref:.2f}×'} |")
     for title, b, base in pairs:
         lines += ["", f"End to end, {title}: wall time and RTF of the same texts.", "",
                   "| text | wall | RTF | audio |", "|---|---|---|---|"]

@@ -314,13 +314,15 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for mod in ("numpy", "onnxruntime", "torch", "tensorrt"):
+    for mod in ("numpy", "onnxruntime", "openvino", "torch", "tensorrt"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 — absent is fine
             versions[mod] = None
     probe = gpu.tensorrt()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory_gib": mem_gib, "os": platform.platform(),
+    from runtime.cpu_plan import this_cpu
+
+    return {"cpu": cpu, "cpu_flags": list(this_cpu().flags), "logical_cpus": os.cpu_count(), "memory_gib": mem_gib, "os": platform.platform(),
             "python": platform.python_version(), "versions": versions, "gpu": probe.detail}
 
 

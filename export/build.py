@@ -182,13 +182,21 @@ def build(options: BuildOptions, wrappers: Mapping[str, WrapperSpec] | None = No
         forms, form_failed = write_fp16_forms(entries, contracts, dims, out, options.precision_policy)
         entries.update(forms)
         outcome["failed"].update({f"{n} (fp16 form)": why for n, why in form_failed.items()})
+    from .gpt_shared import write_shared_gpt
+
+    try:
+        shared_gpt = write_shared_gpt(entries, out, previous.shared_gpt if previous else None)
+    except Exception as err:  # noqa: BLE001 — the GPT graphs still run one session each; reported, not fatal
+        log.error("gpt_shared: FAILED: %s", err, exc_info=not isinstance(err, ToolkitError))
+        outcome["failed"]["gpt_shared"] = f"{type(err).__name__}: {err}"
+        shared_gpt = None
     manifest = Manifest(
         checkpoint=identity, dims=dims, precision=options.precision,
         graphs={n: entries[n] for n in contracts if n in entries},
         tools=tool_versions(), gpt=gpt_tokens(layout.config), assets=write_assets(layout, out),
         vocoder=vocoder_layout(load_bigvgan_config(layout.require("bigvgan") / "config.json")),
         dit_rows_alone=True,                       # export/wrappers/audio.py:DiTStepGraph (rows_alone)
-        version=version,
+        version=version, shared_gpt=shared_gpt,
     )
     engine_results = run_engines(manifest, out, options.precision, options.precision_policy)
     path = write_manifest(manifest, out)

@@ -31,7 +31,7 @@ from typing import Mapping, Protocol, Sequence
 
 from runtime.contracts import graph_names
 from runtime.errors import ContractError
-from runtime.executors import GraphSet, OrtOptions, resolve_backend
+from runtime.executors import GraphSet, OrtOptions, backend_status, resolve_backend
 from runtime.executors.base import Executor
 from runtime.gpt.graph_steps import GraphGptSteps, geometry_of
 from runtime.gpt.steps import GptSteps
@@ -92,14 +92,23 @@ class Backend:
 
 
 def open_backend(manifest: Manifest, root: str | Path, backend: str = "auto", *,
-                 ort_options: OrtOptions = OrtOptions(), precision: str | None = None) -> Backend:
-    """Open every graph of the export directory `root` on `backend` (auto | trt | ort-cuda | ort-cpu) now.
+                 ort_options: OrtOptions = OrtOptions(), precision: str | None = None,
+                 cpu_plan_fallback: bool = False) -> Backend:
+    """Open every graph of the export directory `root` on `backend` (runtime.executors.BACKENDS) now.
 
     `precision`: which graph form to run (runtime.executors.graph_form; default: the manifest's on trt /
-    ort-cuda, fp32 on ort-cpu). Raises what the first file that
-    cannot be opened raises, after closing whatever was already open.
+    ort-cuda, fp32 on ort-cpu; on ov-cpu the OpenVINO precision hint, fp32 or bf16). `cpu_plan_fallback`:
+    on cpu-auto, run ONNX Runtime float32 (with a warning) when the export has no CPU plan valid here,
+    instead of refusing. Raises what the first file that cannot be opened raises, after closing whatever
+    was already open.
     """
     require_graphs(manifest, root)
+    if backend == "cpu-auto" and cpu_plan_fallback:
+        status = backend_status("cpu-auto", root)
+        if not status.ok:
+            log.warning("cpu-auto: %s\nrunning ONNX Runtime float32 instead (asked for: --cpu-plan-fallback)",
+                        status.detail)
+            backend = "ort-cpu"
     name = resolve_backend(backend, root, precision)
     graph_set = GraphSet(manifest, root, name, ort_options, precision)
     steps: GptSteps | None = None

@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = syn.add_argument_group("backend")
     b.add_argument("--backend", default="auto", help=f"one of {', '.join(BACKENDS)} (auto: first usable of "
                    f"{' > '.join(AUTO_ORDER)})")
-    b.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    b.add_argument("--engine-precision", choices=("fp32", "fp16", "int8"), default=None,
+    b.add_argument("--threads", type=int, default=0, help="CPU threads of ONNX Runtime and OpenVINO (0: their default)")
+    b.add_argument("--engine-precision", choices=("fp32", "fp16", "int8", "bf16"), default=None,
                    help="which graph form to run: the TensorRT plans, and the ONNX graphs ONNX Runtime loads (default: "
-                        "the export's precision on trt and ort-cuda, fp32 on ort-cpu)")
+                        "the export's precision on trt and ort-cuda, fp32 on ort-cpu); on ov-cpu OpenVINO's precision "
+                        "hint, fp32 (default) or bf16")
+    b.add_argument("--cpu-plan-fallback", action="store_true",
+                   help="with --backend cpu-auto: run ONNX Runtime float32 (with a warning) when the export has no CPU "
+                        "plan measured on this CPU for these graphs, instead of refusing")
     b.add_argument("--normalizer", default="auto", choices=("auto", "wetext", "fallback"),
                    help="text normalizer backend")
     st = syn.add_argument_group("streaming")
@@ -112,7 +116,7 @@ def synthesize(args: argparse.Namespace) -> int:
     check_output_path(args.out)
     tts = Synthesizer(args.engines, args.backend, ort_options=OrtOptions(intra_op_threads=args.threads or None),
                       normalizer=args.normalizer, emo_text_max_new_tokens=args.emo_text_max_tokens,
-                      engine_precision=args.engine_precision)
+                      engine_precision=args.engine_precision, cpu_plan_fallback=args.cpu_plan_fallback)
     try:
         if args.verbose:
             show_segments(tts, request)
@@ -237,12 +241,18 @@ def inspect(args: argparse.Namespace) -> int:
                   f"{Path(form.policy).name or '?'} ({form.policy_sha256[:12]}){stale}")
             if form.note:
                 print(f"  {'':20s} {'':9s}      ({form.note})")
+    shared = manifest.shared_gpt
+    if shared is not None:
+        stale = "" if shared.current(manifest.graphs) else "  (STALE: made from other GPT graphs; not used)"
+        print(f"shared GPT graph (ONNX Runtime CPU, one session): {shared.file}, branches {', '.join(shared.branches)}, "
+              f"{shared.shared_bytes / 2**30:.2f} GiB of weights held once{stale}")
+    show_cpu_plan(root, manifest)
     assets = manifest.assets
     print("runtime assets: " + (", ".join(f"{k} {v.file}" for k, v in assets.files().items()) or "none "
                                 "(re-run export.build)")
           + f"; emotion LLM: {assets.emotion_llm or 'none'}")
     print("backends:")
-    for name in AUTO_ORDER:
+    for name in (b for b in BACKENDS if b != "auto"):
         status = backend_status(name, root)
         print(f"  {name:9s} {'yes' if status.ok else 'no '}  {status.detail}")
     if problems:
@@ -252,6 +262,39 @@ def inspect(args: argparse.Namespace) -> int:
         return 1
     print("files: all present" + (" and matching their sha256" if args.hashes else ""))
     return 0
+
+
+def show_cpu_plan(root: Path, manifest) -> None:
+    """The export's CPU plan (cpu_plan.json): per graph the choice, every candidate's time and the gate."""
+    from runtime.cpu_plan import CpuPlan, plan_path, read_plan, this_cpu
+
+    path = plan_path(root)
+    if not path.is_file():
+        print("CPU plan: none (python -m benchmarks.cpu_plan --engines DIR measures one on this machine)")
+        return
+    try:
+        plan = read_plan(root, manifest)
+        valid = "valid here"
+    except ToolkitError as err:
+        import json
+
+        try:
+            plan = CpuPlan.from_json(json.loads(path.read_text()))
+        except Exception:  # noqa: BLE001 — shown, not raised: inspect reports
+            print(f"CPU plan: {path}: unreadable ({err})")
+            return
+        valid = f"NOT valid here: {err}"
+    print(f"CPU plan ({path.name}, {plan.created or 'undated'}; {valid}):")
+    print(f"  measured on {plan.cpu.describe()}, {plan.threads or 'default'} thread(s); "
+          + ", ".join(f"{k} {v}" for k, v in plan.versions.items()))
+    if plan.cpu != this_cpu():
+        print(f"  this machine: {this_cpu().describe()}")
+    for name, g in plan.graphs.items():
+        times = ", ".join(f"{k} {v:.1f} ms" for k, v in g.timings_ms.items())
+        print(f"  {name:20s} {g.choice.label:13s} [{times}]" + (f"  {g.reason}" if g.reason else ""))
+    if plan.gates:
+        print("  end-to-end gates of the plan: " + ", ".join(f"{k} {v}" for k, v in plan.gates.items()
+                                                          if not isinstance(v, (dict, list))))
 
 
 def _shape(shape: Sequence[object]) -> str:

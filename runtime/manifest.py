@@ -152,6 +152,32 @@ class GraphEntry:
 
 
 @dataclass(frozen=True)
+class SharedGptGraph:
+    """The GPT graphs as the branches of one ONNX file whose weights are stored and held once
+    (export/gpt_shared.py): what ONNX Runtime on the CPU loads instead of one session per GPT graph.
+    `branches`: graph names in branch-index order; `made_from`: graph -> the float32 file's sha256 it was
+    made from (a file made from other graphs is stale and not used); `shared_bytes`: weight bytes it stores
+    once instead of in every graph."""
+
+    file: str
+    sha256: str
+    branches: tuple[str, ...]
+    made_from: Mapping[str, str]
+    fingerprint: str
+    external_data: Mapping[str, str] = field(default_factory=dict)
+    shared_bytes: int = 0
+    recipe: str = ""                               # sha256 of the merging code (export.build's reuse key)
+
+    def path(self, root: str | Path) -> Path:
+        return Path(root) / self.file
+
+    def current(self, graphs: Mapping[str, "GraphEntry"]) -> bool:
+        """Made from exactly the float32 files the manifest lists now."""
+        return all(g in graphs and graphs[g].sha256 == s for g, s in self.made_from.items()) \
+            and set(self.made_from) == set(self.branches)
+
+
+@dataclass(frozen=True)
 class CheckpointFile:
     sha256: str
     size: int
@@ -303,6 +329,7 @@ class Manifest:
     # lengths may share a call (runtime/scheduler/euler_batch.py). False: exported before that
     dit_rows_alone: bool = False
     version: str = "2.0"                           # the IndexTTS2 version of the checkpoint (its graph set)
+    shared_gpt: SharedGptGraph | None = None       # None: exported before export/gpt_shared.py
     contract_version: int = CONTRACT_VERSION
     format_version: int = FORMAT_VERSION
 
@@ -318,6 +345,8 @@ class Manifest:
         data["derived_axes"] = {k: list(v) for k, v in DERIVED_AXES.items()}
         if self.vocoder is None:
             data.pop("vocoder")                    # as a manifest written before the layout existed
+        if self.shared_gpt is None:
+            data.pop("shared_gpt")
         head = {"format": FORMAT, "format_version": data.pop("format_version"),
                 "contract_version": data.pop("contract_version")}
         return {**head, **data}
@@ -340,6 +369,7 @@ class Manifest:
                 vocoder=_vocoder_from(data.get("vocoder")),
                 dit_rows_alone=bool(data.get("dit_rows_alone", False)),
                 version=str(data.get("version", "2.0")),
+                shared_gpt=_shared_gpt_from(data.get("shared_gpt")),
                 contract_version=int(data["contract_version"]),
                 format_version=int(data["format_version"]),
             )
@@ -408,25 +438,36 @@ def read_manifest(where: str | Path, check_files: bool = True, check_hashes: boo
 
 def file_problems(manifest: Manifest, root: str | Path, check_hashes: bool = False) -> list[str]:
     """Missing (or, with `check_hashes`, altered) graph files, one message each."""
-    problems = []
+    problems: list[str] = []
     for entry in manifest.graphs.values():
         files = {entry.file: entry.sha256}
         files.update({str(Path(entry.file).parent / f): h for f, h in entry.external_data.items()})
         for form in entry.forms.values():
             files[form.file] = form.sha256
             files.update({str(Path(form.file).parent / f): h for f, h in form.external_data.items()})
-        for rel, digest in files.items():
-            p = Path(root) / rel
-            if not p.is_file():
-                problems.append(f"graph '{entry.name}': file {rel} is missing")
-            elif check_hashes and sha256_file(p) != digest:
-                problems.append(f"graph '{entry.name}': {rel} does not match its recorded sha256")
+        problems += _missing_or_altered(root, files, f"graph '{entry.name}'", check_hashes)
+    shared = manifest.shared_gpt
+    if shared is not None:
+        files = {shared.file: shared.sha256}
+        files.update({str(Path(shared.file).parent / f): h for f, h in shared.external_data.items()})
+        problems += _missing_or_altered(root, files, "shared GPT graph", check_hashes)
     for role, asset in manifest.assets.files().items():
         p = Path(root) / asset.file
         if not p.is_file():
             problems.append(f"runtime asset '{role}': file {asset.file} is missing")
         elif check_hashes and sha256_file(p) != asset.sha256:
             problems.append(f"runtime asset '{role}': {asset.file} does not match its recorded sha256")
+    return problems
+
+
+def _missing_or_altered(root: str | Path, files: Mapping[str, str], what: str, check_hashes: bool) -> list[str]:
+    problems = []
+    for rel, digest in files.items():
+        p = Path(root) / rel
+        if not p.is_file():
+            problems.append(f"{what}: file {rel} is missing")
+        elif check_hashes and sha256_file(p) != digest:
+            problems.append(f"{what}: {rel} does not match its recorded sha256")
     return problems
 
 
@@ -452,6 +493,16 @@ def _check_versions(data: Mapping[str, Any], source: str) -> None:
     if data.get("contract_version") != CONTRACT_VERSION:
         raise ContractError(f"{source}: graphs were exported for contract version {data.get('contract_version')!r}, "
                             f"this toolkit expects {CONTRACT_VERSION}; rebuild with python -m export.build --force")
+
+
+def _shared_gpt_from(d: Mapping[str, Any] | None) -> SharedGptGraph | None:
+    if d is None:
+        return None
+    return SharedGptGraph(file=str(d["file"]), sha256=str(d["sha256"]), branches=tuple(str(b) for b in d["branches"]),
+                          made_from={str(k): str(v) for k, v in d["made_from"].items()},
+                          fingerprint=str(d["fingerprint"]),
+                          external_data={str(k): str(v) for k, v in d.get("external_data", {}).items()},
+                          shared_bytes=int(d.get("shared_bytes", 0)), recipe=str(d.get("recipe", "")))
 
 
 def plain_json(obj: Any) -> Any:

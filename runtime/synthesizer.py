@@ -114,10 +114,13 @@ class Synthesizer:
     def __init__(self, engines: str | Path, backend: str | Backend = "auto", *,
                  executors: Mapping[str, Executor] | None = None, ort_options: OrtOptions = OrtOptions(),
                  cache_size: int = 8, normalizer: str = "auto", emo_text_max_new_tokens: int = 32768,
-                 engine_precision: str | None = None, scheduler: SchedulerConfig = SchedulerConfig()) -> None:
+                 engine_precision: str | None = None, scheduler: SchedulerConfig = SchedulerConfig(),
+                 cpu_plan_fallback: bool = False) -> None:
         """`engine_precision`: which graph form to run ("fp32", "fp16", "int8": the TensorRT plans, and the ONNX
         graphs ONNX Runtime loads; default: the export's precision on trt / ort-cuda, fp32 on ort-cpu;
-        runtime.executors.graph_form)."""
+        runtime.executors.graph_form; "bf16" on ov-cpu: OpenVINO's precision hint). `cpu_plan_fallback`: on
+        cpu-auto without a CPU plan valid here, run ONNX Runtime float32 instead of refusing."""
+        self._cpu_plan_fallback = cpu_plan_fallback
         self.root = Path(engines)
         if not self.root.exists():
             raise InputError(f"{self.root}: engine directory not found; create it with "
@@ -154,7 +157,8 @@ class Synthesizer:
             return backend
         if executors is not None:
             return Backend.from_executors(self.manifest, executors)
-        return open_backend(self.manifest, self.root, backend, ort_options=ort_options, precision=precision)
+        return open_backend(self.manifest, self.root, backend, ort_options=ort_options, precision=precision,
+                            cpu_plan_fallback=self._cpu_plan_fallback)
 
     @property
     def scheduler(self) -> Scheduler:

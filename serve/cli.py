@@ -16,7 +16,8 @@ log = logging.getLogger("serve")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
     p.add_argument("--engines", required=True, type=Path, help="export directory (python -m export.build --out)")
-    p.add_argument("--backend", default="auto", help="auto | trt | ort-cuda | ort-cpu")
+    p.add_argument("--backend", default="auto", help="auto | trt | ort-cuda | cpu-auto | ov-cpu | ort-cpu "
+                   "(runtime.executors.BACKENDS)")
     p.add_argument("--host", default="127.0.0.1", help="address of the HTTP API (and Triton); default "
                                                        "127.0.0.1: reachable from this machine only")
     p.add_argument("--port", type=int, default=8000, help="HTTP API port")

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -88,16 +88,44 @@ def session_options(options: OrtOptions) -> Any:
     return so
 
 
+class BranchOf(NamedTuple):
+    """A graph's place in a session holding several graphs: the session, the branch-selector input's name
+    and this graph's index."""
+
+    session: Any
+    selector: str
+    index: int
+
+
 class OrtExecutor(BaseExecutor):
-    """One graph of an export directory in ONNX Runtime (`backend` "ort-cpu" or "ort-cuda")."""
+    """One graph of an export directory in ONNX Runtime (`backend` "ort-cpu" or "ort-cuda").
+
+    `branch`: run the graph as its branch of a session that holds several graphs (the shared GPT session,
+    runtime/executors/gpt_session.py) instead of opening a session of its own: inputs and outputs are the
+    session's `<graph>/<name>`, the branch index is bound once, and the session's identity was checked when
+    it was opened."""
 
     def __init__(self, entry: GraphEntry, root: str | Path, backend: str = "ort-cpu",
-                 options: OrtOptions = OrtOptions()) -> None:
+                 options: OrtOptions = OrtOptions(), *, branch: "BranchOf | None" = None) -> None:
         super().__init__()
         if backend not in ("ort-cpu", "ort-cuda"):
             raise BackendError(f"OrtExecutor: backend must be ort-cpu or ort-cuda, got {backend!r}")
-        ort = import_ort()
         self.name, self.entry, self.backend = entry.name, entry, backend
+        self._bound_in: dict[str, tuple] = {}
+        self._bound_out: dict[str, tuple | None] = {}
+        self._keep: dict[str, np.ndarray] = {}
+        self._input_names = [t.name for t in entry.inputs]
+        if branch is not None:
+            self.session, self._prefix = branch.session, f"{entry.name}/"
+            self.providers = tuple(self.session.get_providers())
+            self._output_names = [t.name for t in entry.outputs]
+            self._binding = self.session.io_binding()
+            selector = np.array(branch.index, np.int64)
+            self._binding.bind_input(branch.selector, "cpu", 0, selector.dtype.type, [], selector.ctypes.data)
+            self._keep["branch"] = selector
+            return
+        self._prefix = ""
+        ort = import_ort()
         path = entry.path(root)
         if not path.is_file():
             raise CheckpointError(f"graph '{entry.name}': {path} is missing; rebuild with python -m export.build")
@@ -119,10 +147,6 @@ class OrtExecutor(BaseExecutor):
         self.providers = tuple(active)
         self._check_identity(path)
         self._binding = self.session.io_binding()
-        self._bound_in: dict[str, tuple] = {}
-        self._bound_out: dict[str, tuple | None] = {}
-        self._keep: dict[str, np.ndarray] = {}
-        self._input_names = [t.name for t in entry.inputs]
         self._output_names = [o.name for o in self.session.get_outputs()]
         log.info("%s: ONNX Runtime session (%s) in %.2f s", entry.name, active[0], time.perf_counter() - t0)
 
@@ -149,12 +173,13 @@ class OrtExecutor(BaseExecutor):
         for name in self._output_names:
             buf = outputs.get(name)
             if buf is None:                 # ORT allocates: rebind every run (the shape may change)
-                self._binding.bind_output(name, "cpu")
+                self._binding.bind_output(self._prefix + name, "cpu")
                 self._bound_out[name] = None
                 continue
             key = value_key(buf)
             if self._bound_out.get(name) != key:
-                self._binding.bind_output(name, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
+                self._binding.bind_output(self._prefix + name, "cpu", 0, buf.dtype.type, list(buf.shape),
+                                          buf.ctypes.data)
                 self._keep[f"out:{name}"] = buf
                 self._bound_out[name] = key
         try:
@@ -172,6 +197,7 @@ class OrtExecutor(BaseExecutor):
         return result
 
     def _bind_input(self, name: str, value: np.ndarray) -> None:
-        self._binding.bind_input(name, "cpu", 0, value.dtype.type, list(value.shape), value.ctypes.data)
+        self._binding.bind_input(self._prefix + name, "cpu", 0, value.dtype.type, list(value.shape),
+                                 value.ctypes.data)
         self._bound_in[name] = value_key(value)
         self._keep[name] = value

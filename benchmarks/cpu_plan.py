@@ -1,0 +1,364 @@
+"""Measure this CPU and write the export's CPU plan: per graph the fastest executor and precision that passes
+the gates (runtime/cpu_plan.py holds the plan; `--backend cpu-auto` runs it).
+
+    python -m benchmarks.cpu_plan --engines OUT [--calib CALIB | --speaker WAV] [--threads 2] [--items 4]
+
+What it does, in order:
+1. One synthesis on ONNX Runtime float32 (the reference, == eager within ~1e-5) records the feeds every graph
+   gets (benchmarks/backends.py Recorder).
+2. Every graph, on those feeds, with every candidate: ONNX Runtime fp32, OpenVINO fp32, OpenVINO bf16 (when the
+   CPU has bf16), runs interleaved round by round (benchmarks/measure.py) -> median milliseconds; each output's
+   deviation from ONNX Runtime's is recorded too.
+3. Gates (calibration/effect.py, the machinery calibration's fp16 effect uses): a graph whose bf16 candidate is
+   the fastest by more than `--margin` is synthesized end to end with that graph in bf16 and everything else in
+   float32, over the calibration items: greedy-token agreement teacher-forced and free-running >= 0.98, mel SNR
+   >= 30 dB, waveform SNR >= 20 dB against float32. A refused graph stays float32, with the reason.
+4. The whole plan (every accepted bf16 graph at once) goes through the same gates; if it fails, the bf16 graph
+   that saves the least time is dropped (reason recorded) until it passes.
+5. A non-reference candidate must beat ONNX Runtime fp32 by more than `--margin` to be chosen (noise is not a
+   speed-up), so no graph of the plan is slower than ONNX Runtime float32 as measured.
+
+Written: OUT/cpu_plan.json (runtime/cpu_plan.py), valid for this CPU and these graphs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger("benchmarks")
+
+REFERENCE = ("ort-cpu", "fp32")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """calibration effect thresholds a bf16 graph must meet against float32 (issue 22)."""
+
+    forced_agreement: float = 0.98
+    free_agreement: float = 0.98
+    mel_snr_db: float = 30.0
+    wav_snr_db: float = 20.0
+
+    def verdict(self, summary: Any) -> tuple[bool, str]:
+        """(passed, why not) for a calibration.effect.EffectSummary."""
+        fails = []
+        if summary.forced_agreement < self.forced_agreement:
+            fails.append(f"teacher-forced agreement {summary.forced_agreement:.4f} < {self.forced_agreement}")
+        if summary.free_agreement < self.free_agreement:
+            fails.append(f"free-running agreement {summary.free_agreement:.4f} < {self.free_agreement}")
+        if summary.min_mel_snr_db < self.mel_snr_db:
+            fails.append(f"mel SNR {summary.min_mel_snr_db:.1f} dB < {self.mel_snr_db} dB")
+        if summary.min_wav_snr_db < self.wav_snr_db:
+            fails.append(f"waveform SNR {summary.min_wav_snr_db:.1f} dB < {self.wav_snr_db} dB")
+        return not fails, "; ".join(fails)
+
+
+@dataclass
+class PlanSettings:
+    engines: Path
+    items: list[dict[str, str]]             # calibration items: {"text", "lang", "reference"}
+    gpt_tokens: int = 48
+    threads: int | None = None
+    repeats: int = 5
+    stage_seconds: float = 2.0
+    margin: float = 0.05
+    gates: Gates = field(default_factory=Gates)
+    seed: int = 0
+    candidates: tuple[tuple[str, str], ...] = (("ort-cpu", "fp32"), ("ov-cpu", "fp32"), ("ov-cpu", "bf16"))
+    graphs: tuple[str, ...] | None = None   # measure only these (the others stay ONNX Runtime fp32)
+    gate_every_bf16: bool = False           # gate bf16 wherever it was measured, not only where it is fastest
+
+
+def label(choice: tuple[str, str]) -> str:
+    return f"{choice[0]} {choice[1]}"
+
+
+def record_feeds(synth: Any, item: Mapping[str, str], gpt_tokens: int, seed: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The feeds one synthesis of `item` sends each graph (first calls; gpt_decode mid-generation)."""
+    from runtime.request import SynthesisRequest
+
+    from .backends import decode_call
+
+    request = SynthesisRequest(text=item["text"], speaker=Path(item["reference"]))
+    gen = dataclasses.replace(synth.generation_defaults, max_mel_tokens=gpt_tokens)
+    synth.synthesize(request, gen, seed=seed)
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+    recorded = recorded_feeds_of(synth)
+    for graph, calls in recorded.items():
+        if graph == "gpt_decode":
+            kept = decode_call(gpt_tokens)
+            feeds[graph] = [calls[kept]] if kept in calls else list(calls.values())[-1:]
+        else:
+            feeds[graph] = [calls[i] for i in sorted(calls)]
+    return feeds
+
+
+def recorded_feeds_of(synth: Any) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    from .backends import Recorder
+
+    return {g: dict(ex.kept) for g, ex in synth.graphs.items() if isinstance(ex, Recorder)}
+
+
+def time_candidates(graph: str, executors: Mapping[str, Any], feeds: Sequence[Mapping[str, np.ndarray]],
+                    settings: PlanSettings) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms of each candidate over all the graph's recorded feeds (interleaved rounds), and each output's
+    largest deviation from the reference's, relative to the reference's largest magnitude."""
+    from .measure import measure_interleaved
+
+    def runner(ex: Any) -> Callable[[], object]:
+        return lambda: [ex.run(f) for f in feeds]
+
+    reference = [executors[label(REFERENCE)].run(f) for f in feeds]
+    deviation = {}
+    for name, ex in executors.items():
+        got = [ex.run(f) for f in feeds]
+        worst = 0.0
+        for ref, out in zip(reference, got):
+            for key, value in ref.items():
+                if not np.issubdtype(value.dtype, np.floating):
+                    continue
+                scale = float(np.max(np.abs(value))) or 1.0
+                worst = max(worst, float(np.max(np.abs(out[key].astype(np.float64) - value))) / scale)
+        deviation[name] = worst
+    stats = measure_interleaved({n: runner(ex) for n, ex in executors.items()}, settings.repeats,
+                                min_seconds=settings.stage_seconds, warmup_seconds=0.5)
+    return {n: s.median_ms for n, s in stats.items()}, deviation
+
+
+def bf16_is_fastest(times: Mapping[str, float], margin: float) -> bool:
+    """The bf16 candidate beats every float32 candidate by more than `margin`."""
+    bf16 = times.get(label(("ov-cpu", "bf16")))
+    fp32 = [v for k, v in times.items() if not k.endswith("bf16")]
+    return bf16 is not None and bool(fp32) and bf16 < (1 - margin) * min(fp32)
+
+
+def decide(times: Mapping[str, float], bf16_verdict: tuple[bool, str] | None, margin: float
+           ) -> tuple[tuple[str, str], str]:
+    """A graph's choice from its candidates' median times and the bf16 gate's verdict (None: not gated)
+    -> ((backend, precision), reason). ONNX Runtime fp32 unless another candidate beats it by more than
+    `margin`; bf16 only when gated and passed."""
+    ref_ms = times[label(REFERENCE)]
+    reason = ""
+    if bf16_verdict is not None:
+        passed, why = bf16_verdict
+        bf16_ms = times[label(("ov-cpu", "bf16"))]
+        if passed and bf16_is_fastest(times, margin):
+            return ("ov-cpu", "bf16"), f"bf16 {ref_ms / bf16_ms:.2f}x ONNX Runtime fp32, gates passed"
+        reason = f"bf16 refused by the gates ({why}); " if not passed else "bf16 passed the gates, not the fastest; "
+    fp32 = {k: v for k, v in times.items() if not k.endswith("bf16")}
+    best = min(fp32, key=fp32.get)
+    if best != label(REFERENCE) and fp32[best] < (1 - margin) * ref_ms:
+        backend, precision = best.split(" ")
+        return (backend, precision), reason + f"{best} {ref_ms / fp32[best]:.2f}x ONNX Runtime fp32"
+    return REFERENCE, reason + "ONNX Runtime fp32 is the fastest (or within the margin)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.errors import ToolkitError
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("benchmarks").setLevel(logging.INFO)
+    try:
+        settings = settings_from(args)
+        plan = make_plan(settings, progress=lambda s: print(s, flush=True))
+    except ToolkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    from runtime.cpu_plan import write_plan
+
+    path = write_plan(settings.engines, plan)
+    print(f"wrote {path}")
+    for name, g in plan.graphs.items():
+        print(f"  {name:20s} {g.choice.label:13s} " + ", ".join(f"{k} {v:.1f} ms" for k, v in g.timings_ms.items())
+              + (f"  ({g.reason})" if g.reason else ""))
+    return 0
+
+
+def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s: None) -> Any:
+    """Steps 1-5 of the module docstring -> runtime.cpu_plan.CpuPlan (not written)."""
+    from runtime.backend import Backend
+    from runtime.cpu_plan import Choice, CpuPlan, GraphPlan, export_identity, this_cpu
+    from runtime.executors.openvino import OvExecutor, OvOptions, cpu_capabilities, import_ov
+    from runtime.manifest import read_manifest
+    from runtime.synthesizer import Synthesizer
+
+    from .backends import open_backend
+
+    ov = import_ov()
+    manifest = read_manifest(settings.engines)
+    bf16 = "BF16" in cpu_capabilities()
+    candidates = [c for c in settings.candidates if c[1] != "bf16" or bf16]
+    if not bf16:
+        progress(f"this CPU has no bf16 in OpenVINO ({', '.join(cpu_capabilities())}): fp32 candidates only")
+    t0 = time.perf_counter()
+    progress(f"[1/4] recording the feeds of one synthesis on ONNX Runtime float32 ({settings.engines})")
+    opened = open_backend("ort-cpu", settings.engines, None, settings.threads, record=True,
+                          record_decode_call=_decode_call(settings.gpt_tokens))
+    feeds = record_feeds(opened.synth, settings.items[0], settings.gpt_tokens, settings.seed)
+    reference = {g: ex.inner for g, ex in opened.synth.graphs.items()}      # the runtime's own executors
+    ref_synth = Synthesizer(settings.engines, Backend.from_executors(manifest, reference, name="ort-cpu"))
+    graphs: dict[str, GraphPlan] = {}
+    bf16_executors: dict[str, Any] = {}
+    progress(f"[2/4] timing {len(manifest.graphs)} graphs x {', '.join(label(c) for c in candidates)}")
+    for name in manifest.graphs:
+        if name not in feeds:
+            graphs[name] = GraphPlan(Choice(*REFERENCE), reason="not called by the recording synthesis")
+            continue
+        if settings.graphs is not None and name not in settings.graphs:
+            graphs[name] = GraphPlan(Choice(*REFERENCE), reason="not measured (--graphs)")
+            continue
+        executors: dict[str, Any] = {label(REFERENCE): reference[name]}
+        for backend, precision in candidates:
+            if (backend, precision) == REFERENCE:
+                continue
+            entry = manifest.graph(name)
+            executors[label((backend, precision))] = OvExecutor(entry, settings.engines,
+                                                                OvOptions(settings.threads, precision))
+        times, deviation = time_candidates(name, executors, feeds[name], settings)
+        graphs[name] = GraphPlan(Choice(*REFERENCE), times, None, "")
+        graphs[name].gate = {"max_rel_deviation": deviation}
+        if "ov-cpu bf16" in executors:
+            bf16_executors[name] = executors.pop("ov-cpu bf16")
+        for key, ex in executors.items():
+            if key != label(REFERENCE):
+                ex.close()
+        progress(f"  {name:20s} " + ", ".join(f"{k} {v:.1f} ms (dev {deviation[k]:.1e})" for k, v in times.items()))
+    progress("[3/4] gates: each graph whose bf16 candidate is fastest, alone in bf16, end to end against float32")
+    accepted: list[str] = []
+    for name, gp in graphs.items():
+        if not gp.timings_ms:
+            continue
+        verdict = None
+        if name in bf16_executors and (settings.gate_every_bf16 or bf16_is_fastest(gp.timings_ms, settings.margin)):
+            summary = _effect(ref_synth, manifest, reference, {name: bf16_executors[name]}, settings,
+                              f"{name} bf16", progress)
+            verdict = settings.gates.verdict(summary)
+            gp.gate = {**(gp.gate or {}), "bf16": summary.to_json() | {"passed": verdict[0], "why": verdict[1]}}
+        choice, gp.reason = decide(gp.timings_ms, verdict, settings.margin)
+        gp.choice = Choice(*choice)
+        if choice == ("ov-cpu", "bf16"):
+            accepted.append(name)
+    for name in list(bf16_executors):
+        if name not in accepted:
+            bf16_executors.pop(name).close()
+    progress(f"[4/4] the whole plan end to end: {', '.join(accepted) or 'no bf16 graph'}")
+    gates: dict[str, Any] = {}
+    while accepted:
+        summary = _effect(ref_synth, manifest, reference, {g: bf16_executors[g] for g in accepted}, settings,
+                          "plan", progress)
+        ok, why = settings.gates.verdict(summary)
+        gates = summary.to_json() | {"passed": ok, "bf16_graphs": list(accepted)}
+        if ok:
+            break
+        drop = min(accepted, key=lambda g: graphs[g].timings_ms[label(REFERENCE)]
+                   - graphs[g].timings_ms[label(("ov-cpu", "bf16"))])
+        accepted.remove(drop)
+        graphs[drop].choice = Choice(*REFERENCE)
+        graphs[drop].reason = f"bf16 passed alone but the whole plan failed the gates ({why}); dropped as the " \
+                              "smallest saving"
+    for ex in bf16_executors.values():
+        ex.close()
+    ref_synth.close()
+    opened.synth.close()
+    import onnxruntime
+
+    return CpuPlan(cpu=this_cpu(), export=export_identity(manifest), graphs=graphs, threads=settings.threads,
+                   versions={"onnxruntime": onnxruntime.__version__, "openvino": ov.__version__.split("-")[0]},
+                   gates=gates, created=time.strftime("%Y-%m-%d %H:%M:%S") + f" ({time.perf_counter() - t0:.0f} s)")
+
+
+def _decode_call(gpt_tokens: int) -> int:
+    from .backends import decode_call
+
+    return decode_call(gpt_tokens)
+
+
+def _effect(ref_synth: Any, manifest: Any, reference: Mapping[str, Any], replaced: Mapping[str, Any],
+            settings: PlanSettings, what: str, progress: Callable[[str], None]) -> Any:
+    from calibration.effect import measure_effect
+    from runtime.backend import Backend
+    from runtime.synthesizer import Synthesizer
+
+    executors = {g: replaced.get(g, ex) for g, ex in reference.items()}
+    test = Synthesizer(settings.engines, Backend.from_executors(manifest, executors, name="cpu-plan"))
+    try:
+        return measure_effect(ref_synth, test, settings.items, what, settings.gpt_tokens, seed=settings.seed,
+                              progress=progress)
+    finally:
+        test.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_plan", description=__doc__.split("\n")[0])
+    p.add_argument("--engines", type=Path, required=True, help="export directory (the plan is written into it)")
+    p.add_argument("--calib", type=Path, help="calibration directory (python -m calibration collect): its items are "
+                                              "the gates' texts and voices")
+    p.add_argument("--speaker", type=Path, help="without --calib: the voice of the gate texts")
+    p.add_argument("--texts", nargs="+", help="without --calib: the gate texts (default: two of the benchmark's)")
+    p.add_argument("--items", type=int, default=4, help="calibration items synthesized by each gate")
+    p.add_argument("--gpt-tokens", type=int, help="greedy codes per segment in the gates (default: the calibration's, "
+                                                   "or 48)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of both runtimes (default: theirs)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stage-seconds", type=float, default=2.0, help="time floor per candidate and graph")
+    p.add_argument("--margin", type=float, default=0.05, help="a candidate must beat ONNX Runtime fp32 by this "
+                                                              "fraction to be chosen")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graphs", help="comma-separated: measure only these graphs (the others stay ONNX Runtime fp32)")
+    p.add_argument("--gate-every-bf16", action="store_true",
+                   help="run the gates for every graph's bf16 candidate, not only where it is the fastest (a report)")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> PlanSettings:
+    from runtime.errors import InputError
+
+    if not (args.engines / "manifest.json").is_file():
+        raise InputError(f"{args.engines}: no manifest.json (an export directory of python -m export.build)")
+    gpt_tokens = args.gpt_tokens
+    if args.calib is not None:
+        from calibration.effect import pick_items
+        from calibration.feeds import FeedStore
+
+        store = FeedStore.open(args.calib)
+        if not store.items:
+            raise InputError(f"{args.calib}: no calibration items (python -m calibration collect)")
+        items = pick_items(store.items, args.items)
+        gpt_tokens = gpt_tokens or store.meta.get("settings", {}).get("gpt_tokens", 48)
+    else:
+        if args.speaker is None:
+            raise InputError("give --calib CALIB (calibration items) or --speaker WAV (with --texts)")
+        if not args.speaker.is_file():
+            raise InputError(f"--speaker {args.speaker}: file not found")
+        from .stages import DEFAULT_TEXTS
+
+        texts = args.texts or list(DEFAULT_TEXTS)
+        items = [{"text": t, "lang": "", "reference": str(args.speaker)} for t in texts[:args.items]]
+    for name in ("items", "repeats"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.margin < 1:
+        raise InputError(f"--margin must be in [0, 1), got {args.margin}")
+    graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip()) if args.graphs else None
+    if graphs is not None:
+        from runtime.manifest import read_manifest
+
+        unknown = [g for g in graphs if g not in read_manifest(args.engines, check_files=False).graphs]
+        if unknown:
+            raise InputError(f"--graphs: {unknown} are not graphs of {args.engines}")
+    return PlanSettings(args.engines, items, gpt_tokens or 48, args.threads, args.repeats, args.stage_seconds,
+                        args.margin, seed=args.seed, graphs=graphs, gate_every_bf16=args.gate_every_bf16)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

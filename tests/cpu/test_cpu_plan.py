@@ -1,0 +1,197 @@
+"""The CPU plan (runtime/cpu_plan.py, benchmarks/cpu_plan.py): its file, its identity checks, `--backend
+cpu-auto` running it, the fallback only when asked, the choice rules and the gates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.cpu_plan import Gates, PlanSettings, decide, make_plan
+from runtime.cpu_plan import (
+    Choice,
+    CpuIdentity,
+    CpuPlan,
+    GraphPlan,
+    export_identity,
+    plan_path,
+    read_plan,
+    this_cpu,
+    write_plan,
+)
+from runtime.errors import BackendError, ContractError, EngineMismatchError
+from runtime.executors import OrtExecutor, backend_status
+from runtime.manifest import read_manifest
+from runtime.synthesizer import Synthesizer
+
+from .helpers import fixed_length_synthesis, lsb
+
+pytest.importorskip("openvino", reason="the CPU plan's OpenVINO candidates need the openvino package (the `cpu` extra)")
+
+
+@pytest.fixture()
+def export(tiny_export, tmp_path) -> Path:
+    """A copy of the tiny export (plans are written into it)."""
+    return Path(shutil.copytree(tiny_export[0], tmp_path / "engines"))
+
+
+def _plan(manifest, choices: dict[str, Choice], cpu: CpuIdentity | None = None) -> CpuPlan:
+    graphs = {g: GraphPlan(choices.get(g, Choice("ort-cpu", "fp32")), {"ort-cpu fp32": 1.0}) for g in manifest.graphs}
+    return CpuPlan(cpu or this_cpu(), export_identity(manifest), graphs, threads=2, created="test")
+
+
+def test_this_cpu_reads_model_and_isa_flags(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 "
+                    "amx_tile\nprocessor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu\n")
+    cpu = this_cpu(info)
+    assert cpu.model == "Test CPU 9000" and cpu.flags == ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def test_the_plan_file_round_trips_and_inspect_shows_it(export, capsys) -> None:
+    manifest = read_manifest(export)
+    plan = _plan(manifest, {"campplus": Choice("ov-cpu", "fp32")})
+    write_plan(export, plan)
+    back = read_plan(export, manifest)
+    assert back.choice("campplus") == Choice("ov-cpu", "fp32") and back.choice("dit_step") == Choice("ort-cpu", "fp32")
+    assert back.to_json() == plan.to_json()
+    from runtime.cli import main
+
+    assert main(["inspect", str(export)]) == 0
+    out = capsys.readouterr().out
+    assert "CPU plan (cpu_plan.json, test; valid here)" in out and "campplus" in out
+    assert "cpu-auto  yes  CPU plan: campplus ov-cpu fp32; the rest ort-cpu fp32" in out
+
+
+def test_a_plan_from_another_cpu_is_refused_naming_both(export) -> None:
+    manifest = read_manifest(export)
+    other = CpuIdentity("Other CPU 1", "x86_64", ("avx2",))
+    write_plan(export, _plan(manifest, {}, cpu=other))
+    with pytest.raises(EngineMismatchError) as err:
+        read_plan(export, manifest)
+    assert "Other CPU 1 (x86_64; avx2)" in str(err.value) and this_cpu().describe() in str(err.value)
+    with pytest.raises(BackendError, match="measured on another CPU: Other CPU 1"):
+        Synthesizer(export, "cpu-auto")
+
+
+def test_a_plan_of_another_export_is_refused_naming_both(export) -> None:
+    manifest = read_manifest(export)
+    plan = _plan(manifest, {})
+    plan.export = "0" * 64
+    write_plan(export, plan)
+    with pytest.raises(EngineMismatchError, match=f"another export \\(graphs 000000000000...\\), this directory's "
+                                                  f"graphs are {export_identity(manifest)[:12]}"):
+        read_plan(export, manifest)
+
+
+def test_no_plan_says_how_to_make_one_and_fallback_only_when_asked(export, caplog) -> None:
+    with pytest.raises(BackendError, match="no CPU plan.*python -m benchmarks.cpu_plan --engines"):
+        Synthesizer(export, "cpu-auto")
+    with caplog.at_level(logging.WARNING, logger="runtime.backend"):
+        with Synthesizer(export, "cpu-auto", cpu_plan_fallback=True) as synth:
+            assert synth.backend == "ort-cpu"
+    assert "running ONNX Runtime float32 instead" in caplog.text
+
+
+def test_malformed_plans_are_refused(export) -> None:
+    manifest = read_manifest(export)
+    plan_path(export).write_text("{not json")
+    with pytest.raises(ContractError, match="not a readable CPU plan"):
+        read_plan(export, manifest)
+    data = _plan(manifest, {}).to_json()
+    data["graphs"]["no_such_graph"] = data["graphs"]["campplus"]
+    plan_path(export).write_text(json.dumps(data))
+    with pytest.raises(ContractError, match="no_such_graph"):
+        read_plan(export, manifest)
+    with pytest.raises(ContractError, match="not a candidate"):
+        Choice("ort-cpu", "bf16")
+
+
+def test_cpu_auto_runs_each_graph_where_the_plan_says(export, tiny_ckpt) -> None:
+    """fp32 choices only (a CI machine may have no bf16): the plan's synthesis equals ONNX Runtime's."""
+    from runtime.executors.openvino import OvExecutor
+
+    manifest = read_manifest(export)
+    write_plan(export, _plan(manifest, {"dit_step": Choice("ov-cpu", "fp32"), "bigvgan": Choice("ov-cpu", "fp32")}))
+    speaker = tiny_ckpt / "examples" / "speaker.wav"
+    with Synthesizer(export, "cpu-auto") as plan, Synthesizer(export, "ort-cpu") as ort:
+        assert plan.backend == "cpu-auto"
+        assert isinstance(plan.graphs["dit_step"], OvExecutor) and isinstance(plan.graphs["bigvgan"], OvExecutor)
+        assert isinstance(plan.graphs["gpt_decode"], OrtExecutor)
+        codes_plan, pcm_plan = fixed_length_synthesis(plan, speaker)
+        codes_ort, pcm_ort = fixed_length_synthesis(ort, speaker)
+    assert codes_plan == codes_ort
+    assert lsb(pcm_plan, pcm_ort) <= 2
+
+
+def test_a_plan_using_openvino_needs_openvino(export, monkeypatch) -> None:
+    from runtime.executors import openvino as ov_module
+
+    manifest = read_manifest(export)
+    write_plan(export, _plan(manifest, {"dit_step": Choice("ov-cpu", "fp32")}))
+
+    def missing():
+        raise BackendError("openvino is not installed: pip install openvino (or the project's `cpu` extra)")
+
+    monkeypatch.setattr(ov_module, "import_ov", missing)
+    status = backend_status("cpu-auto", export)
+    assert not status.ok and "runs graphs on ov-cpu" in status.detail and "pip install openvino" in status.detail
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rules: choice and gates
+
+
+T = {"ort-cpu fp32": 100.0, "ov-cpu fp32": 99.0, "ov-cpu bf16": 50.0}
+
+
+@pytest.mark.parametrize("times, verdict, choice, reason", [
+    (T, (True, ""), ("ov-cpu", "bf16"), "bf16 2.00x ONNX Runtime fp32, gates passed"),
+    (T, (False, "mel SNR 12.0 dB < 30.0 dB"), ("ort-cpu", "fp32"), "bf16 refused by the gates (mel SNR 12.0 dB"),
+    (T, None, ("ort-cpu", "fp32"), "within the margin"),                      # ungated bf16 is never chosen
+    ({**T, "ov-cpu fp32": 80.0}, (False, "x"), ("ov-cpu", "fp32"), "ov-cpu fp32 1.25x ONNX Runtime fp32"),
+    ({**T, "ov-cpu bf16": 97.0}, (True, ""), ("ort-cpu", "fp32"), "not the fastest"),   # 3 % is noise
+])
+def test_decide(times, verdict, choice, reason) -> None:
+    got, why = decide(times, verdict, margin=0.05)
+    assert got == choice and reason in why
+
+
+def test_gate_verdicts_name_every_failed_threshold() -> None:
+    summary = SimpleNamespace(forced_agreement=0.99, free_agreement=0.9, min_mel_snr_db=31.0, min_wav_snr_db=12.5)
+    ok, why = Gates().verdict(summary)
+    assert not ok and why == "free-running agreement 0.9000 < 0.98; waveform SNR 12.5 dB < 20.0 dB"
+    summary.free_agreement, summary.min_wav_snr_db = 0.98, 20.0          # the thresholds themselves pass
+    assert Gates().verdict(summary) == (True, "")
+
+
+def test_make_plan_measures_and_gates_on_the_tiny_export(export, tiny_ckpt) -> None:
+    """Two graphs measured with every candidate; bf16 gated even where it is not the fastest, once with gates
+    no bf16 can pass: no graph may then be bf16, and every choice other than ONNX Runtime fp32 was measured
+    faster than it by more than the margin."""
+    from runtime.executors.openvino import cpu_capabilities
+
+    items = [{"text": "Hello there.", "lang": "en", "reference": str(tiny_ckpt / "examples" / "speaker.wav")}]
+    settings = PlanSettings(export, items, gpt_tokens=12, threads=2, repeats=2, stage_seconds=0.05,
+                            graphs=("dit_step", "speaker_conditioner"), gate_every_bf16=True,
+                            gates=Gates(mel_snr_db=1e9))
+    plan = make_plan(settings)
+    write_plan(export, plan)
+    back = read_plan(export, read_manifest(export))
+    has_bf16 = "BF16" in cpu_capabilities()
+    for name, g in back.graphs.items():
+        if name not in settings.graphs:
+            assert g.choice == Choice("ort-cpu", "fp32") and not g.timings_ms
+            continue
+        assert set(g.timings_ms) == {"ort-cpu fp32", "ov-cpu fp32"} | ({"ov-cpu bf16"} if has_bf16 else set())
+        assert g.choice.precision == "fp32"
+        if g.choice != Choice("ort-cpu", "fp32"):
+            assert g.timings_ms[g.choice.label] < 0.95 * g.timings_ms["ort-cpu fp32"]
+        if has_bf16:
+            assert g.gate["bf16"]["passed"] is False and "mel SNR" in g.gate["bf16"]["why"]
+            assert "bf16 refused by the gates" in g.reason
+    assert back.cpu == this_cpu()
