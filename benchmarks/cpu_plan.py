@@ -7,13 +7,15 @@ What it does, in order:
 1. One synthesis on ONNX Runtime float32 (the reference, == eager within ~1e-5) records the feeds every graph
    gets (benchmarks/backends.py Recorder).
 2. Every graph, on those feeds, with every candidate: ONNX Runtime fp32, OpenVINO fp32, OpenVINO bf16 (when the
-   CPU has bf16), runs interleaved round by round (benchmarks/measure.py) -> median milliseconds; each output's
-   deviation from ONNX Runtime's is recorded too.
-3. Gates (calibration/effect.py, the machinery calibration's fp16 effect uses): a graph whose bf16 candidate is
-   the fastest by more than `--margin` is synthesized end to end with that graph in bf16 and everything else in
-   float32, over the calibration items: greedy-token agreement teacher-forced and free-running >= 0.98, mel SNR
-   >= 30 dB, waveform SNR >= 20 dB against float32. A refused graph stays float32, with the reason.
-4. The whole plan (every accepted bf16 graph at once) goes through the same gates; if it fails, the bf16 graph
+   CPU has bf16), and for the GPT decode step ONNX Runtime on its weight-only int8 form (calibration/
+   weight_only.py, written next to the export), runs interleaved round by round (benchmarks/measure.py) ->
+   median milliseconds; each output's deviation from ONNX Runtime's is recorded too.
+3. Gates (calibration/effect.py, the machinery calibration's fp16 effect uses): a graph whose approximate
+   candidate (bf16, int8w) is the fastest by more than `--margin` is synthesized end to end with that graph so
+   and everything else in float32, over the calibration items: greedy-token agreement teacher-forced and
+   free-running >= 0.98, mel SNR >= 30 dB, waveform SNR >= 20 dB against float32. A refused candidate is not
+   used, with the reason.
+4. The whole plan (every accepted approximate graph at once) goes through the same gates; if it fails, the one
    that saves the least time is dropped (reason recorded) until it passes.
 5. A non-reference candidate must beat ONNX Runtime fp32 by more than `--margin` to be chosen (noise is not a
    speed-up), so no graph of the plan is slower than ONNX Runtime float32 as measured.
@@ -73,9 +75,10 @@ class PlanSettings:
     margin: float = 0.05
     gates: Gates = field(default_factory=Gates)
     seed: int = 0
-    candidates: tuple[tuple[str, str], ...] = (("ort-cpu", "fp32"), ("ov-cpu", "fp32"), ("ov-cpu", "bf16"))
+    candidates: tuple[tuple[str, str], ...] = (("ort-cpu", "fp32"), ("ov-cpu", "fp32"), ("ov-cpu", "bf16"),
+                                               ("ort-cpu", "int8w"))
     graphs: tuple[str, ...] | None = None   # measure only these (the others stay ONNX Runtime fp32)
-    gate_every_bf16: bool = False           # gate bf16 wherever it was measured, not only where it is fastest
+    gate_every: bool = False           # gate every approximate candidate measured, not only the fastest
 
 
 def label(choice: tuple[str, str]) -> str:
@@ -134,32 +137,30 @@ def time_candidates(graph: str, executors: Mapping[str, Any], feeds: Sequence[Ma
     return {n: s.median_ms for n, s in stats.items()}, deviation
 
 
-def bf16_is_fastest(times: Mapping[str, float], margin: float) -> bool:
-    """The bf16 candidate beats every float32 candidate by more than `margin`."""
-    bf16 = times.get(label(("ov-cpu", "bf16")))
-    fp32 = [v for k, v in times.items() if not k.endswith("bf16")]
-    return bf16 is not None and bool(fp32) and bf16 < (1 - margin) * min(fp32)
+#: candidates that change the arithmetic: used only where the gates passed
+APPROXIMATE = ("ov-cpu bf16", "ort-cpu int8w")
 
 
-def decide(times: Mapping[str, float], bf16_verdict: tuple[bool, str] | None, margin: float
+def worth_gating(times: Mapping[str, float], candidate: str, margin: float) -> bool:
+    """An approximate candidate beats every exact one by more than `margin` (else it cannot be chosen)."""
+    exact = [v for k, v in times.items() if k not in APPROXIMATE]
+    return candidate in times and bool(exact) and times[candidate] < (1 - margin) * min(exact)
+
+
+def decide(times: Mapping[str, float], verdicts: Mapping[str, tuple[bool, str]], margin: float
            ) -> tuple[tuple[str, str], str]:
-    """A graph's choice from its candidates' median times and the bf16 gate's verdict (None: not gated)
-    -> ((backend, precision), reason). ONNX Runtime fp32 unless another candidate beats it by more than
-    `margin`; bf16 only when gated and passed."""
+    """A graph's choice from its candidates' median times and the gates' verdicts on its approximate candidates
+    (a candidate without a verdict was not gated) -> ((backend, precision), reason). The fastest allowed
+    candidate, if it beats ONNX Runtime fp32 by more than `margin`; else ONNX Runtime fp32."""
     ref_ms = times[label(REFERENCE)]
-    reason = ""
-    if bf16_verdict is not None:
-        passed, why = bf16_verdict
-        bf16_ms = times[label(("ov-cpu", "bf16"))]
-        if passed and bf16_is_fastest(times, margin):
-            return ("ov-cpu", "bf16"), f"bf16 {ref_ms / bf16_ms:.2f}x ONNX Runtime fp32, gates passed"
-        reason = f"bf16 refused by the gates ({why}); " if not passed else "bf16 passed the gates, not the fastest; "
-    fp32 = {k: v for k, v in times.items() if not k.endswith("bf16")}
-    best = min(fp32, key=fp32.get)
-    if best != label(REFERENCE) and fp32[best] < (1 - margin) * ref_ms:
+    allowed = {k: v for k, v in times.items() if k not in APPROXIMATE or verdicts.get(k, (False, ""))[0]}
+    notes = [f"{k} refused by the gates ({why})" for k, (ok, why) in verdicts.items() if not ok]
+    best = min(allowed, key=allowed.get)
+    if best != label(REFERENCE) and allowed[best] < (1 - margin) * ref_ms:
+        gated = ", gates passed" if best in APPROXIMATE else ""
         backend, precision = best.split(" ")
-        return (backend, precision), reason + f"{best} {ref_ms / fp32[best]:.2f}x ONNX Runtime fp32"
-    return REFERENCE, reason + "ONNX Runtime fp32 is the fastest (or within the margin)"
+        return (backend, precision), "; ".join(notes + [f"{best} {ref_ms / allowed[best]:.2f}x ONNX Runtime fp32{gated}"])
+    return REFERENCE, "; ".join(notes + ["ONNX Runtime fp32 is the fastest (or within the margin)"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +189,9 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
     """Steps 1-5 of the module docstring -> runtime.cpu_plan.CpuPlan (not written)."""
     from runtime.backend import Backend
     from runtime.cpu_plan import Choice, CpuPlan, GraphPlan, export_identity, this_cpu
+    from calibration.weight_only import GRAPHS as WEIGHT_ONLY_GRAPHS
+    from calibration.weight_only import write_weight_only
+    from runtime.executors import OrtExecutor, OrtOptions
     from runtime.executors.openvino import OvExecutor, OvOptions, cpu_capabilities, import_ov
     from runtime.manifest import read_manifest
     from runtime.synthesizer import Synthesizer
@@ -208,7 +212,7 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
     reference = {g: ex.inner for g, ex in opened.synth.graphs.items()}      # the runtime's own executors
     ref_synth = Synthesizer(settings.engines, Backend.from_executors(manifest, reference, name="ort-cpu"))
     graphs: dict[str, GraphPlan] = {}
-    bf16_executors: dict[str, Any] = {}
+    approximate: dict[tuple[str, str], Any] = {}          # (graph, candidate) -> its executor, until decided
     progress(f"[2/4] timing {len(manifest.graphs)} graphs x {', '.join(label(c) for c in candidates)}")
     for name in manifest.graphs:
         if name not in feeds:
@@ -218,56 +222,71 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
             graphs[name] = GraphPlan(Choice(*REFERENCE), reason="not measured (--graphs)")
             continue
         executors: dict[str, Any] = {label(REFERENCE): reference[name]}
+        entry = manifest.graph(name)
+        form = None
         for backend, precision in candidates:
             if (backend, precision) == REFERENCE:
                 continue
-            entry = manifest.graph(name)
+            if precision == "int8w":
+                if name not in WEIGHT_ONLY_GRAPHS:
+                    continue
+                progress(f"  {name}: writing its weight-only int8 form")
+                form = write_weight_only(entry, settings.engines)
+                weight_only = GraphPlan(Choice("ort-cpu", "int8w"), form=form)
+                executors["ort-cpu int8w"] = OrtExecutor(weight_only.entry(entry), settings.engines, "ort-cpu",
+                                                         OrtOptions(intra_op_threads=settings.threads))
+                continue
             executors[label((backend, precision))] = OvExecutor(entry, settings.engines,
                                                                 OvOptions(settings.threads, precision))
         times, deviation = time_candidates(name, executors, feeds[name], settings)
-        graphs[name] = GraphPlan(Choice(*REFERENCE), times, None, "")
-        graphs[name].gate = {"max_rel_deviation": deviation}
-        if "ov-cpu bf16" in executors:
-            bf16_executors[name] = executors.pop("ov-cpu bf16")
+        graphs[name] = GraphPlan(Choice(*REFERENCE), times, {"max_rel_deviation": deviation}, "", form)
+        for key in APPROXIMATE:
+            if key in executors:
+                approximate[(name, key)] = executors.pop(key)
         for key, ex in executors.items():
             if key != label(REFERENCE):
-                ex.close()
+                _close(ex)
         progress(f"  {name:20s} " + ", ".join(f"{k} {v:.1f} ms (dev {deviation[k]:.1e})" for k, v in times.items()))
-    progress("[3/4] gates: each graph whose bf16 candidate is fastest, alone in bf16, end to end against float32")
-    accepted: list[str] = []
+    progress("[3/4] gates: each approximate candidate (bf16, weight-only int8) that is the fastest, alone, end to "
+             "end against float32")
+    accepted: dict[str, str] = {}                              # graph -> its approximate candidate
     for name, gp in graphs.items():
         if not gp.timings_ms:
             continue
-        verdict = None
-        if name in bf16_executors and (settings.gate_every_bf16 or bf16_is_fastest(gp.timings_ms, settings.margin)):
-            summary = _effect(ref_synth, manifest, reference, {name: bf16_executors[name]}, settings,
-                              f"{name} bf16", progress)
-            verdict = settings.gates.verdict(summary)
-            gp.gate = {**(gp.gate or {}), "bf16": summary.to_json() | {"passed": verdict[0], "why": verdict[1]}}
-        choice, gp.reason = decide(gp.timings_ms, verdict, settings.margin)
+        verdicts = {}
+        for key in APPROXIMATE:
+            if (name, key) in approximate and (settings.gate_every or worth_gating(gp.timings_ms, key,
+                                                                                         settings.margin)):
+                summary = _effect(ref_synth, manifest, reference, {name: approximate[(name, key)]}, settings,
+                                  f"{name} {key}", progress)
+                verdicts[key] = settings.gates.verdict(summary)
+                gp.gate = {**(gp.gate or {}), key: summary.to_json() | {"passed": verdicts[key][0],
+                                                                        "why": verdicts[key][1]}}
+        choice, gp.reason = decide(gp.timings_ms, verdicts, settings.margin)
         gp.choice = Choice(*choice)
-        if choice == ("ov-cpu", "bf16"):
-            accepted.append(name)
-    for name in list(bf16_executors):
-        if name not in accepted:
-            bf16_executors.pop(name).close()
-    progress(f"[4/4] the whole plan end to end: {', '.join(accepted) or 'no bf16 graph'}")
+        if gp.choice.label in APPROXIMATE:
+            accepted[name] = gp.choice.label
+        if gp.choice.precision != "int8w":
+            gp.form = None
+    for (name, key), ex in list(approximate.items()):
+        if accepted.get(name) != key:
+            _close(approximate.pop((name, key)))
+    progress("[4/4] the whole plan end to end: " + (", ".join(f"{g} {k}" for g, k in accepted.items())
+                                                   or "no approximate graph"))
     gates: dict[str, Any] = {}
     while accepted:
-        summary = _effect(ref_synth, manifest, reference, {g: bf16_executors[g] for g in accepted}, settings,
-                          "plan", progress)
+        summary = _effect(ref_synth, manifest, reference, {g: approximate[(g, k)] for g, k in accepted.items()},
+                          settings, "plan", progress)
         ok, why = settings.gates.verdict(summary)
-        gates = summary.to_json() | {"passed": ok, "bf16_graphs": list(accepted)}
+        gates = summary.to_json() | {"passed": ok, "approximate": dict(accepted)}
         if ok:
             break
-        drop = min(accepted, key=lambda g: graphs[g].timings_ms[label(REFERENCE)]
-                   - graphs[g].timings_ms[label(("ov-cpu", "bf16"))])
-        accepted.remove(drop)
-        graphs[drop].choice = Choice(*REFERENCE)
-        graphs[drop].reason = f"bf16 passed alone but the whole plan failed the gates ({why}); dropped as the " \
-                              "smallest saving"
-    for ex in bf16_executors.values():
-        ex.close()
+        drop = min(accepted, key=lambda g: graphs[g].timings_ms[label(REFERENCE)] - graphs[g].timings_ms[accepted[g]])
+        graphs[drop].choice, graphs[drop].form = Choice(*REFERENCE), None
+        graphs[drop].reason = f"{accepted.pop(drop)} passed alone but the whole plan failed the gates ({why}); " \
+                              "dropped as the smallest saving"
+    for ex in approximate.values():
+        _close(ex)
     ref_synth.close()
     opened.synth.close()
     import onnxruntime
@@ -275,6 +294,12 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
     return CpuPlan(cpu=this_cpu(), export=export_identity(manifest), graphs=graphs, threads=settings.threads,
                    versions={"onnxruntime": onnxruntime.__version__, "openvino": ov.__version__.split("-")[0]},
                    gates=gates, created=time.strftime("%Y-%m-%d %H:%M:%S") + f" ({time.perf_counter() - t0:.0f} s)")
+
+
+def _close(executor: Any) -> None:
+    close = getattr(executor, "close", None)
+    if close is not None:
+        close()
 
 
 def _decode_call(gpt_tokens: int) -> int:
@@ -315,8 +340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                               "fraction to be chosen")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--graphs", help="comma-separated: measure only these graphs (the others stay ONNX Runtime fp32)")
-    p.add_argument("--gate-every-bf16", action="store_true",
-                   help="run the gates for every graph's bf16 candidate, not only where it is the fastest (a report)")
+    p.add_argument("--gate-every", action="store_true",
+                   help="run the gates for every approximate candidate (bf16, int8w), not only where it is the fastest "
+                        "(a report)")
     return p.parse_args(argv)
 
 
@@ -357,7 +383,7 @@ def settings_from(args: argparse.Namespace) -> PlanSettings:
         if unknown:
             raise InputError(f"--graphs: {unknown} are not graphs of {args.engines}")
     return PlanSettings(args.engines, items, gpt_tokens or 48, args.threads, args.repeats, args.stage_seconds,
-                        args.margin, seed=args.seed, graphs=graphs, gate_every_bf16=args.gate_every_bf16)
+                        args.margin, seed=args.seed, graphs=graphs, gate_every=args.gate_every)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ the kernels: AVX-512, bf16, AMX, VNNI) and the export it was measured with (the 
 a plan from another CPU or another export is refused naming both, since its timings and gates say nothing
 here. `cpu-auto` falls back to ONNX Runtime float32 only when asked (`fallback=True`), with a warning.
 
-Candidates (`Choice`): ("ort-cpu", "fp32"), ("ov-cpu", "fp32"), ("ov-cpu", "bf16").
+Candidates (`Choice`): ("ort-cpu", "fp32"), ("ov-cpu", "fp32"), ("ov-cpu", "bf16"), and for the GPT decode
+step ("ort-cpu", "int8w"): its weight-only int8 form (calibration/weight_only.py), a file the plan maker writes
+next to the export and records in the plan (`GraphPlan.form`, with the float32 file it was made from).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,10 +29,13 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from runtime.errors import ContractError, EngineMismatchError, InputError
+from runtime.errors import CheckpointError, ContractError, EngineMismatchError, InputError
 from runtime.manifest import Manifest, plain_json
+
+if TYPE_CHECKING:
+    from runtime.manifest import GraphEntry
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,7 @@ PLAN_FILE = "cpu_plan.json"
 PLAN_FORMAT = "indextts2-engines/cpu-plan"
 PLAN_VERSION = 1
 #: the (backend, precision) pairs a plan may choose for a graph
-CANDIDATES = (("ort-cpu", "fp32"), ("ov-cpu", "fp32"), ("ov-cpu", "bf16"))
+CANDIDATES = (("ort-cpu", "fp32"), ("ov-cpu", "fp32"), ("ov-cpu", "bf16"), ("ort-cpu", "int8w"))
 #: instruction-set flags (Linux /proc/cpuinfo names) that change which kernels ONNX Runtime and OpenVINO run
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "bf16", "i8mm")
@@ -89,7 +95,8 @@ def export_identity(manifest: Manifest) -> str:
 
 @dataclass(frozen=True)
 class Choice:
-    """How one graph runs: `backend` ort-cpu | ov-cpu, `precision` fp32 | bf16."""
+    """How one graph runs: `backend` ort-cpu | ov-cpu, `precision` fp32 | bf16 (ov-cpu) | int8w (ort-cpu, the
+    weight-only int8 form)."""
 
     backend: str
     precision: str
@@ -113,6 +120,16 @@ class GraphPlan:
     timings_ms: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] | None = None
     reason: str = ""
+    form: dict[str, Any] | None = None      # the int8w file: {"file", "sha256", "external_data", "made_from", ...}
+
+    def entry(self, entry: "GraphEntry") -> "GraphEntry":
+        """The manifest entry of the file this choice runs (int8w: the plan's form of the graph)."""
+        if self.choice.precision != "int8w":
+            return entry
+        assert self.form is not None
+        return dataclasses.replace(entry, file=str(self.form["file"]), sha256=str(self.form["sha256"]),
+                                   external_data=dict(self.form.get("external_data", {})), forms={},
+                                   form_kind="int8w")
 
 
 @dataclass
@@ -139,7 +156,7 @@ class CpuPlan:
             "cpu": self.cpu.to_json(), "export": self.export, "threads": self.threads,
             "versions": self.versions, "gates": self.gates,
             "graphs": {g: {"backend": p.choice.backend, "precision": p.choice.precision,
-                           "timings_ms": p.timings_ms, "gate": p.gate, "reason": p.reason}
+                           "timings_ms": p.timings_ms, "gate": p.gate, "reason": p.reason, "form": p.form}
                        for g, p in self.graphs.items()}})
 
     @classmethod
@@ -149,7 +166,7 @@ class CpuPlan:
                                 f"(format {d.get('format')!r} v{d.get('format_version')!r})")
         graphs = {g: GraphPlan(Choice(str(p["backend"]), str(p["precision"])),
                                {k: float(v) for k, v in p.get("timings_ms", {}).items()}, p.get("gate"),
-                               str(p.get("reason", "")))
+                               str(p.get("reason", "")), p.get("form"))
                   for g, p in d["graphs"].items()}
         return cls(CpuIdentity.from_json(d["cpu"]), str(d["export"]), graphs, d.get("threads"),
                    dict(d.get("versions", {})), dict(d.get("gates", {})), str(d.get("created", "")))
@@ -198,4 +215,14 @@ def read_plan(root: str | Path, manifest: Manifest, cpu: CpuIdentity | None = No
     unknown = sorted(set(plan.graphs) - set(manifest.graphs))
     if unknown:
         raise ContractError(f"{path} names graph(s) {unknown} this export does not have")
+    for name, g in plan.graphs.items():
+        if g.choice.precision != "int8w":
+            continue
+        form = g.form or {}
+        if form.get("made_from") != manifest.graphs[name].sha256:
+            raise EngineMismatchError(f"{path}: the weight-only int8 form of {name} was made from another float32 "
+                                      f"graph; re-measure with python -m benchmarks.cpu_plan --engines {root}")
+        if not (Path(root) / str(form.get("file", ""))).is_file():
+            raise CheckpointError(f"{path}: the weight-only int8 form of {name} ({form.get('file')}) is missing; "
+                                  f"re-measure with python -m benchmarks.cpu_plan --engines {root}")
     return plan

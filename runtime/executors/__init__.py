@@ -170,6 +170,8 @@ def open_executor(manifest: Manifest, root: str | Path, name: str, backend: str,
             raise InputError("backend cpu-auto needs the export's CPU plan (runtime/cpu_plan.py read_plan)")
         choice = plan.choice(name)
         backend, precision = choice.backend, choice.precision
+        if precision == "int8w":             # the plan's weight-only int8 form, in a session of its own
+            return OrtExecutor(plan.graphs[name].entry(entry), root, "ort-cpu", ort_options)
     if backend == "ov-cpu":
         from runtime.executors.openvino import OvExecutor, OvOptions
 
@@ -211,7 +213,7 @@ class GraphSet(Mapping[str, Executor]):
         with self._lock:
             if name not in self._open:
                 if self._use_shared and self._shared is None and name in self.manifest.shared_gpt.branches \
-                        and (self.plan is None or self.plan.choice(name).backend == "ort-cpu"):
+                        and (self.plan is None or self.plan.choice(name).label == "ort-cpu fp32"):
                     self._shared = SharedGptSession(self.manifest, self.root, self.ort_options)
                 self._open[name] = open_executor(self.manifest, self.root, name, self.backend, self.ort_options,
                                                  self.precision, self.plan, self._shared)

@@ -23,7 +23,7 @@ from runtime.cpu_plan import (
     this_cpu,
     write_plan,
 )
-from runtime.errors import BackendError, ContractError, EngineMismatchError
+from runtime.errors import BackendError, CheckpointError, ContractError, EngineMismatchError
 from runtime.executors import OrtExecutor, backend_status
 from runtime.manifest import read_manifest
 from runtime.synthesizer import Synthesizer
@@ -149,15 +149,21 @@ def test_a_plan_using_openvino_needs_openvino(export, monkeypatch) -> None:
 T = {"ort-cpu fp32": 100.0, "ov-cpu fp32": 99.0, "ov-cpu bf16": 50.0}
 
 
-@pytest.mark.parametrize("times, verdict, choice, reason", [
-    (T, (True, ""), ("ov-cpu", "bf16"), "bf16 2.00x ONNX Runtime fp32, gates passed"),
-    (T, (False, "mel SNR 12.0 dB < 30.0 dB"), ("ort-cpu", "fp32"), "bf16 refused by the gates (mel SNR 12.0 dB"),
-    (T, None, ("ort-cpu", "fp32"), "within the margin"),                      # ungated bf16 is never chosen
-    ({**T, "ov-cpu fp32": 80.0}, (False, "x"), ("ov-cpu", "fp32"), "ov-cpu fp32 1.25x ONNX Runtime fp32"),
-    ({**T, "ov-cpu bf16": 97.0}, (True, ""), ("ort-cpu", "fp32"), "not the fastest"),   # 3 % is noise
+B16, I8 = "ov-cpu bf16", "ort-cpu int8w"
+
+
+@pytest.mark.parametrize("times, verdicts, choice, reason", [
+    (T, {B16: (True, "")}, ("ov-cpu", "bf16"), "ov-cpu bf16 2.00x ONNX Runtime fp32, gates passed"),
+    (T, {B16: (False, "mel SNR 12.0 dB < 30.0 dB")}, ("ort-cpu", "fp32"),
+     "ov-cpu bf16 refused by the gates (mel SNR 12.0 dB"),
+    (T, {}, ("ort-cpu", "fp32"), "within the margin"),                      # ungated bf16 is never chosen
+    ({**T, "ov-cpu fp32": 80.0}, {B16: (False, "x")}, ("ov-cpu", "fp32"), "ov-cpu fp32 1.25x ONNX Runtime fp32"),
+    ({**T, B16: 97.0}, {B16: (True, "")}, ("ort-cpu", "fp32"), "within the margin"),   # 3 % is noise
+    ({**T, I8: 40.0}, {B16: (True, ""), I8: (True, "")}, ("ort-cpu", "int8w"), "2.50x ONNX Runtime fp32, gates"),
+    ({**T, I8: 40.0}, {B16: (True, ""), I8: (False, "y")}, ("ov-cpu", "bf16"), "ort-cpu int8w refused"),
 ])
-def test_decide(times, verdict, choice, reason) -> None:
-    got, why = decide(times, verdict, margin=0.05)
+def test_decide(times, verdicts, choice, reason) -> None:
+    got, why = decide(times, verdicts, margin=0.05)
     assert got == choice and reason in why
 
 
@@ -170,15 +176,15 @@ def test_gate_verdicts_name_every_failed_threshold() -> None:
 
 
 def test_make_plan_measures_and_gates_on_the_tiny_export(export, tiny_ckpt) -> None:
-    """Two graphs measured with every candidate; bf16 gated even where it is not the fastest, once with gates
-    no bf16 can pass: no graph may then be bf16, and every choice other than ONNX Runtime fp32 was measured
-    faster than it by more than the margin."""
+    """Two graphs measured with every candidate; the approximate ones (bf16, the decode step's weight-only int8)
+    gated even where they are not the fastest, with gates none can pass: no graph may then be approximate, and
+    every choice other than ONNX Runtime fp32 was measured faster than it by more than the margin."""
     from runtime.executors.openvino import cpu_capabilities
 
     items = [{"text": "Hello there.", "lang": "en", "reference": str(tiny_ckpt / "examples" / "speaker.wav")}]
     settings = PlanSettings(export, items, gpt_tokens=12, threads=2, repeats=2, stage_seconds=0.05,
-                            graphs=("dit_step", "speaker_conditioner"), gate_every_bf16=True,
-                            gates=Gates(mel_snr_db=1e9))
+                            graphs=("dit_step", "gpt_decode"), gate_every=True,
+                            gates=Gates(forced_agreement=1.01))         # nothing reaches more than 1
     plan = make_plan(settings)
     write_plan(export, plan)
     back = read_plan(export, read_manifest(export))
@@ -187,11 +193,47 @@ def test_make_plan_measures_and_gates_on_the_tiny_export(export, tiny_ckpt) -> N
         if name not in settings.graphs:
             assert g.choice == Choice("ort-cpu", "fp32") and not g.timings_ms
             continue
-        assert set(g.timings_ms) == {"ort-cpu fp32", "ov-cpu fp32"} | ({"ov-cpu bf16"} if has_bf16 else set())
-        assert g.choice.precision == "fp32"
+        assert set(g.timings_ms) == {"ort-cpu fp32", "ov-cpu fp32"} | ({"ov-cpu bf16"} if has_bf16 else set()) \
+            | ({"ort-cpu int8w"} if name == "gpt_decode" else set())
+        assert g.choice.precision == "fp32" and g.form is None
+        if name == "gpt_decode":
+            assert g.gate["ort-cpu int8w"]["passed"] is False and "ort-cpu int8w refused by the gates" in g.reason
         if g.choice != Choice("ort-cpu", "fp32"):
             assert g.timings_ms[g.choice.label] < 0.95 * g.timings_ms["ort-cpu fp32"]
         if has_bf16:
-            assert g.gate["bf16"]["passed"] is False and "mel SNR" in g.gate["bf16"]["why"]
-            assert "bf16 refused by the gates" in g.reason
+            assert g.gate["ov-cpu bf16"]["passed"] is False and "teacher-forced" in g.gate["ov-cpu bf16"]["why"]
+            assert "ov-cpu bf16 refused by the gates" in g.reason
     assert back.cpu == this_cpu()
+
+
+def test_the_weight_only_decode_form_runs_and_is_checked(export, tiny_ckpt) -> None:
+    """A plan choosing the decode step's weight-only int8 form runs it (MatMulNBits in a session of its own; the
+    other GPT graphs stay on the shared session); a form made from another graph, or missing, is refused."""
+    import onnx
+
+    from calibration.weight_only import write_weight_only
+
+    manifest = read_manifest(export)
+    form = write_weight_only(manifest.graph("gpt_decode"), export)
+    model = onnx.load(str(export / form["file"]))
+    assert form["quantized_matmuls"] > 0 and any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert [i.name for i in model.graph.input] == [t.name for t in manifest.graph("gpt_decode").inputs]
+    plan = _plan(manifest, {"gpt_decode": Choice("ort-cpu", "int8w")})
+    plan.graphs["gpt_decode"].form = form
+    write_plan(export, plan)
+    speaker = tiny_ckpt / "examples" / "speaker.wav"
+    with Synthesizer(export, "cpu-auto") as synth:
+        decode = synth.graphs["gpt_decode"]
+        assert decode.entry.form_kind == "int8w" and decode._prefix == ""
+        assert synth.graphs["gpt_prefill"]._prefix == "gpt_prefill/"
+        codes, pcm = fixed_length_synthesis(synth, speaker, tokens=20)
+    assert sum(map(len, codes)) >= 20 and pcm.size > 0
+    plan.graphs["gpt_decode"].form = {**form, "made_from": "0" * 64}
+    write_plan(export, plan)
+    with pytest.raises(EngineMismatchError, match="weight-only int8 form of gpt_decode was made from another"):
+        read_plan(export, manifest)
+    plan.graphs["gpt_decode"].form = form
+    write_plan(export, plan)
+    (export / form["file"]).unlink()
+    with pytest.raises(CheckpointError, match="weight-only int8 form of gpt_decode .* is missing"):
+        read_plan(export, manifest)
