@@ -210,7 +210,8 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
                           record_decode_call=_decode_call(settings.gpt_tokens))
     feeds = record_feeds(opened.synth, settings.items[0], settings.gpt_tokens, settings.seed)
     reference = {g: ex.inner for g, ex in opened.synth.graphs.items()}      # the runtime's own executors
-    ref_synth = Synthesizer(settings.engines, Backend.from_executors(manifest, reference, name="ort-cpu"))
+    ref_plain = Synthesizer(settings.engines, Backend.from_executors(manifest, reference, name="ort-cpu"))
+    ref_synth = CachedReference(ref_plain)
     graphs: dict[str, GraphPlan] = {}
     approximate: dict[tuple[str, str], Any] = {}          # (graph, candidate) -> its executor, until decided
     progress(f"[2/4] timing {len(manifest.graphs)} graphs x {', '.join(label(c) for c in candidates)}")
@@ -287,13 +288,44 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
                               "dropped as the smallest saving"
     for ex in approximate.values():
         _close(ex)
-    ref_synth.close()
+    ref_plain.close()
     opened.synth.close()
     import onnxruntime
 
     return CpuPlan(cpu=this_cpu(), export=export_identity(manifest), graphs=graphs, threads=settings.threads,
                    versions={"onnxruntime": onnxruntime.__version__, "openvino": ov.__version__.split("-")[0]},
                    gates=gates, created=time.strftime("%Y-%m-%d %H:%M:%S") + f" ({time.perf_counter() - t0:.0f} s)")
+
+
+class CachedReference:
+    """The float32 side of every gate, computed once: each gate compares its candidate with the same reference
+    runs (same items, seed and greedy settings), so the reference's segments are remembered by (text, voice,
+    seed, segment, settings) instead of being synthesized again for every candidate. Looks like the Synthesizer
+    to calibration.effect.measure_effect (prepare / segment / generation_defaults)."""
+
+    def __init__(self, synth: Any) -> None:
+        self._synth = synth
+        self.generation_defaults = synth.generation_defaults
+        self._segments: dict[tuple, Any] = {}
+
+    def prepare(self, request: Any, seed: int | None = None) -> Any:
+        return _Prepared(self._synth.prepare(request, seed), (request.text, str(request.speaker), seed))
+
+    def segment(self, prep: "_Prepared", index: int, generation: Any = None) -> Any:
+        key = (*prep.key, index, generation)
+        if key not in self._segments:
+            self._segments[key] = self._synth.segment(prep.inner, index, generation)
+        return self._segments[key]
+
+
+@dataclass
+class _Prepared:
+    inner: Any
+    key: tuple
+
+    @property
+    def segments(self) -> Any:
+        return self.inner.segments
 
 
 def _close(executor: Any) -> None:
