@@ -163,6 +163,45 @@ def decide(times: Mapping[str, float], verdicts: Mapping[str, tuple[bool, str]],
     return REFERENCE, "; ".join(notes + ["ONNX Runtime fp32 is the fastest (or within the margin)"])
 
 
+def plan_markdown(plan: Any) -> str:
+    """The plan as tables: per graph every candidate's median time, the choice and why; the gates."""
+    labels = [label(c) for c in PlanSettings.candidates]
+    lines = [f"CPU plan measured {plan.created} on {plan.cpu.describe()}, {plan.threads or 'default'} thread(s), "
+             + ", ".join(f"{k} {v}" for k, v in plan.versions.items()) + ".", "",
+             "| graph | " + " | ".join(labels) + " | chosen | × vs ORT fp32 | why |",
+             "|---|" + "---|" * (len(labels) + 3)]
+    for name, g in plan.graphs.items():
+        cells = [f"{g.timings_ms[k]:.1f} ms" if k in g.timings_ms else "–" for k in labels]
+        ref = g.timings_ms.get(label(REFERENCE))
+        speed = f"{ref / g.timings_ms[g.choice.label]:.2f}×" if ref and g.choice.label in g.timings_ms else "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{g.choice.label}** | {speed} | {g.reason} |")
+    gated = [(name, key, v) for name, g in plan.graphs.items() for key, v in (g.gate or {}).items()
+             if key in APPROXIMATE]
+    if gated:
+        lines += ["", "Gates (each candidate alone in the pipeline, against float32; thresholds: agreement ≥ 0.98 "
+                  "teacher-forced and free-running, mel SNR ≥ 30 dB, waveform SNR ≥ 20 dB):", "",
+                  "| graph | candidate | teacher-forced | free-running | min mel SNR | min wave SNR | passed |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, key, v in gated:
+            lines.append(f"| {name} | {key} | {_pct(v['forced_agreement'])} | {_pct(v['free_agreement'])} | "
+                         f"{_db(v['min_mel_snr_db'])} | {_db(v['min_wav_snr_db'])} | {'yes' if v['passed'] else 'no: ' + v.get('why', '')} |")
+    if plan.gates:
+        v = plan.gates
+        lines += ["", f"The whole plan ({', '.join(f'{g} {k}' for g, k in v.get('approximate', {}).items())}): "
+                  f"teacher-forced {_pct(v['forced_agreement'])}, free-running {_pct(v['free_agreement'])}, "
+                  f"min mel SNR {_db(v['min_mel_snr_db'])}, min waveform SNR {_db(v['min_wav_snr_db'])}: "
+                  f"{'passed' if v['passed'] else 'failed'}."]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * float(x):.2f} %"
+
+
+def _db(x: Any) -> str:
+    return str(x) if isinstance(x, str) else f"{float(x):.1f} dB"
+
+
 def main(argv: list[str] | None = None) -> int:
     from runtime.errors import ToolkitError
 
@@ -179,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
     path = write_plan(settings.engines, plan)
     print(f"wrote {path}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_plan(args.out, plan)
+        (args.out / "results.md").write_text(plan_markdown(plan), encoding="utf-8")
+        print(f"wrote {args.out / 'cpu_plan.json'} and {args.out / 'results.md'}")
     for name, g in plan.graphs.items():
         print(f"  {name:20s} {g.choice.label:13s} " + ", ".join(f"{k} {v:.1f} ms" for k, v in g.timings_ms.items())
               + (f"  ({g.reason})" if g.reason else ""))
@@ -372,6 +416,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                               "fraction to be chosen")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--graphs", help="comma-separated: measure only these graphs (the others stay ONNX Runtime fp32)")
+    p.add_argument("--out", type=Path, help="also write the plan and its tables (results.md) into this folder")
     p.add_argument("--gate-every", action="store_true",
                    help="run the gates for every approximate candidate (bf16, int8w), not only where it is the fastest "
                         "(a report)")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.cpu_plan import Gates, PlanSettings, decide, make_plan
+from benchmarks.cpu_plan import Gates, PlanSettings, decide, make_plan, plan_markdown
 from runtime.cpu_plan import (
     Choice,
     CpuIdentity,
@@ -204,6 +204,8 @@ def test_make_plan_measures_and_gates_on_the_tiny_export(export, tiny_ckpt) -> N
             assert g.gate["ov-cpu bf16"]["passed"] is False and "teacher-forced" in g.gate["ov-cpu bf16"]["why"]
             assert "ov-cpu bf16 refused by the gates" in g.reason
     assert back.cpu == this_cpu()
+    md = plan_markdown(back)
+    assert "| dit_step |" in md and "| **ort-cpu fp32** |" in md and "| gpt_decode | ort-cpu int8w |" in md
 
 
 def test_the_weight_only_decode_form_runs_and_is_checked(export, tiny_ckpt) -> None:
