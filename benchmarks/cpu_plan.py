@@ -85,17 +85,19 @@ def label(choice: tuple[str, str]) -> str:
     return f"{choice[0]} {choice[1]}"
 
 
-def record_feeds(synth: Any, item: Mapping[str, str], gpt_tokens: int, seed: int) -> dict[str, list[dict[str, np.ndarray]]]:
-    """The feeds one synthesis of `item` sends each graph (first calls; gpt_decode mid-generation)."""
+def record_feeds(opened: Any, item: Mapping[str, str], gpt_tokens: int, seed: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The feeds one synthesis of `item` sends each graph of a backend opened with record=True (first calls;
+    gpt_decode mid-generation)."""
     from runtime.request import SynthesisRequest
 
-    from .backends import decode_call
+    from .backends import decode_call, recorded_feeds
 
+    synth = opened.synth
     request = SynthesisRequest(text=item["text"], speaker=Path(item["reference"]))
     gen = dataclasses.replace(synth.generation_defaults, max_mel_tokens=gpt_tokens)
     synth.synthesize(request, gen, seed=seed)
     feeds: dict[str, list[dict[str, np.ndarray]]] = {}
-    recorded = recorded_feeds_of(synth)
+    recorded = recorded_feeds(opened)
     for graph, calls in recorded.items():
         if graph == "gpt_decode":
             kept = decode_call(gpt_tokens)
@@ -103,12 +105,6 @@ def record_feeds(synth: Any, item: Mapping[str, str], gpt_tokens: int, seed: int
         else:
             feeds[graph] = [calls[i] for i in sorted(calls)]
     return feeds
-
-
-def recorded_feeds_of(synth: Any) -> dict[str, dict[int, dict[str, np.ndarray]]]:
-    from .backends import Recorder
-
-    return {g: dict(ex.kept) for g, ex in synth.graphs.items() if isinstance(ex, Recorder)}
 
 
 def time_candidates(graph: str, executors: Mapping[str, Any], feeds: Sequence[Mapping[str, np.ndarray]],
@@ -240,7 +236,7 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
     from runtime.manifest import read_manifest
     from runtime.synthesizer import Synthesizer
 
-    from .backends import open_backend
+    from .backends import decode_call, open_backend
 
     ov = import_ov()
     manifest = read_manifest(settings.engines)
@@ -251,8 +247,8 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
     t0 = time.perf_counter()
     progress(f"[1/4] recording the feeds of one synthesis on ONNX Runtime float32 ({settings.engines})")
     opened = open_backend("ort-cpu", settings.engines, None, settings.threads, record=True,
-                          record_decode_call=_decode_call(settings.gpt_tokens))
-    feeds = record_feeds(opened.synth, settings.items[0], settings.gpt_tokens, settings.seed)
+                          record_decode_call=decode_call(settings.gpt_tokens))
+    feeds = record_feeds(opened, settings.items[0], settings.gpt_tokens, settings.seed)
     reference = {g: ex.inner for g, ex in opened.synth.graphs.items()}      # the runtime's own executors
     ref_plain = Synthesizer(settings.engines, Backend.from_executors(manifest, reference, name="ort-cpu"))
     ref_synth = CachedReference(ref_plain)
@@ -376,12 +372,6 @@ def _close(executor: Any) -> None:
     close = getattr(executor, "close", None)
     if close is not None:
         close()
-
-
-def _decode_call(gpt_tokens: int) -> int:
-    from .backends import decode_call
-
-    return decode_call(gpt_tokens)
 
 
 def _effect(ref_synth: Any, manifest: Any, reference: Mapping[str, Any], replaced: Mapping[str, Any],

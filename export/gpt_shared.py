@@ -217,8 +217,8 @@ def _unknown_shape(name: str, like) -> "onnx.ValueInfoProto":
 
 
 def _empty_default(value_info) -> "onnx.TensorProto":
-    """An initializer named like the input, of its type, empty along its first dynamic axis (static dims kept):
-    the input may then be left out of a call that runs another branch."""
+    """An initializer named like the input, of its type, with every dynamic axis 0 (static dims kept): the input
+    may then be left out of a call that runs another branch."""
     from onnx import helper
 
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in value_info.type.tensor_type.shape.dim]

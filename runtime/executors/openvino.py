@@ -42,15 +42,11 @@ INSTALL_HINT = "pip install openvino (or the project's `cpu` extra)"
 
 @dataclass(frozen=True)
 class OvOptions:
-    """Compile settings. `threads` None/0 = OpenVINO's default (every core); `precision` is the default hint,
-    `per_graph` overrides it for named graphs (the plan's choices)."""
+    """Compile settings of one graph. `threads` None/0 = OpenVINO's default (every core); `precision` its hint
+    (a plan's per-graph choices reach here one executor at a time, runtime/executors/__init__.py)."""
 
     threads: int | None = None
     precision: str = "fp32"
-    per_graph: tuple[tuple[str, str], ...] = ()
-
-    def precision_of(self, graph: str) -> str:
-        return dict(self.per_graph).get(graph, self.precision)
 
 
 def import_ov() -> Any:
@@ -78,7 +74,7 @@ def cpu_capabilities() -> tuple[str, ...]:
 
 
 def compile_config(options: OvOptions, graph: str) -> dict[str, Any]:
-    precision = options.precision_of(graph)
+    precision = options.precision
     if precision not in OV_PRECISIONS:
         raise BackendError(f"graph '{graph}': OpenVINO precision {precision!r} is not one of {', '.join(OV_PRECISIONS)}")
     if precision == "bf16" and "BF16" not in cpu_capabilities():
@@ -98,7 +94,7 @@ class OvExecutor(BaseExecutor):
     def __init__(self, entry: GraphEntry, root: str | Path, options: OvOptions = OvOptions()) -> None:
         super().__init__()
         self.name, self.entry = entry.name, entry
-        self.precision = options.precision_of(entry.name)
+        self.precision = options.precision
         path = entry.path(root)
         if not path.is_file():
             raise CheckpointError(f"graph '{entry.name}': {path} is missing; rebuild with python -m export.build")
@@ -147,7 +143,7 @@ class OvExecutor(BaseExecutor):
     def _run(self, feed: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray], checked: object) -> Feed:
         try:
             # share_inputs: OpenVINO reads the caller's arrays in place (they stay unchanged until run returns)
-            self._request.infer({n: feed[n] for n in feed}, share_inputs=True)
+            self._request.infer(feed, share_inputs=True)
         except Exception as err:  # noqa: BLE001 — OpenVINO's exception types are not part of our API
             raise BackendError(f"graph '{self.name}': OpenVINO failed: {err}") from err
         result: Feed = {}
