@@ -162,7 +162,8 @@ def decide(times: Mapping[str, float], verdicts: Mapping[str, tuple[bool, str]],
 def plan_markdown(plan: Any) -> str:
     """The plan as tables: per graph every candidate's median time, the choice and why; the gates."""
     labels = [label(c) for c in PlanSettings.candidates]
-    lines = [f"CPU plan measured {plan.created} on {plan.cpu.describe()}, {plan.threads or 'default'} thread(s), "
+    took = "" if plan.measured_s is None else f" (in {plan.measured_s:.0f} s)"
+    lines = [f"CPU plan measured {plan.created}{took} on {plan.cpu.describe()}, {plan.threads or 'default'} thread(s), "
              + ", ".join(f"{k} {v}" for k, v in plan.versions.items()) + ".", "",
              "| graph | " + " | ".join(labels) + " | chosen | × vs ORT fp32 | why |",
              "|---|" + "---|" * (len(labels) + 3)]
@@ -334,7 +335,7 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
 
     return CpuPlan(cpu=this_cpu(), export=export_identity(manifest), graphs=graphs, threads=settings.threads,
                    versions={"onnxruntime": onnxruntime.__version__, "openvino": ov.__version__.split("-")[0]},
-                   gates=gates, created=time.strftime("%Y-%m-%d %H:%M:%S") + f" ({time.perf_counter() - t0:.0f} s)")
+                   gates=gates, created=time.strftime("%Y-%m-%d %H:%M:%S"), measured_s=round(time.perf_counter() - t0, 1))
 
 
 class CachedReference:

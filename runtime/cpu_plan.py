@@ -140,7 +140,8 @@ class CpuPlan:
     threads: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     gates: dict[str, Any] = field(default_factory=dict)      # the whole plan's end-to-end effect
-    created: str = ""
+    created: str = ""                       # when the plan was made (local time)
+    measured_s: float | None = None         # how long making it took (timing + gates)
 
     def choice(self, graph: str) -> Choice:
         plan = self.graphs.get(graph)
@@ -153,7 +154,7 @@ class CpuPlan:
     def to_json(self) -> dict[str, Any]:
         return plain_json({
             "format": PLAN_FORMAT, "format_version": PLAN_VERSION, "created": self.created,
-            "cpu": self.cpu.to_json(), "export": self.export, "threads": self.threads,
+            "measured_s": self.measured_s, "cpu": self.cpu.to_json(), "export": self.export, "threads": self.threads,
             "versions": self.versions, "gates": self.gates,
             "graphs": {g: {"backend": p.choice.backend, "precision": p.choice.precision,
                            "timings_ms": p.timings_ms, "gate": p.gate, "reason": p.reason, "form": p.form}
@@ -169,7 +170,8 @@ class CpuPlan:
                                str(p.get("reason", "")), p.get("form"))
                   for g, p in d["graphs"].items()}
         return cls(CpuIdentity.from_json(d["cpu"]), str(d["export"]), graphs, d.get("threads"),
-                   dict(d.get("versions", {})), dict(d.get("gates", {})), str(d.get("created", "")))
+                   dict(d.get("versions", {})), dict(d.get("gates", {})), str(d.get("created", "")),
+                   None if d.get("measured_s") is None else float(d["measured_s"]))
 
 
 def plan_path(root: str | Path) -> Path:
