@@ -97,7 +97,7 @@ def open_backend(name: str, export_dir: Path, checkpoints: Path | None, threads:
     from runtime.manifest import read_manifest
     from runtime.synthesizer import Synthesizer
 
-    from .measure import rss_mib
+    from .measure import rss_mib, trim_heap
 
     if name not in BENCH_BACKENDS:
         raise ValueError(f"unknown backend {name!r}: one of {', '.join(BENCH_BACKENDS)}")
@@ -118,7 +118,9 @@ def open_backend(name: str, export_dir: Path, checkpoints: Path | None, threads:
         backend = open_runtime_backend(manifest, export_dir, name, ort_options=options)
     synth = Synthesizer(export_dir, backend)
     synth.gpt_steps = FixedLengthSteps(synth.gpt_steps)
-    return OpenedBackend(name, synth, time.perf_counter() - t0, rss_mib())
+    load_s = time.perf_counter() - t0
+    trim_heap()                         # what the backend holds, not the load's freed temporaries
+    return OpenedBackend(name, synth, load_s, rss_mib())
 
 
 def _torch_executors(manifest: Any, checkpoints: Path | None, threads: int | None) -> Mapping[str, Executor]:

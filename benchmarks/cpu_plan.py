@@ -19,6 +19,10 @@ What it does, in order:
    that saves the least time is dropped (reason recorded) until it passes.
 5. A non-reference candidate must beat ONNX Runtime fp32 by more than `--margin` to be chosen (noise is not a
    speed-up), so no graph of the plan is slower than ONNX Runtime float32 as measured.
+6. The GPT weights are held once: where the export has its shared GPT file (export/gpt_shared.py), the GPT
+   graphs stay in that one ONNX Runtime session, because any of them on another executor or form holds a
+   second copy of the GPT weights (1.8 GiB at full size). Their other candidates are timed and shown, not
+   chosen (nor gated, unless --gate-every); `--allow-gpt-copies` lets them be chosen, the copy's cost on you.
 
 Written: OUT/cpu_plan.json (runtime/cpu_plan.py), valid for this CPU and these graphs only.
 """
@@ -79,6 +83,7 @@ class PlanSettings:
                                                ("ort-cpu", "int8w"))
     graphs: tuple[str, ...] | None = None   # measure only these (the others stay ONNX Runtime fp32)
     gate_every: bool = False           # gate every approximate candidate measured, not only the fastest
+    allow_gpt_copies: bool = False     # a GPT graph may leave the shared GPT session (another weights copy)
 
 
 def label(choice: tuple[str, str]) -> str:
@@ -159,6 +164,25 @@ def decide(times: Mapping[str, float], verdicts: Mapping[str, tuple[bool, str]],
     return REFERENCE, "; ".join(notes + ["ONNX Runtime fp32 is the fastest (or within the margin)"])
 
 
+def choose(times: Mapping[str, float], verdicts: Mapping[str, tuple[bool, str]], margin: float,
+           held_once: bool) -> tuple[tuple[str, str], str]:
+    """`decide`, except that a GPT graph whose weights are held once (step 6) stays on ONNX Runtime fp32 in the
+    shared session; its reason then names the fastest candidate it gives up and why."""
+    if not held_once:
+        return decide(times, verdicts, margin)
+    notes = [f"{k} refused by the gates ({why})" for k, (ok, why) in verdicts.items() if not ok]
+    ref_ms = times[label(REFERENCE)]
+    faster = {k: v for k, v in times.items() if k != label(REFERENCE) and v < (1 - margin) * ref_ms
+              and verdicts.get(k, (True, ""))[0]}
+    if not faster:
+        return REFERENCE, "; ".join(notes + ["ONNX Runtime fp32 is the fastest (or within the margin)"])
+    best = min(faster, key=faster.get)
+    ungated = " (not gated)" if best in APPROXIMATE and best not in verdicts else ""
+    return REFERENCE, "; ".join(notes + [
+        f"kept in the shared GPT session, the GPT weights held once: {best}{ungated} measured "
+        f"{ref_ms / faster[best]:.2f}x but would hold another copy of them (--allow-gpt-copies)"])
+
+
 def plan_markdown(plan: Any) -> str:
     """The plan as tables: per graph every candidate's median time, the choice and why; the gates."""
     labels = [label(c) for c in PlanSettings.candidates]
@@ -233,6 +257,7 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
     from calibration.weight_only import GRAPHS as WEIGHT_ONLY_GRAPHS
     from calibration.weight_only import write_weight_only
     from runtime.executors import OrtExecutor, OrtOptions
+    from runtime.executors.gpt_session import shared_gpt_usable
     from runtime.executors.openvino import OvExecutor, OvOptions, cpu_capabilities, import_ov
     from runtime.manifest import read_manifest
     from runtime.synthesizer import Synthesizer
@@ -292,19 +317,22 @@ def make_plan(settings: PlanSettings, progress: Callable[[str], None] = lambda s
     progress("[3/4] gates: each approximate candidate (bf16, weight-only int8) that is the fastest, alone, end to "
              "end against float32")
     accepted: dict[str, str] = {}                              # graph -> its approximate candidate
+    pinned = set()                                             # GPT graphs held in the shared session (step 6)
+    if not settings.allow_gpt_copies and shared_gpt_usable(manifest, settings.engines):
+        pinned = set(manifest.shared_gpt.branches)
     for name, gp in graphs.items():
         if not gp.timings_ms:
             continue
         verdicts = {}
         for key in APPROXIMATE:
-            if (name, key) in approximate and (settings.gate_every or worth_gating(gp.timings_ms, key,
-                                                                                         settings.margin)):
+            if (name, key) in approximate and (settings.gate_every or name not in pinned
+                                               and worth_gating(gp.timings_ms, key, settings.margin)):
                 summary = _effect(ref_synth, manifest, reference, {name: approximate[(name, key)]}, settings,
                                   f"{name} {key}", progress)
                 verdicts[key] = settings.gates.verdict(summary)
                 gp.gate = {**(gp.gate or {}), key: summary.to_json() | {"passed": verdicts[key][0],
                                                                         "why": verdicts[key][1]}}
-        choice, gp.reason = decide(gp.timings_ms, verdicts, settings.margin)
+        choice, gp.reason = choose(gp.timings_ms, verdicts, settings.margin, name in pinned)
         gp.choice = Choice(*choice)
         if gp.choice.label in APPROXIMATE:
             accepted[name] = gp.choice.label
@@ -411,6 +439,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gate-every", action="store_true",
                    help="run the gates for every approximate candidate (bf16, int8w), not only where it is the fastest "
                         "(a report)")
+    p.add_argument("--allow-gpt-copies", action="store_true",
+                   help="let a GPT graph leave the shared GPT session for a faster executor or form, which holds "
+                        "another copy of the GPT weights (default: the GPT weights held once)")
     return p.parse_args(argv)
 
 
@@ -451,7 +482,8 @@ def settings_from(args: argparse.Namespace) -> PlanSettings:
         if unknown:
             raise InputError(f"--graphs: {unknown} are not graphs of {args.engines}")
     return PlanSettings(args.engines, items, gpt_tokens or 48, args.threads, args.repeats, args.stage_seconds,
-                        args.margin, seed=args.seed, graphs=graphs, gate_every=args.gate_every)
+                        args.margin, seed=args.seed, graphs=graphs, gate_every=args.gate_every,
+                        allow_gpt_copies=args.allow_gpt_copies)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,26 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`; nothing elsewhere).
+
+    Why: loading a model frees large temporaries (state dicts, converted copies) that glibc keeps mapped, so
+    the resident memory after a load overstates what the model holds, and the next backend loaded in the
+    same process reuses those pages and looks smaller than it is. Trimmed before and after each load, the
+    difference is the memory the loaded backend holds."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
 def rss_mib() -> float | None:
     """Current resident set size."""
     kib = _status_kib("VmRSS")

@@ -139,7 +139,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## End to end", "",
               "Speaker reference cached (a service keeps its voices warm); first audio = the first segment's "
-              "audio ready.", "",
+              "audio ready. Peak RSS: of the whole process (every backend loaded). Models: resident memory added "
+              "by loading the backend, the C heap trimmed before and after (benchmarks/measure.py trim_heap).", "",
               "| backend | text | segments | audio | wall | RTF | first audio | peak RSS | models |",
               "|---|---|---|---|---|---|---|---|---|"]
     for b in backends:

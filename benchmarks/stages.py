@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .backends import BENCH_BACKENDS, OpenedBackend, decode_call, open_backend, recorded_feeds
-from .measure import PeakTracker, Stats, measure_interleaved, memory_bandwidth_gbs
+from .measure import PeakTracker, Stats, measure_interleaved, memory_bandwidth_gbs, trim_heap
 from .roofline import Roofline
 
 log = logging.getLogger("benchmarks")
@@ -340,6 +340,7 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
                 label = f"{export.label} {name}" if export.label else name
                 progress(f"{label}: loading")
                 gc.collect()
+                trim_heap()
                 before = _rss()
                 backend = open_backend(name, export.engines, export.checkpoints, settings.threads,
                                        record=work is None, record_decode_call=decode_call(settings.gpt_tokens))

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.cpu_plan import Gates, PlanSettings, decide, make_plan, plan_markdown
+from benchmarks.cpu_plan import Gates, PlanSettings, choose, decide, make_plan, plan_markdown
 from runtime.cpu_plan import (
     Choice,
     CpuIdentity,
@@ -167,6 +167,22 @@ def test_decide(times, verdicts, choice, reason) -> None:
     assert got == choice and reason in why
 
 
+@pytest.mark.parametrize("times, verdicts, reason", [
+    (T, {B16: (True, "")}, "GPT weights held once: ov-cpu bf16 measured 2.00x but would hold another copy"),
+    (T, {}, "ov-cpu bf16 (not gated) measured 2.00x"),                        # pinned graphs are not gated
+    ({**T, I8: 40.0}, {B16: (True, ""), I8: (False, "y")}, "ort-cpu int8w refused by the gates (y); kept in "
+                                                             "the shared GPT session, the GPT weights held once: "
+                                                             "ov-cpu bf16 measured"),
+    ({**T, B16: 97.0}, {}, "ONNX Runtime fp32 is the fastest (or within the margin)"),
+])
+def test_a_gpt_graph_stays_in_the_shared_session_unless_copies_are_allowed(times, verdicts, reason) -> None:
+    """Issue 22 point 4 over the plan: a GPT graph leaving the shared session holds a second copy of the GPT
+    weights, so the plan keeps it there and says what it gave up; with copies allowed the rule is `decide`'s."""
+    got, why = choose(times, verdicts, 0.05, held_once=True)
+    assert got == ("ort-cpu", "fp32") and reason in why
+    assert choose(times, verdicts, 0.05, held_once=False) == decide(times, verdicts, 0.05)
+
+
 def test_gate_verdicts_name_every_failed_threshold() -> None:
     summary = SimpleNamespace(forced_agreement=0.99, free_agreement=0.9, min_mel_snr_db=31.0, min_wav_snr_db=12.5)
     ok, why = Gates().verdict(summary)
@@ -198,6 +214,10 @@ def test_make_plan_measures_and_gates_on_the_tiny_export(export, tiny_ckpt) -> N
         assert g.choice.precision == "fp32" and g.form is None
         if name == "gpt_decode":
             assert g.gate["ort-cpu int8w"]["passed"] is False and "ort-cpu int8w refused by the gates" in g.reason
+            # its weights are in the shared GPT session: it stays there whatever was faster
+            assert g.choice == Choice("ort-cpu", "fp32")
+            if g.timings_ms["ov-cpu fp32"] < 0.95 * g.timings_ms["ort-cpu fp32"]:
+                assert "kept in the shared GPT session" in g.reason
         if g.choice != Choice("ort-cpu", "fp32"):
             assert g.timings_ms[g.choice.label] < 0.95 * g.timings_ms["ort-cpu fp32"]
         if has_bf16:
