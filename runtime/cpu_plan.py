@@ -121,6 +121,7 @@ class GraphPlan:
     gate: dict[str, Any] | None = None
     reason: str = ""
     form: dict[str, Any] | None = None      # the int8w file: {"file", "sha256", "external_data", "made_from", ...}
+    call_ms: dict[str, list[float]] = field(default_factory=dict)   # per recorded call (prompt, codes, ...)
 
     def entry(self, entry: "GraphEntry") -> "GraphEntry":
         """The manifest entry of the file this choice runs (int8w: the plan's form of the graph)."""
@@ -157,7 +158,8 @@ class CpuPlan:
             "measured_s": self.measured_s, "cpu": self.cpu.to_json(), "export": self.export, "threads": self.threads,
             "versions": self.versions, "gates": self.gates,
             "graphs": {g: {"backend": p.choice.backend, "precision": p.choice.precision,
-                           "timings_ms": p.timings_ms, "gate": p.gate, "reason": p.reason, "form": p.form}
+                           "timings_ms": p.timings_ms, "call_ms": p.call_ms, "gate": p.gate, "reason": p.reason,
+                           "form": p.form}
                        for g, p in self.graphs.items()}})
 
     @classmethod
@@ -167,7 +169,8 @@ class CpuPlan:
                                 f"(format {d.get('format')!r} v{d.get('format_version')!r})")
         graphs = {g: GraphPlan(Choice(str(p["backend"]), str(p["precision"])),
                                {k: float(v) for k, v in p.get("timings_ms", {}).items()}, p.get("gate"),
-                               str(p.get("reason", "")), p.get("form"))
+                               str(p.get("reason", "")), p.get("form"),
+                               {k: [float(x) for x in v] for k, v in p.get("call_ms", {}).items()})
                   for g, p in d["graphs"].items()}
         return cls(CpuIdentity.from_json(d["cpu"]), str(d["export"]), graphs, d.get("threads"),
                    dict(d.get("versions", {})), dict(d.get("gates", {})), str(d.get("created", "")),

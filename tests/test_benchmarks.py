@@ -406,3 +406,29 @@ def test_concurrency_cli_refuses_bad_settings_before_loading(tiny_export, tiny_c
     assert "--levels: integers >= 1" in capsys.readouterr().err
     assert concurrency.main(["--engines", str(tiny_export[0]), "--speaker", str(tmp_path / "none.wav")]) == 1
     assert "speaker reference not found" in capsys.readouterr().err
+
+
+def test_memory_cli_loads_each_backend_in_its_own_process(tiny_ckpt, tiny_export, tmp_path, capsys) -> None:
+    """Two backends, two child processes: each row says what its load added (more than nothing: the models),
+    the torch row from the checkpoint; the table and the JSON are written."""
+    from benchmarks.memory import main
+
+    assert main(["--engines", str(tiny_export[0]), "--checkpoints", str(tiny_ckpt), "--backends", "torch,ort-cpu",
+                 "--threads", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["torch", "ort-cpu"]
+    for r in rows:
+        assert "error" not in r and r["added_gib"]["VmRSS"] > 0 and r["peak_gib"] >= r["after_gib"]["VmRSS"] - 1e-6
+        assert r["before_gib"]["VmRSS"] > 0                 # the baseline was read after the imports
+    assert "| torch |" in (tmp_path / "memory.md").read_text()
+
+
+def test_memory_cli_refuses_bad_arguments(tiny_export, tmp_path, capsys) -> None:
+    from benchmarks.memory import main
+
+    assert main(["--engines", str(tiny_export[0]), "--backends", "tpu"]) == 1
+    assert "--backends: ['tpu']" in capsys.readouterr().err
+    assert main(["--engines", str(tiny_export[0]), "--backends", "torch"]) == 1
+    assert "torch backend needs --checkpoints" in capsys.readouterr().err
+    assert main(["--engines", str(tmp_path), "--backends", "ort-cpu"]) == 1
+    assert "no manifest.json" in capsys.readouterr().err

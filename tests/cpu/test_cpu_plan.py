@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.cpu_plan import Gates, PlanSettings, choose, decide, make_plan, plan_markdown
+from benchmarks.cpu_plan import Gates, PlanSettings, choose, decide, make_plan, plan_markdown, slower_calls
 from runtime.cpu_plan import (
     Choice,
     CpuIdentity,
@@ -165,6 +165,20 @@ B16, I8 = "ov-cpu bf16", "ort-cpu int8w"
 def test_decide(times, verdicts, choice, reason) -> None:
     got, why = decide(times, verdicts, margin=0.05)
     assert got == choice and reason in why
+
+
+def test_a_candidate_slower_on_one_call_is_not_chosen_whatever_its_total() -> None:
+    """The length regulator measured at full size: OpenVINO fp32 faster on the prompt's call, slower on the
+    codes' call (the one a service makes per request) -> it stays on ONNX Runtime, and the reason says why."""
+    calls = {"ort-cpu fp32": [20.3, 4.7], "ov-cpu fp32": [16.1, 6.4], "ov-cpu bf16": [10.0, 4.2]}
+    times = {k: sum(v) for k, v in calls.items()}
+    slower = slower_calls(calls, 0.05)
+    assert set(slower) == {"ov-cpu fp32"} and "call 2 of 2 (6.4 ms against 4.7 ms)" in slower["ov-cpu fp32"]
+    got, why = decide(times, {"ov-cpu bf16": (False, "mel SNR 21.1 dB < 30.0 dB")}, 0.05, slower)
+    assert got == ("ort-cpu", "fp32")
+    assert "ov-cpu bf16 refused by the gates" in why and "ov-cpu fp32 slower on call 2" in why
+    assert decide(times, {"ov-cpu bf16": (False, "x")}, 0.05)[0] == ("ov-cpu", "fp32")    # by the total alone
+    assert slower_calls({"ort-cpu fp32": [10.0, 5.0], "ov-cpu fp32": [10.4, 5.2]}, 0.05) == {}   # within the margin
 
 
 @pytest.mark.parametrize("times, verdicts, reason", [
