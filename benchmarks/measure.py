@@ -116,6 +116,12 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warm
     return {n: Stats.of(t) for n, t in times.items()}
 
 
+def status_gib(fields: tuple[str, ...]) -> dict[str, float]:
+    """These fields of /proc/self/status (VmRSS, RssAnon, ...) in GiB; the ones not there are left out."""
+    kib = {f: _status_kib(f) for f in fields}
+    return {f: v / 2**20 for f, v in kib.items() if v is not None}
+
+
 def _status_kib(field: str) -> int | None:
     try:
         for line in STATUS.read_text().splitlines():

@@ -30,37 +30,23 @@ from .backends import BENCH_BACKENDS
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
 
-def status_gib() -> dict[str, float]:
-    """The memory fields of /proc/self/status, in GiB (empty where there is no /proc)."""
-    out: dict[str, float] = {}
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in FIELDS:
-            out[key] = int(value.split()[0]) / 2**20
-    return out
-
-
 def measure_child(name: str, engines: Path, checkpoints: Path | None, threads: int | None) -> dict[str, Any]:
     """In this (fresh) process: load `name` and report what it added."""
     import numpy  # noqa: F401 — imported before the baseline: not the model's memory
     import onnxruntime  # noqa: F401
 
     from .backends import open_backend
-    from .measure import trim_heap
+    from .measure import status_gib, trim_heap
 
     if name == "torch":
         import torch  # noqa: F401
     gc.collect()
     trim_heap()
-    before = status_gib()
+    before = status_gib(FIELDS)
     t0 = time.perf_counter()
     opened = open_backend(name, engines, checkpoints, threads)     # trims the heap itself before its reading
     load_s = time.perf_counter() - t0
-    after = status_gib()
+    after = status_gib(FIELDS)
     del opened
     return {"backend": name, "load_s": round(load_s, 1), "before_gib": before, "after_gib": after,
             "added_gib": {k: after[k] - before[k] for k in ("VmRSS", "RssAnon", "RssFile") if k in after},
